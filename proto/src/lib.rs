@@ -1,0 +1,15 @@
+//! Generated gRPC types for every Cirrus service, one module per proto package
+//! and version (`identity::v1`, ...), and the descriptor set that servers
+//! register for gRPC reflection so any client can discover them.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// Every message and service of every Cirrus proto, encoded as a
+/// `google.protobuf.FileDescriptorSet`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("identity.v1");
+    }
+}

@@ -1,0 +1,111 @@
+//! Serving gRPC the same way in every service: the service's routes plus
+//! reflection (v1 and v1alpha, from the shared descriptor set) and
+//! `grpc.health.v1.Health`, on a listener the caller bound, until `shutdown`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection set-up failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `routes` with reflection and health until `shutdown` resolves, then
+/// drains in-flight requests. `health_names` are the fully-qualified gRPC
+/// service names reported as SERVING (the empty name always is).
+pub async fn serve(
+    routes: Routes,
+    health_names: &[&str],
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in health_names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    Server::builder()
+        // One span per request, named by its gRPC path.
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        // Bound what one connection can ask of us.
+        .max_concurrent_streams(Some(256))
+        .timeout(Duration::from_secs(60))
+        .add_routes(routes)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received, draining");
+}
+
+/// The `healthcheck` subcommand of every binary: asks `grpc.health.v1.Health`
+/// at `addr` and succeeds only on SERVING, within three seconds.
+pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|s| format!("health check failed: {}", s.message()))?;
+        match reply.into_inner().status() {
+            WireStatus::Serving => Ok(()),
+            other => Err(format!("service at {addr} is {}", other.as_str_name())),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), check)
+        .await
+        .map_err(|_| format!("no health answer from {addr} within 3 s"))?
+}

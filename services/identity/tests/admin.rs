@@ -1,0 +1,448 @@
+//! Administration of domains, projects, users, roles and the catalog: who may
+//! do it, and what bad input gets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use proto::identity::v1 as pb;
+use tonic::Code;
+
+#[tokio::test]
+async fn a_non_admin_cannot_administer() {
+    let s = Server::start().await;
+    let admin = s.admin_token().await;
+    let (project, user) = s
+        .user_with_role(&admin, "kim", "pw-kim", "proj-k", "member")
+        .await;
+    let kim = s
+        .login("kim", "pw-kim", Some(project_scope("proj-k")))
+        .await
+        .unwrap()
+        .token;
+
+    let create = pb::CreateUserRequest {
+        name: "mallory".into(),
+        password: "x".into(),
+        ..Default::default()
+    };
+    assert_code(
+        s.users().create_user(auth(create.clone(), &kim)).await,
+        Code::PermissionDenied,
+    );
+    assert_code(s.users().create_user(create).await, Code::Unauthenticated);
+    assert_code(
+        s.users()
+            .list_users(auth(pb::ListUsersRequest::default(), &kim))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        s.roles()
+            .assign_role(auth(
+                pb::RoleAssignment {
+                    role: "admin".into(),
+                    user_id: user.clone(),
+                    project_id: project.clone(),
+                    ..Default::default()
+                },
+                &kim,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        s.catalog()
+            .create_service(auth(
+                pb::CreateServiceRequest {
+                    name: "evil".into(),
+                    r#type: "evil".into(),
+                    ..Default::default()
+                },
+                &kim,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    // A user may read itself, its project and the catalog, but not others.
+    let me = s
+        .users()
+        .get_user(auth(
+            pb::GetRequest {
+                id: user.clone(),
+                ..Default::default()
+            },
+            &kim,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.name, "kim");
+    s.resources()
+        .get_project(auth(
+            pb::GetRequest {
+                id: project,
+                ..Default::default()
+            },
+            &kim,
+        ))
+        .await
+        .unwrap();
+    assert_code(
+        s.users()
+            .get_user(auth(
+                pb::GetRequest {
+                    name: "admin".into(),
+                    ..Default::default()
+                },
+                &kim,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    s.catalog()
+        .get_catalog(auth(pb::GetCatalogRequest {}, &kim))
+        .await
+        .unwrap();
+    // A member's admin role on an ordinary project does not make a cloud admin.
+    let (_, _) = s
+        .user_with_role(&admin, "leo", "pw-leo", "proj-l", "admin")
+        .await;
+    let leo = s
+        .login("leo", "pw-leo", Some(project_scope("proj-l")))
+        .await
+        .unwrap()
+        .token;
+    assert_code(
+        s.users()
+            .list_users(auth(pb::ListUsersRequest::default(), &leo))
+            .await,
+        Code::PermissionDenied,
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_or_already_exists_and_writes_nothing() {
+    let s = Server::start().await;
+    let admin = s.admin_token().await;
+    let before = s
+        .users()
+        .list_users(auth(pb::ListUsersRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len();
+
+    for bad in ["", "   ", &"x".repeat(256), "tab\tname"] {
+        let r = s
+            .users()
+            .create_user(auth(
+                pb::CreateUserRequest {
+                    name: bad.to_string(),
+                    password: "pw".into(),
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await;
+        assert_code(r, Code::InvalidArgument);
+    }
+    let r = s
+        .users()
+        .get_user(auth(
+            pb::GetRequest {
+                id: "not-a-uuid".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+    let r = s
+        .users()
+        .create_user(auth(
+            pb::CreateUserRequest {
+                name: "nadia".into(),
+                domain_id: "zzz".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+    let r = s
+        .users()
+        .create_user(auth(
+            pb::CreateUserRequest {
+                name: "nadia".into(),
+                domain_name: "NoSuchDomain".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::NotFound);
+
+    // Duplicate name in a domain.
+    let r = s
+        .users()
+        .create_user(auth(
+            pb::CreateUserRequest {
+                name: "admin".into(),
+                password: "pw".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::AlreadyExists);
+    let after = s
+        .users()
+        .list_users(auth(pb::ListUsersRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len();
+    assert_eq!(before, after, "nothing was written");
+
+    // Authenticate without method or with half a scope.
+    assert_code(
+        s.tokens()
+            .authenticate(pb::AuthenticateRequest::default())
+            .await,
+        Code::InvalidArgument,
+    );
+    let r = s
+        .tokens()
+        .authenticate(password_request(
+            "admin",
+            ADMIN_PASSWORD,
+            Some(pb::Scope {
+                target: Some(pb::scope::Target::Project(pb::ProjectScope::default())),
+            }),
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+    // Endpoint with a bad URL and an unknown interface.
+    let r = s
+        .catalog()
+        .create_endpoint(auth(
+            pb::CreateEndpointRequest {
+                service: "identity".into(),
+                interface: pb::Interface::Admin as i32,
+                url: "not a url".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+    let r = s
+        .catalog()
+        .create_endpoint(auth(
+            pb::CreateEndpointRequest {
+                service: "identity".into(),
+                interface: 42,
+                url: "http://x".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+    // Malformed bearer header.
+    let mut req = tonic::Request::new(pb::ListRequest {});
+    req.metadata_mut()
+        .insert("authorization", "Basic abc".parse().unwrap());
+    assert_code(s.roles().list_roles(req).await, Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn bootstrap_twice_is_harmless() {
+    let s = Server::start().await;
+    s.identity.bootstrap(&bootstrap_spec(s.addr)).await.unwrap();
+    s.identity.bootstrap(&bootstrap_spec(s.addr)).await.unwrap();
+    let admin = s.admin_token().await;
+    let users = s
+        .users()
+        .list_users(auth(pb::ListUsersRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    assert_eq!(users.iter().filter(|u| u.name == "admin").count(), 1);
+    let roles = s
+        .roles()
+        .list_roles(auth(pb::ListRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .roles;
+    assert_eq!(roles.len(), 3);
+    let endpoints = s
+        .catalog()
+        .list_endpoints(auth(pb::ListEndpointsRequest::default(), &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    assert_eq!(endpoints.len(), 2);
+    let implied = s
+        .roles()
+        .list_implied_roles(auth(pb::ListRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .implied_roles;
+    assert_eq!(implied.len(), 2);
+}
+
+#[tokio::test]
+async fn domains_projects_and_catalog_round_trip() {
+    let s = Server::start().await;
+    let admin = s.admin_token().await;
+    let d = s
+        .resources()
+        .create_domain(auth(
+            pb::CreateDomainRequest {
+                name: "Engineering".into(),
+                description: "eng".into(),
+                enabled: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.enabled);
+    assert_code(
+        s.resources()
+            .create_domain(auth(
+                pb::CreateDomainRequest {
+                    name: "Engineering".into(),
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await,
+        Code::AlreadyExists,
+    );
+    let p = s
+        .resources()
+        .create_project(auth(
+            pb::CreateProjectRequest {
+                name: "web".into(),
+                domain_id: d.id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.domain_id, d.id);
+    // The same project name in another domain is fine.
+    s.resources()
+        .create_project(auth(
+            pb::CreateProjectRequest {
+                name: "web".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    // An enabled domain, or one with projects, cannot be deleted.
+    let del = pb::DeleteRequest {
+        id: d.id.clone(),
+        ..Default::default()
+    };
+    assert_code(
+        s.resources().delete_domain(auth(del.clone(), &admin)).await,
+        Code::FailedPrecondition,
+    );
+    s.resources()
+        .update_domain(auth(
+            pb::UpdateDomainRequest {
+                id: d.id.clone(),
+                enabled: Some(false),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    assert_code(
+        s.resources().delete_domain(auth(del.clone(), &admin)).await,
+        Code::FailedPrecondition,
+    );
+    s.resources()
+        .delete_project(auth(
+            pb::DeleteRequest {
+                id: p.id,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    s.resources()
+        .delete_domain(auth(del, &admin))
+        .await
+        .unwrap();
+
+    let svc = s
+        .catalog()
+        .create_service(auth(
+            pb::CreateServiceRequest {
+                name: "compute".into(),
+                r#type: "compute".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    s.catalog()
+        .create_endpoint(auth(
+            pb::CreateEndpointRequest {
+                service: "compute".into(),
+                interface: pb::Interface::Public as i32,
+                url: "https://compute.example:8774".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let cat = s
+        .catalog()
+        .get_catalog(auth(pb::GetCatalogRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .catalog;
+    let compute = cat.iter().find(|c| c.name == "compute").unwrap();
+    assert_eq!(compute.endpoints[0].region, "RegionOne");
+    s.catalog()
+        .delete_service(auth(
+            pb::DeleteRequest {
+                id: svc.id,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let cat = s
+        .catalog()
+        .get_catalog(auth(pb::GetCatalogRequest {}, &admin))
+        .await
+        .unwrap()
+        .into_inner()
+        .catalog;
+    assert!(cat.iter().all(|c| c.name != "compute"));
+}

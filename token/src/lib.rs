@@ -1,0 +1,430 @@
+//! Cirrus identity tokens, shared by the identity service (which signs) and
+//! every verifier (the identity service itself, the sidecars, benchmarks).
+//!
+//! A token is a PASETO `v4.public` token: the JSON [`Claims`] signed with
+//! Ed25519, with a footer `{"kid":"..."}` naming the key that signed it. A
+//! [`Verifier`] holds the public keys and the revocation rules (learned from
+//! identity's `Watch`) and checks a token without any round trip.
+
+use std::collections::HashMap;
+
+use pasetors::Public;
+use pasetors::keys::{AsymmetricKeyPair, AsymmetricPublicKey, AsymmetricSecretKey, Generate};
+use pasetors::token::UntrustedToken;
+use pasetors::version4::{PublicToken, V4};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// Why a token was refused. Every variant maps to `UNAUTHENTICATED` on the wire;
+/// the distinction is for logs and metrics.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum TokenError {
+    /// the token is not a well-formed Cirrus token
+    #[error("malformed token")]
+    Malformed,
+    /// the token names a signing key this verifier does not know
+    #[error("token signed by an unknown key")]
+    UnknownKey,
+    /// the signature does not match the token's contents
+    #[error("token signature is invalid")]
+    BadSignature,
+    /// the token's expiry time has passed
+    #[error("token has expired")]
+    Expired,
+    /// a revocation rule matches the token
+    #[error("token has been revoked")]
+    Revoked,
+}
+
+/// What a token says about its bearer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// User id.
+    pub sub: String,
+    pub user_name: String,
+    pub user_domain_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Role names, already expanded through implied roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub iat: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub exp: OffsetDateTime,
+    /// `audit_ids[0]` identifies this token; `audit_ids[1]`, if present, the
+    /// token it was re-scoped from (the chain's first token).
+    pub audit_ids: Vec<String>,
+    /// Authentication methods used: `password`, `token`.
+    pub methods: Vec<String>,
+    /// Scoped to the cloud's admin project (Keystone's `is_admin_project`).
+    #[serde(default)]
+    pub is_admin_project: bool,
+}
+
+/// What a token is scoped to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Scope {
+    Project {
+        id: String,
+        name: String,
+        domain_id: String,
+    },
+    Domain {
+        id: String,
+        name: String,
+    },
+    System,
+}
+
+impl Claims {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// A cloud administrator: `admin` on the system scope or on the admin project.
+    pub fn is_cloud_admin(&self) -> bool {
+        self.has_role("admin")
+            && (self.is_admin_project || matches!(self.scope, Some(Scope::System)))
+    }
+
+    pub fn audit_id(&self) -> &str {
+        self.audit_ids.first().map(String::as_str).unwrap_or("")
+    }
+
+    pub fn project_id(&self) -> Option<&str> {
+        match &self.scope {
+            Some(Scope::Project { id, .. }) => Some(id),
+            _ => None,
+        }
+    }
+
+    fn domain_ids(&self) -> impl Iterator<Item = &str> {
+        let scoped = match &self.scope {
+            Some(Scope::Project { domain_id, .. }) => Some(domain_id.as_str()),
+            Some(Scope::Domain { id, .. }) => Some(id.as_str()),
+            _ => None,
+        };
+        std::iter::once(self.user_domain_id.as_str()).chain(scoped)
+    }
+}
+
+/// A revocation rule in the manner of Keystone's OS-REVOKE events: a token
+/// issued at or before `issued_before` is revoked when every field that is
+/// set matches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRule {
+    pub user_id: Option<String>,
+    pub project_id: Option<String>,
+    /// Matches the user's domain, the project's domain or the domain scope.
+    pub domain_id: Option<String>,
+    /// Matches any of the token's audit ids, so re-scoped children go too.
+    pub audit_id: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_before: OffsetDateTime,
+}
+
+impl RevocationRule {
+    pub fn matches(&self, c: &Claims) -> bool {
+        c.iat <= self.issued_before
+            && self.user_id.as_ref().is_none_or(|u| *u == c.sub)
+            && self
+                .project_id
+                .as_deref()
+                .is_none_or(|p| Some(p) == c.project_id())
+            && self
+                .domain_id
+                .as_deref()
+                .is_none_or(|d| c.domain_ids().any(|x| x == d))
+            && self
+                .audit_id
+                .as_ref()
+                .is_none_or(|a| c.audit_ids.contains(a))
+    }
+}
+
+/// The id of a public key: the first 16 hex digits of its SHA-256.
+pub fn key_id(public_key: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public_key)[..8])
+}
+
+/// The id of the key that signed `token`, read from its footer without verifying anything.
+pub fn key_id_of(token: &str) -> Option<String> {
+    let untrusted = UntrustedToken::<Public, V4>::try_from(token).ok()?;
+    let footer: Footer = serde_json::from_slice(untrusted.untrusted_footer()).ok()?;
+    Some(footer.kid)
+}
+
+#[derive(Serialize, Deserialize)]
+struct Footer {
+    kid: String,
+}
+
+/// An Ed25519 key pair that signs tokens.
+pub struct SigningKey {
+    kid: String,
+    secret: AsymmetricSecretKey<V4>,
+    public: Vec<u8>,
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<Self, TokenError> {
+        let pair = AsymmetricKeyPair::<V4>::generate().map_err(|_| TokenError::Malformed)?;
+        Self::from_secret_bytes(pair.secret.as_bytes())
+    }
+
+    /// From the 64 bytes (seed then public key) that [`SigningKey::secret_bytes`] returns.
+    pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self, TokenError> {
+        let secret = AsymmetricSecretKey::<V4>::from(bytes).map_err(|_| TokenError::Malformed)?;
+        let public = AsymmetricPublicKey::<V4>::try_from(&secret)
+            .map_err(|_| TokenError::Malformed)?
+            .as_bytes()
+            .to_vec();
+        Ok(Self {
+            kid: key_id(&public),
+            secret,
+            public,
+        })
+    }
+
+    pub fn secret_bytes(&self) -> &[u8] {
+        self.secret.as_bytes()
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
+        let message = serde_json::to_vec(claims).map_err(|_| TokenError::Malformed)?;
+        let footer = serde_json::to_vec(&Footer {
+            kid: self.kid.clone(),
+        })
+        .map_err(|_| TokenError::Malformed)?;
+        PublicToken::sign(&self.secret, &message, Some(&footer), None)
+            .map_err(|_| TokenError::Malformed)
+    }
+}
+
+/// Verifies tokens offline against a set of public keys and revocation rules.
+#[derive(Default, Clone)]
+pub struct Verifier {
+    keys: HashMap<String, AsymmetricPublicKey<V4>>,
+    rules: Vec<RevocationRule>,
+}
+
+impl Verifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the whole key set (after a rotation every verifier gets the full set).
+    pub fn set_keys<'a>(&mut self, public_keys: impl IntoIterator<Item = &'a [u8]>) {
+        self.keys = public_keys
+            .into_iter()
+            .filter_map(|pk| Some((key_id(pk), AsymmetricPublicKey::<V4>::from(pk).ok()?)))
+            .collect();
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    pub fn add_rule(&mut self, rule: RevocationRule) {
+        self.rules.push(rule);
+    }
+
+    pub fn set_rules(&mut self, rules: Vec<RevocationRule>) {
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &[RevocationRule] {
+        &self.rules
+    }
+
+    /// Forgets rules that can no longer match a live token: every token they
+    /// match was issued before `issued_before` and so expired `max_ttl` later.
+    pub fn prune_rules(&mut self, now: OffsetDateTime, max_ttl: time::Duration) {
+        self.rules.retain(|r| r.issued_before + max_ttl > now);
+    }
+
+    /// Checks signature, expiry and revocations; returns the claims.
+    pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<Claims, TokenError> {
+        let claims = self.verify_signature(token)?;
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        if self.rules.iter().any(|r| r.matches(&claims)) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    /// Checks only that one of our keys signed the token; no expiry or revocation check.
+    pub fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
+        let untrusted =
+            UntrustedToken::<Public, V4>::try_from(token).map_err(|_| TokenError::Malformed)?;
+        let footer: Footer = serde_json::from_slice(untrusted.untrusted_footer())
+            .map_err(|_| TokenError::Malformed)?;
+        let key = self.keys.get(&footer.kid).ok_or(TokenError::UnknownKey)?;
+        let trusted = PublicToken::verify(key, &untrusted, None, None)
+            .map_err(|_| TokenError::BadSignature)?;
+        serde_json::from_str(trusted.payload()).map_err(|_| TokenError::Malformed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn claims(now: OffsetDateTime) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            user_name: "alice".into(),
+            user_domain_id: "d1".into(),
+            scope: Some(Scope::Project {
+                id: "p1".into(),
+                name: "demo".into(),
+                domain_id: "d2".into(),
+            }),
+            roles: vec!["member".into(), "reader".into()],
+            iat: now,
+            exp: now + time::Duration::hours(1),
+            audit_ids: vec!["a2".into(), "a1".into()],
+            methods: vec!["password".into()],
+            is_admin_project: false,
+        }
+    }
+
+    fn verifier_for(key: &SigningKey) -> Verifier {
+        let mut v = Verifier::new();
+        v.set_keys([key.public_key()]);
+        v
+    }
+
+    #[test]
+    fn sign_then_verify_round_trips() {
+        let key = SigningKey::generate().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let token = key.sign(&claims(now)).unwrap();
+        assert!(token.starts_with("v4.public."));
+        assert_eq!(verifier_for(&key).verify(&token, now).unwrap(), claims(now));
+    }
+
+    #[test]
+    fn key_survives_a_round_trip_through_bytes() {
+        let key = SigningKey::generate().unwrap();
+        let again = SigningKey::from_secret_bytes(key.secret_bytes()).unwrap();
+        assert_eq!(key.key_id(), again.key_id());
+        assert_eq!(key.public_key(), again.public_key());
+    }
+
+    #[test]
+    fn refuses_expired_tampered_unknown_and_garbage() {
+        let key = SigningKey::generate().unwrap();
+        let v = verifier_for(&key);
+        let now = OffsetDateTime::now_utc();
+        let token = key.sign(&claims(now)).unwrap();
+        assert_eq!(
+            v.verify(&token, now + time::Duration::hours(2)),
+            Err(TokenError::Expired)
+        );
+
+        // Flip one character of the signed body.
+        let mut bytes = token.clone().into_bytes();
+        bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).unwrap();
+        assert_eq!(v.verify(&tampered, now), Err(TokenError::BadSignature));
+
+        let other = SigningKey::generate().unwrap();
+        assert_eq!(
+            verifier_for(&other).verify(&token, now),
+            Err(TokenError::UnknownKey)
+        );
+        assert_eq!(
+            Verifier::new().verify(&token, now),
+            Err(TokenError::UnknownKey)
+        );
+        assert_eq!(v.verify("not a token", now), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn revocation_rules_match_on_every_set_field() {
+        let key = SigningKey::generate().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let token = key.sign(&claims(now)).unwrap();
+        let rule = |user: Option<&str>,
+                    project: Option<&str>,
+                    domain: Option<&str>,
+                    audit: Option<&str>| {
+            RevocationRule {
+                user_id: user.map(Into::into),
+                project_id: project.map(Into::into),
+                domain_id: domain.map(Into::into),
+                audit_id: audit.map(Into::into),
+                issued_before: now,
+            }
+        };
+        let revoked = |r: RevocationRule| {
+            let mut v = verifier_for(&key);
+            v.add_rule(r);
+            v.verify(&token, now) == Err(TokenError::Revoked)
+        };
+        assert!(revoked(rule(Some("u1"), None, None, None)));
+        assert!(revoked(rule(Some("u1"), Some("p1"), None, None)));
+        assert!(!revoked(rule(Some("u1"), Some("p9"), None, None)));
+        assert!(revoked(rule(None, None, Some("d1"), None)), "user domain");
+        assert!(
+            revoked(rule(None, None, Some("d2"), None)),
+            "project domain"
+        );
+        assert!(
+            revoked(rule(None, None, None, Some("a1"))),
+            "parent audit id"
+        );
+        assert!(!revoked(rule(None, None, None, Some("zz"))));
+        let mut later = rule(Some("u1"), None, None, None);
+        later.issued_before = now - time::Duration::seconds(1);
+        assert!(
+            !revoked(later),
+            "a token issued after the rule is not revoked"
+        );
+    }
+
+    #[test]
+    fn prune_drops_only_rules_older_than_the_longest_ttl() {
+        let now = OffsetDateTime::now_utc();
+        let mut v = Verifier::new();
+        for age in [0, 30, 90] {
+            v.add_rule(RevocationRule {
+                user_id: Some("u".into()),
+                project_id: None,
+                domain_id: None,
+                audit_id: None,
+                issued_before: now - time::Duration::minutes(age),
+            });
+        }
+        v.prune_rules(now, time::Duration::hours(1));
+        assert_eq!(v.rules().len(), 2);
+    }
+
+    #[test]
+    fn cloud_admin_needs_admin_role_on_system_or_admin_project() {
+        let now = OffsetDateTime::now_utc();
+        let mut c = claims(now);
+        c.roles.push("admin".into());
+        assert!(!c.is_cloud_admin());
+        c.is_admin_project = true;
+        assert!(c.is_cloud_admin());
+        c.is_admin_project = false;
+        c.scope = Some(Scope::System);
+        assert!(c.is_cloud_admin());
+    }
+}
