@@ -1,6 +1,7 @@
 //! The small runtime every Cirrus service shares, so that no service copies
 //! plumbing:
 //!
+//! - [`caller`]: the trusted `x-cirrus-*` headers a sidecar sets for its service.
 //! - [`config`]: defaults, then a TOML file, then `CIRRUS_*` environment.
 //! - [`db`]: a Postgres pool per service schema, versioned migrations,
 //!   per-service login roles, and throwaway databases for tests.
@@ -10,6 +11,7 @@
 //!   `grpc.health.v1.Health`, graceful shutdown on SIGINT/SIGTERM, and the
 //!   client side of `healthcheck`.
 
+pub mod caller;
 pub mod config;
 pub mod db;
 pub mod serve;
