@@ -13,3 +13,9 @@ pub mod identity {
         tonic::include_proto!("identity.v1");
     }
 }
+
+pub mod queue {
+    pub mod v1 {
+        tonic::include_proto!("queue.v1");
+    }
+}

@@ -1,0 +1,446 @@
+//! The queue's client library, for the services that cast and consume.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), tonic::Status> {
+//! let q = queue::client::Client::connect_lazy("http://127.0.0.1:5060")?;
+//! q.cast("compute.host1", b"build".to_vec()).await?;
+//! let mut sub = q.subscribe("compute.host1", "compute");
+//! while let Some(d) = sub.next().await {
+//!     let d = d?;
+//!     // ... handle d.payload, deduping by d.message_id ...
+//!     d.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! - [`Client::cast`] publishes one message with the current span's trace
+//!   context in its headers and a fresh idempotency id, and retries while
+//!   the queue is unavailable (the id makes the retry safe).
+//! - [`Client::subscribe`] yields [`Delivery`] values to `ack()` or
+//!   `nack()`. When the stream breaks it reconnects with exponential backoff;
+//!   deliveries of the broken stream cannot be settled any more (they come
+//!   back after their lease), so handlers must be idempotent by message id.
+//! - [`Delivery::span`] opens a span whose parent is the publisher's.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use proto::queue::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+pub use pb::StartPosition;
+pub use pb::queue_client::QueueClient;
+pub use pb::topics_client::TopicsClient;
+
+/// Every call's deadline.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of one publish while the queue is unavailable.
+const PUBLISH_ATTEMPTS: u32 = 5;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A handle on the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+/// How a subscription consumes.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeOptions {
+    /// Most unacked deliveries held at once.
+    pub credits: u32,
+    /// How long a delivery is ours before it is redelivered.
+    pub lease: Duration,
+    /// Where a new group starts.
+    pub start: StartPosition,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self {
+            credits: 16,
+            lease: Duration::from_secs(30),
+            start: StartPosition::Earliest,
+        }
+    }
+}
+
+/// Writes the current span's W3C trace context into `headers`.
+pub fn inject_trace_context(headers: &mut HashMap<String, String>) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, headers);
+}
+
+/// Reads a W3C trace context from message headers.
+pub fn extract_trace_context(headers: &HashMap<String, String>) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(headers)
+}
+
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown
+    )
+}
+
+impl Client {
+    /// A client whose connection is made on first use (and remade as needed).
+    pub fn connect_lazy(endpoint: &str) -> Result<Self, Status> {
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| Status::invalid_argument(format!("bad queue endpoint: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Self { channel })
+    }
+
+    pub fn from_channel(channel: Channel) -> Self {
+        Self { channel }
+    }
+
+    pub fn queue(&self) -> QueueClient<Channel> {
+        QueueClient::new(self.channel.clone())
+    }
+
+    pub fn topics(&self) -> TopicsClient<Channel> {
+        TopicsClient::new(self.channel.clone())
+    }
+
+    /// Creates the topic unless it exists.
+    pub async fn ensure_topic(
+        &self,
+        name: &str,
+        settings: pb::TopicSettings,
+    ) -> Result<(), Status> {
+        let mut req = tonic::Request::new(pb::CreateTopicRequest {
+            name: name.to_string(),
+            settings: Some(settings),
+        });
+        req.set_timeout(CALL_TIMEOUT);
+        match self.topics().create_topic(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Publishes one message (a cast) durably; returns its message id.
+    pub async fn cast(&self, topic: &str, payload: Vec<u8>) -> Result<String, Status> {
+        let mut headers = HashMap::new();
+        inject_trace_context(&mut headers);
+        let msg = pb::Message {
+            payload,
+            headers,
+            key: None,
+            idempotency_id: Some(uuid::Uuid::new_v4().to_string()),
+        };
+        let mut out = self.publish(topic, vec![msg]).await?;
+        Ok(out.pop().map(|p| p.message_id).unwrap_or_default())
+    }
+
+    /// Publishes messages durably, retrying with backoff while the queue is
+    /// unavailable. Give messages idempotency ids to make retries exact.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<pb::Message>,
+    ) -> Result<Vec<pb::Published>, Status> {
+        let mut backoff = BACKOFF_START;
+        let mut attempt = 1;
+        loop {
+            let mut req = tonic::Request::new(pb::PublishRequest {
+                topic: topic.to_string(),
+                messages: messages.clone(),
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            match self.queue().publish(req).await {
+                Ok(r) => return Ok(r.into_inner().messages),
+                Err(s) if retryable(s.code()) && attempt < PUBLISH_ATTEMPTS => {
+                    tracing::debug!(%topic, status = %s, "publish failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    attempt += 1;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// Consumes `topic` as a member of `group` with default options.
+    pub fn subscribe(&self, topic: &str, group: &str) -> Subscription {
+        self.subscribe_with(topic, group, SubscribeOptions::default())
+    }
+
+    pub fn subscribe_with(&self, topic: &str, group: &str, opts: SubscribeOptions) -> Subscription {
+        let credits = opts.credits.max(1);
+        let (deliveries, rx) = mpsc::channel(credits as usize);
+        let (control, control_rx) = mpsc::channel(credits as usize * 2 + 16);
+        let open = pb::Open {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            credits,
+            lease_ms: opts.lease.as_millis().min(u32::MAX as u128) as u32,
+            start: opts.start as i32,
+        };
+        let task = tokio::spawn(consume(
+            self.queue(),
+            open,
+            deliveries,
+            control.clone(),
+            control_rx,
+        ));
+        Subscription { rx, task }
+    }
+}
+
+/// A running subscription; dropping it closes the stream.
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<Delivery, Status>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscription {
+    /// The next delivery; an `Err` is final (the topic is gone, the caller
+    /// may not consume it, the request was invalid), after which this
+    /// returns `None`.
+    pub async fn next(&mut self) -> Option<Result<Delivery, Status>> {
+        self.rx.recv().await
+    }
+}
+
+enum Settle {
+    Ack,
+    Nack(Duration),
+    Extend(Duration),
+}
+
+struct Control {
+    generation: u64,
+    delivery_id: String,
+    op: Settle,
+    reply: oneshot::Sender<Result<(), Status>>,
+}
+
+/// One message leased to this consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message_id: String,
+    pub delivery_id: String,
+    pub attempt: u32,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+    pub key: Option<String>,
+    pub published_at_ms: i64,
+    pub lease_expires_at_ms: i64,
+    generation: u64,
+    control: mpsc::Sender<Control>,
+}
+
+impl Delivery {
+    async fn settle(&self, op: Settle) -> Result<(), Status> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .send(Control {
+                generation: self.generation,
+                delivery_id: self.delivery_id.clone(),
+                op,
+                reply,
+            })
+            .await
+            .map_err(|_| Status::cancelled("the subscription was dropped"))?;
+        tokio::time::timeout(CALL_TIMEOUT, answer)
+            .await
+            .map_err(|_| Status::deadline_exceeded("no answer to the settlement"))?
+            .map_err(|_| Status::unavailable("the stream broke; the message will be redelivered"))?
+    }
+
+    /// Done with it: the queue forgets the message for this group.
+    pub async fn ack(&self) -> Result<(), Status> {
+        self.settle(Settle::Ack).await
+    }
+
+    /// Give it back, to be redelivered (attempt + 1) after `delay`.
+    pub async fn nack(&self, delay: Duration) -> Result<(), Status> {
+        self.settle(Settle::Nack(delay)).await
+    }
+
+    /// Keep it for `lease` more from now.
+    pub async fn extend(&self, lease: Duration) -> Result<(), Status> {
+        self.settle(Settle::Extend(lease)).await
+    }
+
+    /// The publisher's trace context.
+    pub fn trace_context(&self) -> opentelemetry::Context {
+        extract_trace_context(&self.headers)
+    }
+
+    /// A span for handling this message, child of the publisher's span.
+    pub fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!("queue.consume", message_id = %self.message_id, attempt = self.attempt);
+        let _ = span.set_parent(self.trace_context());
+        span
+    }
+}
+
+/// Keeps one stream open (reopening it with backoff) and moves deliveries
+/// and settlements between it and the application.
+async fn consume(
+    mut client: QueueClient<Channel>,
+    open: pb::Open,
+    deliveries: mpsc::Sender<Result<Delivery, Status>>,
+    control: mpsc::Sender<Control>,
+    mut control_rx: mpsc::Receiver<Control>,
+) {
+    let credits = open.credits as usize;
+    let mut backoff = BACKOFF_START;
+    let mut generation = 0u64;
+    loop {
+        generation += 1;
+        let (req_tx, req_rx) = mpsc::channel::<pb::SubscribeRequest>(credits * 2 + 16);
+        let _ = req_tx
+            .send(pb::SubscribeRequest {
+                request: Some(pb::subscribe_request::Request::Open(open.clone())),
+            })
+            .await;
+        let mut stream = match client.subscribe(ReceiverStream::new(req_rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if retryable(s.code()) => {
+                tracing::debug!(status = %s, "subscribe failed; retrying");
+                if !wait_or_answer(backoff, &mut control_rx, &deliveries).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(s) => {
+                let _ = deliveries.send(Err(s)).await;
+                return;
+            }
+        };
+        // Deliveries read but not yet handed over; bounded by the credits.
+        let mut ready: VecDeque<Delivery> = VecDeque::new();
+        let mut pending: HashMap<String, Vec<oneshot::Sender<Result<(), Status>>>> = HashMap::new();
+        let broke: Status = loop {
+            tokio::select! {
+                permit = deliveries.reserve(), if !ready.is_empty() => match permit {
+                    Ok(p) => {
+                        if let Some(d) = ready.pop_front() {
+                            p.send(Ok(d));
+                        }
+                    }
+                    Err(_) => return,
+                },
+                msg = stream.message(), if ready.len() < credits => match msg {
+                    Ok(Some(m)) => match m.response {
+                        Some(pb::subscribe_response::Response::Opened(_)) => backoff = BACKOFF_START,
+                        Some(pb::subscribe_response::Response::Delivery(d)) => ready.push_back(Delivery {
+                            message_id: d.message_id,
+                            delivery_id: d.delivery_id,
+                            attempt: d.attempt,
+                            headers: d.headers,
+                            payload: d.payload,
+                            key: d.key,
+                            published_at_ms: d.published_at_ms,
+                            lease_expires_at_ms: d.lease_expires_at_ms,
+                            generation,
+                            control: control.clone(),
+                        }),
+                        Some(pb::subscribe_response::Response::Settled(s)) => {
+                            if let Some(waiters) = pending.remove(&s.delivery_id) {
+                                let code = Code::from_i32(s.code);
+                                for w in waiters {
+                                    let r = if code == Code::Ok { Ok(()) } else { Err(Status::new(code, s.message.clone())) };
+                                    let _ = w.send(r);
+                                }
+                            }
+                        }
+                        None => {}
+                    },
+                    Ok(None) => break Status::unavailable("the queue closed the stream"),
+                    Err(s) if retryable(s.code()) => break s,
+                    Err(s) => {
+                        let _ = deliveries.send(Err(s)).await;
+                        return;
+                    }
+                },
+                () = deliveries.closed() => return,
+                c = control_rx.recv() => {
+                    let Some(c) = c else { return };
+                    if c.generation != generation {
+                        let _ = c.reply.send(Err(Status::failed_precondition(
+                            "the stream that carried this delivery broke; it will be redelivered",
+                        )));
+                        continue;
+                    }
+                    let ids = vec![c.delivery_id.clone()];
+                    use pb::subscribe_request::Request as Q;
+                    let request = match c.op {
+                        Settle::Ack => Q::Ack(pb::Ack { delivery_ids: ids }),
+                        Settle::Nack(d) => Q::Nack(pb::Nack {
+                            delivery_ids: ids,
+                            requeue_delay_ms: d.as_millis().min(u32::MAX as u128) as u32,
+                        }),
+                        Settle::Extend(d) => Q::Extend(pb::Extend {
+                            delivery_ids: ids,
+                            lease_ms: d.as_millis().min(u32::MAX as u128) as u32,
+                        }),
+                    };
+                    if req_tx.send(pb::SubscribeRequest { request: Some(request) }).await.is_err() {
+                        let _ = c.reply.send(Err(Status::unavailable("the stream broke")));
+                        continue;
+                    }
+                    let waiters = pending.entry(c.delivery_id).or_default();
+                    if waiters.len() < 16 {
+                        waiters.push(c.reply);
+                    }
+                }
+            }
+        };
+        tracing::debug!(status = %broke, "subscription stream broke; reconnecting");
+        // Waiters of the broken stream get an error when `pending` drops.
+        drop(pending);
+        if !wait_or_answer(backoff, &mut control_rx, &deliveries).await {
+            return;
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Sleeps for `backoff` while refusing settlements of the broken stream.
+/// Returns false when the subscription was dropped.
+async fn wait_or_answer(
+    backoff: Duration,
+    control_rx: &mut mpsc::Receiver<Control>,
+    deliveries: &mpsc::Sender<Result<Delivery, Status>>,
+) -> bool {
+    let sleep = tokio::time::sleep(backoff);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return !deliveries.is_closed(),
+            c = control_rx.recv() => match c {
+                Some(c) => {
+                    let _ = c.reply.send(Err(Status::failed_precondition(
+                        "the stream that carried this delivery broke; it will be redelivered",
+                    )));
+                }
+                None => return false,
+            },
+            () = deliveries.closed() => return false,
+        }
+    }
+}

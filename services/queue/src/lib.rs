@@ -1,0 +1,180 @@
+//! The Cirrus queue service, a RabbitMQ + oslo.messaging equivalent: durable
+//! topics on gRPC streams, stored in Postgres so that several replicas serve
+//! the same topics side by side.
+//!
+//! - [`service`]: the domain logic: topics, group-committed publishing, the
+//!   consumer session (leases, credits, acks, nacks, dead-lettering);
+//! - [`grpc`]: the `queue.v1` adapter that validates every request;
+//! - [`repo`]: every SQL statement (claims with `FOR UPDATE SKIP LOCKED`);
+//! - [`wake`]: `LISTEN/NOTIFY` wake-ups across replicas;
+//! - [`policy`]: who may publish to and consume from which topic;
+//! - [`client`]: the library services use: `cast`, `subscribe`, with
+//!   reconnection and trace context.
+//!
+//! Guarantees: at-least-once delivery; a publish is answered only once its
+//! messages are committed; consumers dedupe by message id.
+//!
+//! [`run`] serves it all on a listener until shutdown.
+
+pub mod client;
+pub mod error;
+pub mod grpc;
+pub mod model;
+pub mod policy;
+pub mod repo;
+pub mod service;
+pub mod wake;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use proto::queue::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use service::Queue;
+
+pub mod migrations {
+    //! The queue schema's migrations, embedded in the binary.
+    refinery::embed_migrations!("migrations");
+    pub use self::migrations::runner;
+}
+
+/// The queue service's configuration (see `runtime::config` for how it loads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the gRPC API listens.
+    pub listen: SocketAddr,
+    /// Where Prometheus `/metrics` is served; none to serve no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A Postgres URL; the service works in `schema` only.
+    pub database_url: String,
+    pub schema: String,
+    pub db_pool_size: usize,
+    /// The largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// How long an idempotency id is remembered.
+    pub dedupe_window_secs: u64,
+    /// Defaults for topics created without settings.
+    pub default_retention_secs: u64,
+    pub default_max_attempts: u32,
+    /// Publish transactions committing in parallel, and the most messages one commits.
+    pub committers: usize,
+    pub commit_batch_messages: usize,
+    /// A consumer looks for work at least this often (nack delays, ended
+    /// leases, missed notifications).
+    pub poll_interval_ms: u64,
+    /// How often TTL, retention and the dedupe window are enforced.
+    pub sweep_interval_secs: u64,
+    /// The most consumer streams one replica serves.
+    pub max_subscriptions: usize,
+    /// The SPIFFE trust domain of the mesh's workloads.
+    pub trust_domain: String,
+    /// Treat a call without the sidecar's `x-cirrus-peer` header as an
+    /// administrator's. Only for development and tests on loopback.
+    pub trust_direct_callers: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9160))),
+            database_url: "postgres://postgres@127.0.0.1:5432/cirrus".into(),
+            schema: "queue".into(),
+            db_pool_size: 16,
+            max_payload_bytes: 1024 * 1024,
+            dedupe_window_secs: 600,
+            default_retention_secs: 86_400,
+            default_max_attempts: 5,
+            committers: 2,
+            commit_batch_messages: 1000,
+            poll_interval_ms: 1000,
+            sweep_interval_secs: 30,
+            max_subscriptions: 4096,
+            trust_domain: "cirrus.local".into(),
+            trust_direct_callers: false,
+        }
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot, before anything binds or connects.
+    pub fn validate(&self) -> Result<(), runtime::config::ConfigError> {
+        let bad = |m: &str| Err(runtime::config::ConfigError(m.to_string()));
+        if self.database_url.is_empty() {
+            return bad("database_url is required");
+        }
+        if self.db_pool_size < 2 {
+            return bad("db_pool_size must be at least 2");
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 16 * 1024 * 1024 {
+            return bad("max_payload_bytes must be between 1 and 16777216");
+        }
+        if self.committers == 0 || self.committers >= self.db_pool_size {
+            return bad("committers must be at least 1 and below db_pool_size");
+        }
+        if self.commit_batch_messages == 0 || self.commit_batch_messages > 10_000 {
+            return bad("commit_batch_messages must be between 1 and 10000");
+        }
+        if !(10..=60_000).contains(&self.poll_interval_ms) {
+            return bad("poll_interval_ms must be between 10 and 60000");
+        }
+        if self.default_max_attempts == 0 || self.default_max_attempts > 1000 {
+            return bad("default_max_attempts must be between 1 and 1000");
+        }
+        if self.default_retention_secs == 0 || self.dedupe_window_secs == 0 {
+            return bad("default_retention_secs and dedupe_window_secs must be positive");
+        }
+        if self.sweep_interval_secs == 0 || self.max_subscriptions == 0 {
+            return bad("sweep_interval_secs and max_subscriptions must be positive");
+        }
+        if self.trust_domain.is_empty() {
+            return bad("trust_domain is required");
+        }
+        Ok(())
+    }
+}
+
+/// Every gRPC service name this server reports in `grpc.health.v1`.
+pub const SERVICE_NAMES: [&str; 2] = ["queue.v1.Queue", "queue.v1.Topics"];
+
+/// Starts the service (migrations, committers, listener) and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let queue = Queue::start(config).await?;
+    serve(queue, listener, shutdown).await
+}
+
+/// Serves an already started [`Queue`] until `shutdown`.
+pub async fn serve(
+    queue: Queue,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    if queue.config().trust_direct_callers {
+        tracing::warn!("trust_direct_callers is on: calls without a sidecar act as administrator");
+    }
+    let (close, closed) = tokio::sync::watch::channel(false);
+    let max_message = queue.config().max_payload_bytes * 4 + 4 * 1024 * 1024;
+    let api = grpc::Api { queue, closed };
+    let routes = tonic::service::Routes::new(
+        pb::queue_server::QueueServer::new(api.clone()).max_decoding_message_size(max_message),
+    )
+    .add_service(pb::topics_server::TopicsServer::new(api));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "queue serving");
+    let shutdown = async move {
+        shutdown.await;
+        // End consumer streams so the graceful drain can finish.
+        let _ = close.send(true);
+    };
+    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    tracing::info!("queue stopped");
+    Ok(())
+}

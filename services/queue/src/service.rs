@@ -1,0 +1,760 @@
+//! The queue's domain logic: topics, durable publishing with group commit,
+//! and the consumer session that leases, settles and redelivers. No tonic
+//! types here: the gRPC adapter validates requests and maps the results.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures_util::{FutureExt, Stream, StreamExt};
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::Config;
+use crate::error::{Error, Result};
+use crate::model::*;
+use crate::policy::{self, Action, Principal};
+use crate::repo;
+use crate::wake::Wakers;
+
+/// How long a topic looked up by name is trusted before it is read again.
+const TOPIC_CACHE_TTL: Duration = Duration::from_secs(5);
+const TOPIC_CACHE_MAX: usize = 4096;
+/// Pending publish requests waiting for a commit slot.
+const PUBLISH_QUEUE: usize = 4096;
+
+struct PublishJob {
+    topic: Topic,
+    messages: Vec<NewMessage>,
+    reply: oneshot::Sender<Result<Vec<Published>>>,
+}
+
+/// The queue service. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    pool: Pool,
+    wakers: Wakers,
+    topics: Mutex<HashMap<String, (Topic, Instant)>>,
+    publish_tx: mpsc::Sender<PublishJob>,
+    subscriptions: Arc<Semaphore>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+}
+
+impl Queue {
+    /// Connects, migrates, and starts the committers, the listener and the sweeper.
+    pub async fn start(config: Config) -> Result<Self> {
+        let pool = runtime::db::pool(&config.database_url, &config.schema, config.db_pool_size)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        runtime::db::migrate(&pool, &config.schema, crate::migrations::runner())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let wakers = Wakers::default();
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let inner = Arc::new(Inner {
+            subscriptions: Arc::new(Semaphore::new(config.max_subscriptions)),
+            config: config.clone(),
+            pool,
+            wakers: wakers.clone(),
+            topics: Mutex::new(HashMap::new()),
+            publish_tx,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let q = Queue { inner };
+        let mut tasks = Vec::new();
+        let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
+        for _ in 0..config.committers.max(1) {
+            tasks.push(tokio::spawn(committer(
+                q.inner.pool.clone(),
+                q.inner.wakers.clone(),
+                rx.clone(),
+                config.clone(),
+            )));
+        }
+        // The listener connects with the pool's search path set by URL options.
+        tasks.push(tokio::spawn(crate::wake::listen(
+            config.database_url.clone(),
+            wakers,
+        )));
+        tasks.push(tokio::spawn(sweeper(q.inner.pool.clone(), config.clone())));
+        *q.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(q)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn principal(&self, c: &runtime::caller::Caller) -> Result<Principal> {
+        policy::principal(
+            c,
+            &self.inner.config.trust_domain,
+            self.inner.config.trust_direct_callers,
+        )
+    }
+
+    // ---------------------------------------------------------------- topics
+
+    /// The topic named `name`, from a short-lived cache.
+    pub async fn topic(&self, name: &str) -> Result<Topic> {
+        {
+            let cache = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((t, at)) = cache.get(name)
+                && at.elapsed() < TOPIC_CACHE_TTL
+            {
+                return Ok(t.clone());
+            }
+        }
+        let client = self.inner.pool.get().await?;
+        let t = repo::get_topic(&client, name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+        let mut cache = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOPIC_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(name.to_string(), (t.clone(), Instant::now()));
+        Ok(t)
+    }
+
+    fn forget_topic(&self, name: &str) {
+        let mut cache = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+        cache.remove(name);
+        cache.remove(&format!("{name}{DLQ_SUFFIX}"));
+    }
+
+    pub async fn create_topic(
+        &self,
+        who: &Principal,
+        name: &str,
+        retention: Option<Duration>,
+        ttl: Option<Duration>,
+        max_attempts: Option<u32>,
+    ) -> Result<Topic> {
+        policy::authorize(who, Action::Create, name)?;
+        if is_dead_letter(name) {
+            return Err(Error::InvalidArgument(format!(
+                "topic names ending in {DLQ_SUFFIX:?} are reserved for dead-letter topics"
+            )));
+        }
+        let c = &self.inner.config;
+        let settings = TopicSettings {
+            retention: retention.unwrap_or(Duration::from_secs(c.default_retention_secs)),
+            ttl,
+            max_attempts: max_attempts.unwrap_or(c.default_max_attempts),
+        };
+        let mut client = self.inner.pool.get().await?;
+        let tx = client.transaction().await?;
+        let t = repo::create_topic(&tx, name, &settings).await?;
+        tx.commit().await?;
+        self.forget_topic(name);
+        Ok(t)
+    }
+
+    pub async fn delete_topic(&self, who: &Principal, name: &str) -> Result<()> {
+        policy::authorize(who, Action::Delete, name)?;
+        if is_dead_letter(name) {
+            return Err(Error::FailedPrecondition(
+                "a dead-letter topic goes with its topic: delete that one".into(),
+            ));
+        }
+        let mut client = self.inner.pool.get().await?;
+        let tx = client.transaction().await?;
+        let t = repo::get_topic(&tx, name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+        repo::delete_topic(&tx, &t).await?;
+        tx.commit().await?;
+        self.forget_topic(name);
+        Ok(())
+    }
+
+    pub async fn list_topics(&self, who: &Principal) -> Result<Vec<Topic>> {
+        policy::authorize(who, Action::Read, "")?;
+        let client = self.inner.pool.get().await?;
+        repo::list_topics(&client).await
+    }
+
+    pub async fn stats(&self, who: &Principal, name: &str) -> Result<TopicStats> {
+        policy::authorize(who, Action::Read, name)?;
+        let client = self.inner.pool.get().await?;
+        let t = repo::get_topic(&client, name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+        repo::stats(&client, &t).await
+    }
+
+    // --------------------------------------------------------------- publish
+
+    /// Stores the messages durably (group-committed with concurrent
+    /// publishes) and answers only after the commit.
+    pub async fn publish(
+        &self,
+        who: &Principal,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Published>> {
+        policy::authorize(who, Action::Publish, topic)?;
+        if is_dead_letter(topic) {
+            return Err(Error::PermissionDenied(
+                "only the queue itself publishes to dead-letter topics".into(),
+            ));
+        }
+        let topic = self.topic(topic).await?;
+        let (reply, answer) = oneshot::channel();
+        let name = topic.name.clone();
+        self.inner
+            .publish_tx
+            .send(PublishJob {
+                topic,
+                messages,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Unavailable("the queue is shutting down".into()))?;
+        let result = answer
+            .await
+            .map_err(|_| Error::Unavailable("the publish was interrupted".into()))?;
+        if matches!(result, Err(Error::NotFound(_))) {
+            self.forget_topic(&name);
+            return Err(Error::NotFound(format!("topic {name:?}")));
+        }
+        result
+    }
+
+    // ------------------------------------------------------------- subscribe
+
+    /// Opens a consumer's session: checks the topic and the caller, makes the
+    /// group if needed, and returns the session to run.
+    pub async fn open(&self, who: &Principal, open: Open) -> Result<Session> {
+        policy::authorize(who, Action::Consume, &open.topic)?;
+        let permit = self
+            .inner
+            .subscriptions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::ResourceExhausted("too many subscriptions on this replica".into())
+            })?;
+        let topic = self.topic(&open.topic).await?;
+        let mut client = self.inner.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (group_id, created) = repo::open_group(&tx, topic.id, &open.group, open.start)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound(_) => Error::NotFound(format!("topic {:?}", open.topic)),
+                e => e,
+            })?;
+        tx.commit().await?;
+        let wake = self.inner.wakers.subscribe(topic.id);
+        Ok(Session {
+            queue: self.clone(),
+            topic,
+            group: open.group,
+            group_id,
+            created,
+            window: open.credits,
+            lease: open.lease,
+            wake,
+            in_flight: HashMap::new(),
+            expired: VecDeque::new(),
+            _permit: permit,
+        })
+    }
+}
+
+// ------------------------------------------------------------ group commit
+
+/// Takes publish jobs as they come and commits as many as are waiting (up to
+/// `commit_batch_messages`) in one transaction: one fsync for many publishes.
+async fn committer(
+    pool: Pool,
+    wakers: Wakers,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<PublishJob>>>,
+    config: Config,
+) {
+    let max = config.commit_batch_messages.max(1);
+    let window = Duration::from_secs(config.dedupe_window_secs);
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut count = first.messages.len();
+            jobs.push(first);
+            while count < max {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        count += j.messages.len();
+                        jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        metrics::histogram!("queue_commit_batch_jobs").record(jobs.len() as f64);
+        match commit(&pool, &jobs, window).await {
+            Ok(results) => finish(&wakers, jobs, results),
+            Err(e) if jobs.len() > 1 => {
+                // One bad job (say, its topic was just deleted) must not fail
+                // the others: commit each on its own.
+                tracing::debug!(error = %e, "batch commit failed; committing one by one");
+                for job in jobs {
+                    let r = commit(&pool, std::slice::from_ref(&job), window).await;
+                    match r {
+                        Ok(mut res) => finish(&wakers, vec![job], vec![res.remove(0)]),
+                        Err(e) => {
+                            let _ = job.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(clone_error(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        e => Error::Internal(e.to_string()),
+    }
+}
+
+fn finish(wakers: &Wakers, jobs: Vec<PublishJob>, results: Vec<Vec<Published>>) {
+    for (job, result) in jobs.into_iter().zip(results) {
+        metrics::counter!("queue_published_total").increment(result.len() as u64);
+        wakers.wake(job.topic.id);
+        let _ = job.reply.send(Ok(result));
+    }
+}
+
+/// Commits the jobs in one transaction; returns each job's results.
+async fn commit(pool: &Pool, jobs: &[PublishJob], window: Duration) -> Result<Vec<Vec<Published>>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // Ids first, so duplicates can point at the first occurrence.
+    let mut results: Vec<Vec<Published>> = jobs
+        .iter()
+        .map(|j| {
+            j.messages
+                .iter()
+                .map(|_| Published {
+                    message_id: Uuid::new_v4(),
+                    duplicate: false,
+                })
+                .collect()
+        })
+        .collect();
+    // Duplicates within this batch: the first occurrence wins.
+    let mut first: HashMap<(i32, &str), Uuid> = HashMap::new();
+    let mut claims: Vec<(i32, &str, Uuid)> = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for (i, m) in job.messages.iter().enumerate() {
+            if let Some(idem) = m.idempotency_id.as_deref() {
+                let k = (job.topic.id, idem);
+                if let Some(id) = first.get(&k) {
+                    results[j][i] = Published {
+                        message_id: *id,
+                        duplicate: true,
+                    };
+                } else {
+                    first.insert(k, results[j][i].message_id);
+                    claims.push((job.topic.id, idem, results[j][i].message_id));
+                }
+            }
+        }
+    }
+    let seen = repo::dedupe(&tx, &claims, window).await?;
+    if !seen.is_empty() {
+        for (j, job) in jobs.iter().enumerate() {
+            for (i, m) in job.messages.iter().enumerate() {
+                if let Some(idem) = m.idempotency_id.as_deref()
+                    && let Some(id) = seen.get(&(job.topic.id, idem.to_string()))
+                {
+                    results[j][i] = Published {
+                        message_id: *id,
+                        duplicate: true,
+                    };
+                }
+            }
+        }
+    }
+    let mut inserts = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for (i, m) in job.messages.iter().enumerate() {
+            if !results[j][i].duplicate {
+                inserts.push(repo::Insert {
+                    topic_id: job.topic.id,
+                    id: results[j][i].message_id,
+                    payload: &m.payload,
+                    headers: repo::headers_to_json(&m.headers),
+                    key: m.key.as_deref(),
+                });
+            }
+        }
+    }
+    repo::insert_messages(&tx, &inserts).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+// ------------------------------------------------------------------ sweeper
+
+async fn sweeper(pool: Pool, config: Config) {
+    let mut tick = tokio::time::interval(Duration::from_secs(config.sweep_interval_secs.max(1)));
+    let window = Duration::from_secs(config.dedupe_window_secs);
+    loop {
+        tick.tick().await;
+        let r = async {
+            let client = pool.get().await?;
+            repo::sweep(&client, window, 10_000).await
+        }
+        .await;
+        match r {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "swept"),
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ session
+
+struct Lease {
+    seq: i64,
+    /// When this replica stops counting it against the window.
+    until: Instant,
+}
+
+/// One consumer's stream: leases messages of its group within its credit
+/// window, settles acks, nacks and extensions, and frees the window's slot
+/// of a lease that ended.
+pub struct Session {
+    queue: Queue,
+    topic: Topic,
+    group: String,
+    group_id: i32,
+    created: bool,
+    window: u32,
+    lease: Duration,
+    wake: watch::Receiver<u64>,
+    /// Current leases by delivery id; never more than the window.
+    in_flight: HashMap<Uuid, Lease>,
+    /// Recently ended leases, so their late acks get FAILED_PRECONDITION
+    /// rather than NOT_FOUND; bounded.
+    expired: VecDeque<Uuid>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Most client messages settled in one round trip.
+const INPUT_BATCH: usize = 256;
+const MAX_WINDOW: u32 = 100_000;
+
+fn instant_for(t: OffsetDateTime) -> Instant {
+    let left = t - OffsetDateTime::now_utc();
+    Instant::now() + left.try_into().unwrap_or(Duration::ZERO)
+}
+
+/// Resolves once `closed` is true (without holding its guard across awaits).
+async fn wait_closed(closed: &mut watch::Receiver<bool>) {
+    if closed.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Session {
+    /// Serves the stream until the client closes it, the client goes away
+    /// (`out` closed), or `closed` becomes true (server shutdown).
+    pub async fn run(
+        mut self,
+        mut input: impl Stream<Item = Result<ClientMsg>> + Unpin,
+        out: mpsc::Sender<Result<ServerMsg>>,
+        mut closed: watch::Receiver<bool>,
+    ) {
+        let poll = Duration::from_millis(self.queue.inner.config.poll_interval_ms.max(10));
+        metrics::gauge!("queue_subscriptions").increment(1.0);
+        let opened = ServerMsg::Opened {
+            topic: self.topic.name.clone(),
+            group: self.group.clone(),
+            created: self.created,
+        };
+        let mut want_claim = out.send(Ok(opened)).await.is_ok();
+        let mut alive = want_claim;
+        let mut next_poll = Instant::now() + poll;
+        while alive {
+            self.expire();
+            let free = (self.window as usize).saturating_sub(self.in_flight.len());
+            if want_claim && free > 0 {
+                match self.claim(free).await {
+                    Ok(got) => {
+                        want_claim = got.len() == free;
+                        for d in got {
+                            if out
+                                .send(Ok(ServerMsg::Delivery(Box::new(d))))
+                                .await
+                                .is_err()
+                            {
+                                alive = false;
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %self.topic.name, "claim failed");
+                        want_claim = false;
+                    }
+                }
+                next_poll = Instant::now() + poll;
+                if !alive {
+                    break;
+                }
+                // Settle what the client sent meanwhile before claiming more.
+                if let Some(Some(first)) = input.next().now_or_never() {
+                    alive = self.handle(first, &mut input, &out).await;
+                    want_claim = true;
+                }
+                continue;
+            }
+            let deadline = self
+                .in_flight
+                .values()
+                .map(|l| l.until)
+                .min()
+                .map_or(next_poll, |t| t.min(next_poll));
+            tokio::select! {
+                msg = input.next() => match msg {
+                    Some(first) => {
+                        alive = self.handle(first, &mut input, &out).await;
+                        want_claim = true;
+                    }
+                    None => alive = false,
+                },
+                r = self.wake.changed() => {
+                    if r.is_err() { alive = false; }
+                    want_claim = true;
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if Instant::now() >= next_poll {
+                        want_claim = true;
+                        next_poll = Instant::now() + poll;
+                    }
+                }
+                () = wait_closed(&mut closed) => {
+                    let _ = out.send(Err(Error::Unavailable("the queue replica is shutting down".into()))).await;
+                    alive = false;
+                }
+            }
+        }
+        metrics::gauge!("queue_subscriptions").decrement(1.0);
+    }
+
+    /// Forgets leases whose time is up: their slots are free again.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let ended: Vec<Uuid> = self
+            .in_flight
+            .iter()
+            .filter(|(_, l)| l.until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.in_flight.remove(&id);
+            self.remember_expired(id);
+        }
+    }
+
+    fn remember_expired(&mut self, id: Uuid) {
+        if self.expired.len() >= (self.window as usize).clamp(64, 10_000) * 4 {
+            self.expired.pop_front();
+        }
+        self.expired.push_back(id);
+    }
+
+    async fn claim(&mut self, n: usize) -> Result<Vec<Delivery>> {
+        let mut client = self.queue.inner.pool.get().await?;
+        let tx = client.transaction().await?;
+        let got = repo::claim(
+            &tx,
+            self.group_id,
+            &self.group,
+            &self.topic,
+            n as i64,
+            self.lease,
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("queue_delivered_total").increment(got.len() as u64);
+        for d in &got {
+            self.in_flight.insert(
+                d.delivery_id,
+                Lease {
+                    seq: d.seq,
+                    until: instant_for(d.lease_until),
+                },
+            );
+        }
+        Ok(got)
+    }
+
+    /// Handles `first` and whatever else the client already sent, batching
+    /// acks into one statement. Returns false when the stream must end.
+    async fn handle(
+        &mut self,
+        first: Result<ClientMsg>,
+        input: &mut (impl Stream<Item = Result<ClientMsg>> + Unpin),
+        out: &mpsc::Sender<Result<ServerMsg>>,
+    ) -> bool {
+        let mut batch = vec![first];
+        while batch.len() < INPUT_BATCH {
+            match input.next().now_or_never() {
+                Some(Some(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::new();
+        let mut replies = Vec::new();
+        for m in batch {
+            match m {
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return false;
+                }
+                Ok(ClientMsg::Credit(n)) => {
+                    self.window = self.window.saturating_add(n).min(MAX_WINDOW);
+                }
+                Ok(ClientMsg::Ack(ids)) => acks.extend(ids),
+                Ok(ClientMsg::Nack(ids, delay)) => {
+                    let r = self.settle(&ids, Op::Nack(delay)).await;
+                    replies.push(r);
+                }
+                Ok(ClientMsg::Extend(ids, lease)) => {
+                    let r = self.settle(&ids, Op::Extend(lease)).await;
+                    replies.push(r);
+                }
+            }
+        }
+        if !acks.is_empty() {
+            let r = self.settle(&acks, Op::Ack).await;
+            replies.push(r);
+        }
+        for r in replies {
+            match r {
+                Ok(settled) => {
+                    for (delivery_id, outcome) in settled {
+                        if out
+                            .send(Ok(ServerMsg::Settled {
+                                delivery_id,
+                                outcome,
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn settle(&mut self, ids: &[Uuid], op: Op) -> Result<Vec<(Uuid, Settle)>> {
+        let mut outcomes = Vec::with_capacity(ids.len());
+        let mut leases = Vec::new();
+        for id in ids {
+            match self.in_flight.get(id) {
+                Some(l) => leases.push((l.seq, *id)),
+                None if self.expired.contains(id) => outcomes.push((*id, Settle::Expired)),
+                None => outcomes.push((*id, Settle::Unknown)),
+            }
+        }
+        if leases.is_empty() {
+            return Ok(outcomes);
+        }
+        let client = self.queue.inner.pool.get().await?;
+        let gid = self.group_id;
+        let done: HashMap<i64, Option<OffsetDateTime>> = match op {
+            Op::Ack => repo::ack(&client, gid, &leases)
+                .await?
+                .into_iter()
+                .map(|s| (s, None))
+                .collect(),
+            Op::Nack(delay) => repo::nack(&client, gid, &leases, delay)
+                .await?
+                .into_iter()
+                .map(|s| (s, None))
+                .collect(),
+            Op::Extend(lease) => repo::extend(&client, gid, &leases, lease)
+                .await?
+                .into_iter()
+                .map(|(s, t)| (s, Some(t)))
+                .collect(),
+        };
+        drop(client);
+        if matches!(op, Op::Ack) {
+            metrics::counter!("queue_acked_total").increment(done.len() as u64);
+        }
+        for (seq, id) in leases {
+            match done.get(&seq) {
+                Some(Some(until)) => {
+                    if let Some(l) = self.in_flight.get_mut(&id) {
+                        l.until = instant_for(*until);
+                    }
+                    outcomes.push((id, Settle::Ok));
+                }
+                Some(None) => {
+                    self.in_flight.remove(&id);
+                    // The slot is free: the session claims again after this
+                    // batch, which also picks up a nacked message or the next
+                    // message of an acked one's key.
+                    outcomes.push((id, Settle::Ok));
+                }
+                None => {
+                    // The database says its lease is over, whatever our clock thought.
+                    self.in_flight.remove(&id);
+                    self.remember_expired(id);
+                    outcomes.push((id, Settle::Expired));
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Ack,
+    Nack(Duration),
+    Extend(Duration),
+}
