@@ -14,6 +14,12 @@ pub mod identity {
     }
 }
 
+pub mod image {
+    pub mod v1 {
+        tonic::include_proto!("image.v1");
+    }
+}
+
 pub mod queue {
     pub mod v1 {
         tonic::include_proto!("queue.v1");

@@ -22,6 +22,29 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How [`serve_with`] tunes the HTTP/2 server; [`ServeOptions::default`] is
+/// what [`serve`] uses.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// The limit on one request handler's run time. A service taking long
+    /// client streams (image uploads) sets `None` and bounds its own waits.
+    pub request_timeout: Option<Duration>,
+    /// HTTP/2 stream and connection flow-control windows, in bytes; `None`
+    /// keeps the protocol default (64 KiB), enough for small messages.
+    pub stream_window: Option<u32>,
+    pub connection_window: Option<u32>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Some(Duration::from_secs(60)),
+            stream_window: None,
+            connection_window: None,
+        }
+    }
+}
+
 /// Serves `routes` with reflection and health until `shutdown` resolves, then
 /// drains in-flight requests. `health_names` are the fully-qualified gRPC
 /// service names reported as SERVING (the empty name always is).
@@ -30,6 +53,24 @@ pub async fn serve(
     health_names: &[&str],
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_with(
+        routes,
+        health_names,
+        listener,
+        shutdown,
+        ServeOptions::default(),
+    )
+    .await
+}
+
+/// [`serve`] with explicit [`ServeOptions`].
+pub async fn serve_with(
+    routes: Routes,
+    health_names: &[&str],
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names {
@@ -46,12 +87,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    Server::builder()
+    let mut server = Server::builder()
         // One span per request, named by its gRPC path.
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         // Bound what one connection can ask of us.
         .max_concurrent_streams(Some(256))
-        .timeout(Duration::from_secs(60))
+        .initial_stream_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window);
+    if let Some(t) = options.request_timeout {
+        server = server.timeout(t);
+    }
+    server
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)

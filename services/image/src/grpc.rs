@@ -1,0 +1,546 @@
+//! The gRPC adapter: reads the caller from the sidecar's trusted headers,
+//! validates every field of every request, turns wire types into domain
+//! types, calls [`Images`], and maps the answer back. Nothing here decides
+//! anything; the domain code does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use proto::image::v1 as pb;
+use time::OffsetDateTime;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::model::*;
+use crate::policy::Caller;
+use crate::service::Images;
+
+pub const MAX_NAME: usize = 255;
+pub const MAX_PROPERTIES: usize = 128;
+pub const MAX_TAGS: usize = 128;
+const MAX_PROPERTY_VALUE: usize = 4096;
+const MAX_PROJECT_ID: usize = 64;
+const DEFAULT_LIMIT: u32 = 25;
+const MAX_LIMIT: u32 = 1000;
+/// Properties that name other images must hold image ids.
+const IMAGE_REF_PROPERTIES: [&str; 2] = ["kernel_id", "ramdisk_id"];
+
+type R<T> = Result<Response<T>, Status>;
+
+#[derive(Clone)]
+pub struct Api {
+    pub images: Images,
+}
+
+// ------------------------------------------------------------- validation
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+fn caller<T>(r: &Request<T>) -> Result<Caller, Status> {
+    let c = Caller::from_metadata(r.metadata());
+    crate::policy::authenticated(&c)?;
+    Ok(c)
+}
+
+fn id(field: &str, s: &str) -> Result<Uuid, Status> {
+    if s.is_empty() {
+        return Err(invalid(format!("{field} is required")));
+    }
+    Uuid::parse_str(s).map_err(|_| invalid(format!("{field} is not a valid id: {:?}", truncate(s))))
+}
+
+/// A display name: may be empty (Glance allows it), at most 255 characters, no control characters.
+fn name(field: &str, s: &str) -> Result<String, Status> {
+    if s.chars().count() > MAX_NAME {
+        return Err(invalid(format!(
+            "{field} is longer than {MAX_NAME} characters"
+        )));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid(format!("{field} contains control characters")));
+    }
+    Ok(s.to_string())
+}
+
+fn project(field: &str, s: &str) -> Result<String, Status> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_PROJECT_ID
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(invalid(format!(
+            "{field} is not a valid project id: {:?}",
+            truncate(s)
+        )))
+    }
+}
+
+fn property_key(k: &str) -> Result<(), Status> {
+    let ok = !k.is_empty()
+        && k.len() <= MAX_NAME
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "property name {:?} must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ - . :",
+            truncate(k)
+        )))
+    }
+}
+
+fn properties(p: HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+    if p.len() > MAX_PROPERTIES {
+        return Err(invalid(format!("at most {MAX_PROPERTIES} properties")));
+    }
+    for (k, v) in &p {
+        property_key(k)?;
+        if v.len() > MAX_PROPERTY_VALUE || v.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "property {k}: the value must be at most {MAX_PROPERTY_VALUE} bytes, no control characters"
+            )));
+        }
+        if IMAGE_REF_PROPERTIES.contains(&k.as_str()) && Uuid::parse_str(v).is_err() {
+            return Err(invalid(format!("property {k} must be an image id")));
+        }
+    }
+    Ok(p.into_iter().collect())
+}
+
+fn tags(t: Vec<String>) -> Result<Vec<String>, Status> {
+    if t.len() > MAX_TAGS {
+        return Err(invalid(format!("at most {MAX_TAGS} tags")));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(t.len());
+    for tag in t {
+        if tag.trim().is_empty()
+            || tag.chars().count() > MAX_NAME
+            || tag.chars().any(char::is_control)
+        {
+            return Err(invalid(format!(
+                "tag {:?} must be 1 to {MAX_NAME} characters, not blank, no control characters",
+                truncate(&tag)
+            )));
+        }
+        if !out.contains(&tag) {
+            out.push(tag);
+        }
+    }
+    Ok(out)
+}
+
+fn sha256(field: &str, s: &str) -> Result<String, Status> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(invalid(format!("{field} must be 64 hex digits")))
+    }
+}
+
+fn disk_format(v: i32) -> Result<DiskFormat, Status> {
+    match pb::DiskFormat::try_from(v) {
+        Ok(pb::DiskFormat::Raw) => Ok(DiskFormat::Raw),
+        Ok(pb::DiskFormat::Qcow2) => Ok(DiskFormat::Qcow2),
+        Ok(pb::DiskFormat::Iso) => Ok(DiskFormat::Iso),
+        Ok(pb::DiskFormat::Aki) => Ok(DiskFormat::Aki),
+        Ok(pb::DiskFormat::Ari) => Ok(DiskFormat::Ari),
+        Ok(pb::DiskFormat::Unspecified) => Err(invalid("disk_format is required")),
+        Err(_) => Err(invalid(format!("unknown disk_format {v}"))),
+    }
+}
+
+fn container_format(v: i32) -> Result<ContainerFormat, Status> {
+    match pb::ContainerFormat::try_from(v) {
+        Ok(pb::ContainerFormat::Bare) => Ok(ContainerFormat::Bare),
+        Ok(pb::ContainerFormat::Ovf) => Ok(ContainerFormat::Ovf),
+        Ok(pb::ContainerFormat::Unspecified) => Err(invalid("container_format is required")),
+        Err(_) => Err(invalid(format!("unknown container_format {v}"))),
+    }
+}
+
+fn visibility(v: i32) -> Result<Option<Visibility>, Status> {
+    match pb::Visibility::try_from(v) {
+        Ok(pb::Visibility::Unspecified) => Ok(None),
+        Ok(pb::Visibility::Private) => Ok(Some(Visibility::Private)),
+        Ok(pb::Visibility::Shared) => Ok(Some(Visibility::Shared)),
+        Ok(pb::Visibility::Community) => Ok(Some(Visibility::Community)),
+        Ok(pb::Visibility::Public) => Ok(Some(Visibility::Public)),
+        Err(_) => Err(invalid(format!("unknown visibility {v}"))),
+    }
+}
+
+fn status(v: i32) -> Result<Option<Status_>, Status> {
+    match pb::Status::try_from(v) {
+        Ok(pb::Status::Unspecified) => Ok(None),
+        Ok(pb::Status::Queued) => Ok(Some(Status_::Queued)),
+        Ok(pb::Status::Saving) => Ok(Some(Status_::Saving)),
+        Ok(pb::Status::Active) => Ok(Some(Status_::Active)),
+        Ok(pb::Status::Killed) => Ok(Some(Status_::Killed)),
+        Ok(pb::Status::Deactivated) => Ok(Some(Status_::Deactivated)),
+        Err(_) => Err(invalid(format!("unknown status {v}"))),
+    }
+}
+
+use crate::model::Status as Status_;
+
+fn member_status(v: i32) -> Result<Option<MemberStatus>, Status> {
+    match pb::MemberStatus::try_from(v) {
+        Ok(pb::MemberStatus::Unspecified) => Ok(None),
+        Ok(pb::MemberStatus::Pending) => Ok(Some(MemberStatus::Pending)),
+        Ok(pb::MemberStatus::Accepted) => Ok(Some(MemberStatus::Accepted)),
+        Ok(pb::MemberStatus::Rejected) => Ok(Some(MemberStatus::Rejected)),
+        Err(_) => Err(invalid(format!("unknown member status {v}"))),
+    }
+}
+
+fn sort_key(v: i32) -> Result<SortKey, Status> {
+    match pb::SortKey::try_from(v) {
+        Ok(pb::SortKey::Unspecified | pb::SortKey::CreatedAt) => Ok(SortKey::CreatedAt),
+        Ok(pb::SortKey::UpdatedAt) => Ok(SortKey::UpdatedAt),
+        Ok(pb::SortKey::Name) => Ok(SortKey::Name),
+        Ok(pb::SortKey::Size) => Ok(SortKey::Size),
+        Ok(pb::SortKey::Status) => Ok(SortKey::Status),
+        Err(_) => Err(invalid(format!("unknown sort_key {v}"))),
+    }
+}
+
+fn min_value(field: &str, v: u32) -> Result<u32, Status> {
+    if v > i32::MAX as u32 {
+        Err(invalid(format!("{field} is too large")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn size_value(field: &str, v: u64) -> Result<u64, Status> {
+    if v > i64::MAX as u64 {
+        Err(invalid(format!("{field} is too large")))
+    } else {
+        Ok(v)
+    }
+}
+
+// ----------------------------------------------------------- conversions
+
+fn ts(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+fn image_pb(i: Image) -> pb::Image {
+    pb::Image {
+        id: i.id.to_string(),
+        name: i.name,
+        status: match i.status {
+            Status_::Queued => pb::Status::Queued,
+            Status_::Saving => pb::Status::Saving,
+            Status_::Active => pb::Status::Active,
+            Status_::Killed => pb::Status::Killed,
+            Status_::Deactivated => pb::Status::Deactivated,
+        } as i32,
+        disk_format: match i.disk_format {
+            DiskFormat::Raw => pb::DiskFormat::Raw,
+            DiskFormat::Qcow2 => pb::DiskFormat::Qcow2,
+            DiskFormat::Iso => pb::DiskFormat::Iso,
+            DiskFormat::Aki => pb::DiskFormat::Aki,
+            DiskFormat::Ari => pb::DiskFormat::Ari,
+        } as i32,
+        container_format: match i.container_format {
+            ContainerFormat::Bare => pb::ContainerFormat::Bare,
+            ContainerFormat::Ovf => pb::ContainerFormat::Ovf,
+        } as i32,
+        visibility: visibility_pb(i.visibility) as i32,
+        owner: i.owner,
+        min_disk: i.min_disk,
+        min_ram: i.min_ram,
+        protected: i.protected,
+        properties: i.properties.into_iter().collect(),
+        tags: i.tags,
+        size: i.size,
+        sha256: i.sha256,
+        expected_size: i.expected_size,
+        expected_sha256: i.expected_sha256,
+        created_at: Some(ts(i.created_at)),
+        updated_at: Some(ts(i.updated_at)),
+    }
+}
+
+fn visibility_pb(v: Visibility) -> pb::Visibility {
+    match v {
+        Visibility::Private => pb::Visibility::Private,
+        Visibility::Shared => pb::Visibility::Shared,
+        Visibility::Community => pb::Visibility::Community,
+        Visibility::Public => pb::Visibility::Public,
+    }
+}
+
+fn member_pb(m: Member) -> pb::Member {
+    pb::Member {
+        image_id: m.image_id.to_string(),
+        member_id: m.member,
+        status: match m.status {
+            MemberStatus::Pending => pb::MemberStatus::Pending,
+            MemberStatus::Accepted => pb::MemberStatus::Accepted,
+            MemberStatus::Rejected => pb::MemberStatus::Rejected,
+        } as i32,
+        created_at: Some(ts(m.created_at)),
+        updated_at: Some(ts(m.updated_at)),
+    }
+}
+
+fn quota_pb(q: Quota) -> pb::Quota {
+    pb::Quota {
+        project_id: q.project_id,
+        max_bytes: q.limits.max_bytes,
+        max_images: q.limits.max_images,
+        used_bytes: q.used_bytes,
+        used_images: q.used_images,
+    }
+}
+
+// ------------------------------------------------------------------ API
+
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::images_server::Images for Api {
+    async fn create_image(&self, r: Request<pb::CreateImageRequest>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let m = r.into_inner();
+        let new = NewImage {
+            name: name("name", &m.name)?,
+            disk_format: disk_format(m.disk_format)?,
+            container_format: container_format(m.container_format)?,
+            visibility: visibility(m.visibility)?.unwrap_or(Visibility::Private),
+            min_disk: min_value("min_disk", m.min_disk)?,
+            min_ram: min_value("min_ram", m.min_ram)?,
+            protected: m.protected,
+            properties: properties(m.properties)?,
+            tags: tags(m.tags)?,
+            expected_size: m
+                .expected_size
+                .map(|s| size_value("expected_size", s))
+                .transpose()?,
+            expected_sha256: sha256("expected_sha256", &m.expected_sha256)?,
+        };
+        let image = self.images.create(&c, new).await?;
+        Ok(Response::new(image_pb(image)))
+    }
+
+    async fn upload(&self, r: Request<Streaming<pb::UploadRequest>>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let mut stream = r.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| invalid("an upload needs at least one message, naming the image"))?;
+        let image_id = id("image_id", &first.image_id)?;
+        let expected = first.image_id.clone();
+        let first_data = futures_util::stream::once(async move { Ok(first.data) });
+        let rest = stream.map(move |m| match m {
+            Ok(m) if m.image_id.is_empty() || m.image_id == expected => Ok(m.data),
+            Ok(_) => Err(Error::Aborted(
+                "every message of an upload must name the same image".into(),
+            )),
+            // The client reset the stream or the connection died.
+            Err(s) => Err(Error::Aborted(format!(
+                "the upload stream failed: {}",
+                s.message()
+            ))),
+        });
+        let data = Box::pin(first_data.chain(rest));
+        let image = self.images.upload(c, image_id, data).await?;
+        Ok(Response::new(image_pb(image)))
+    }
+
+    type DownloadStream = DownloadStream;
+
+    async fn download(&self, r: Request<pb::DownloadRequest>) -> R<Self::DownloadStream> {
+        let c = caller(&r)?;
+        let m = r.into_inner();
+        let image_id = id("image_id", &m.image_id)?;
+        let (_, rx) = self
+            .images
+            .download(&c, image_id, m.offset, m.length)
+            .await?;
+        let stream = ReceiverStream::new(rx).map(|chunk| {
+            chunk
+                .map(|data| pb::DownloadResponse { data })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_image(&self, r: Request<pb::GetImageRequest>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let image_id = id("id", &r.get_ref().id)?;
+        Ok(Response::new(image_pb(
+            self.images.get(&c, image_id).await?,
+        )))
+    }
+
+    async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> R<pb::ListImagesResponse> {
+        let c = caller(&r)?;
+        let m = r.into_inner();
+        let limit = match m.limit {
+            0 => DEFAULT_LIMIT,
+            n if n > MAX_LIMIT => return Err(invalid(format!("limit is at most {MAX_LIMIT}"))),
+            n => n,
+        };
+        let marker = if m.marker.is_empty() {
+            None
+        } else {
+            Some(id("marker", &m.marker)?)
+        };
+        let filter = ListFilter {
+            name: m.name.as_deref().map(|n| name("name", n)).transpose()?,
+            status: status(m.status)?,
+            visibility: visibility(m.visibility)?,
+            owner: m
+                .owner
+                .as_deref()
+                .map(|o| project("owner", o))
+                .transpose()?,
+            tags: tags(m.tags)?,
+            properties: properties(m.properties)?,
+            member_status: member_status(m.member_status)?.unwrap_or(MemberStatus::Accepted),
+            sort_key: sort_key(m.sort_key)?,
+            ascending: m.ascending,
+            marker,
+            limit,
+        };
+        let (images, next) = self.images.list(&c, filter).await?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.into_iter().map(image_pb).collect(),
+            next_marker: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn update_image(&self, r: Request<pb::UpdateImageRequest>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let m = r.into_inner();
+        let image_id = id("id", &m.id)?;
+        for k in &m.remove_properties {
+            property_key(k)?;
+        }
+        let update = ImageUpdate {
+            name: m.name.as_deref().map(|n| name("name", n)).transpose()?,
+            set_properties: properties(m.set_properties)?,
+            remove_properties: m.remove_properties,
+            tags: m.tags.map(|t| tags(t.tags)).transpose()?,
+            visibility: visibility(m.visibility)?,
+            protected: m.protected,
+            min_disk: m.min_disk.map(|v| min_value("min_disk", v)).transpose()?,
+            min_ram: m.min_ram.map(|v| min_value("min_ram", v)).transpose()?,
+        };
+        Ok(Response::new(image_pb(
+            self.images.update(&c, image_id, update).await?,
+        )))
+    }
+
+    async fn delete_image(&self, r: Request<pb::DeleteImageRequest>) -> R<pb::DeleteImageResponse> {
+        let c = caller(&r)?;
+        let image_id = id("id", &r.get_ref().id)?;
+        self.images.delete(&c, image_id).await?;
+        Ok(Response::new(pb::DeleteImageResponse {}))
+    }
+
+    async fn deactivate_image(&self, r: Request<pb::ImageRef>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let image_id = id("id", &r.get_ref().id)?;
+        Ok(Response::new(image_pb(
+            self.images.deactivate(&c, image_id).await?,
+        )))
+    }
+
+    async fn reactivate_image(&self, r: Request<pb::ImageRef>) -> R<pb::Image> {
+        let c = caller(&r)?;
+        let image_id = id("id", &r.get_ref().id)?;
+        Ok(Response::new(image_pb(
+            self.images.reactivate(&c, image_id).await?,
+        )))
+    }
+
+    async fn add_member(&self, r: Request<pb::AddMemberRequest>) -> R<pb::Member> {
+        let c = caller(&r)?;
+        let image_id = id("image_id", &r.get_ref().image_id)?;
+        let member = project("member_id", &r.get_ref().member_id)?;
+        Ok(Response::new(member_pb(
+            self.images.add_member(&c, image_id, member).await?,
+        )))
+    }
+
+    async fn update_member(&self, r: Request<pb::UpdateMemberRequest>) -> R<pb::Member> {
+        let c = caller(&r)?;
+        let m = r.get_ref();
+        let image_id = id("image_id", &m.image_id)?;
+        let member = project("member_id", &m.member_id)?;
+        let status = member_status(m.status)?.ok_or_else(|| invalid("status is required"))?;
+        Ok(Response::new(member_pb(
+            self.images
+                .update_member(&c, image_id, member, status)
+                .await?,
+        )))
+    }
+
+    async fn remove_member(
+        &self,
+        r: Request<pb::RemoveMemberRequest>,
+    ) -> R<pb::RemoveMemberResponse> {
+        let c = caller(&r)?;
+        let image_id = id("image_id", &r.get_ref().image_id)?;
+        let member = project("member_id", &r.get_ref().member_id)?;
+        self.images.remove_member(&c, image_id, member).await?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
+    async fn list_members(&self, r: Request<pb::ListMembersRequest>) -> R<pb::ListMembersResponse> {
+        let c = caller(&r)?;
+        let image_id = id("image_id", &r.get_ref().image_id)?;
+        let members = self.images.list_members(&c, image_id).await?;
+        Ok(Response::new(pb::ListMembersResponse {
+            members: members.into_iter().map(member_pb).collect(),
+        }))
+    }
+
+    async fn get_quota(&self, r: Request<pb::GetQuotaRequest>) -> R<pb::Quota> {
+        let c = caller(&r)?;
+        let p = &r.get_ref().project_id;
+        let p = if p.is_empty() {
+            None
+        } else {
+            Some(project("project_id", p)?)
+        };
+        Ok(Response::new(quota_pb(self.images.quota(&c, p).await?)))
+    }
+
+    async fn set_quota(&self, r: Request<pb::SetQuotaRequest>) -> R<pb::Quota> {
+        let c = caller(&r)?;
+        let m = r.get_ref();
+        let p = project("project_id", &m.project_id)?;
+        let limits = Limits {
+            max_bytes: size_value("max_bytes", m.max_bytes)?,
+            max_images: size_value("max_images", m.max_images)?,
+        };
+        Ok(Response::new(quota_pb(
+            self.images.set_quota(&c, p, limits).await?,
+        )))
+    }
+}

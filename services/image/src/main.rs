@@ -1,0 +1,68 @@
+//! `image`: serve the image service, or check its health.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use image::Config;
+
+#[derive(Parser)]
+#[command(name = "image", version, about = "Cirrus image service (Glance)")]
+struct Cli {
+    /// TOML config file; CIRRUS_* environment variables override it.
+    #[arg(long, short, global = true, env = "CIRRUS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (the default).
+    Serve,
+    /// Exit 0 if the service at ADDR (default: the configured listen address) is serving.
+    Healthcheck { addr: Option<SocketAddr> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config: Config = match runtime::config::load(cli.config.as_deref())
+        .and_then(|c: Config| c.validate().map(|()| c))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("image: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("image: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(async_main(cli.command.unwrap_or(Command::Serve), config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("image: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let _telemetry = runtime::telemetry::init("image", config.metrics_listen)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            image::run(config, listener, runtime::serve::shutdown_signal()).await
+        }
+        Command::Healthcheck { addr } => runtime::serve::healthcheck(addr.unwrap_or(config.listen))
+            .await
+            .map_err(anyhow::Error::msg),
+    }
+}
