@@ -264,20 +264,28 @@ pub async fn list_images(
 
     if let Viewer::Project(project) = viewer {
         // A project-less caller is compared with '' which owns nothing.
-        let p = param(Box::new(project.unwrap_or("").to_string()));
-        let ms = param(Box::new(f.member_status.as_str()));
-        let member = format!(
-            "EXISTS (SELECT 1 FROM image_members m WHERE m.image_id = images.id \
-             AND m.member = {p} AND m.status = {ms})"
-        );
-        clauses.push(match f.visibility {
-            None => format!(
-                "(owner = {p} OR visibility = 'public' OR (visibility = 'shared' AND {member}))"
-            ),
-            Some(Visibility::Public | Visibility::Community) => "true".into(),
-            Some(Visibility::Private) => format!("owner = {p}"),
-            Some(Visibility::Shared) => format!("(owner = {p} OR {member})"),
-        });
+        let project = project.unwrap_or("").to_string();
+        match f.visibility {
+            Some(Visibility::Public | Visibility::Community) => {}
+            Some(Visibility::Private) => {
+                clauses.push(format!("owner = {}", param(Box::new(project))));
+            }
+            None | Some(Visibility::Shared) => {
+                let p = param(Box::new(project));
+                let ms = param(Box::new(f.member_status.as_str()));
+                let member = format!(
+                    "EXISTS (SELECT 1 FROM image_members m WHERE m.image_id = images.id \
+                     AND m.member = {p} AND m.status = {ms})"
+                );
+                clauses.push(if f.visibility.is_none() {
+                    format!(
+                        "(owner = {p} OR visibility = 'public' OR (visibility = 'shared' AND {member}))"
+                    )
+                } else {
+                    format!("(owner = {p} OR {member})")
+                });
+            }
+        }
     }
     if let Some(v) = f.visibility {
         clauses.push(format!("visibility = {}", param(Box::new(v.as_str()))));

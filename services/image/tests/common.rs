@@ -1,0 +1,333 @@
+//! A real image server for one test: its own Postgres database, its own
+//! store directory, an ephemeral port on loopback. Tests act as the sidecar:
+//! they set the trusted `x-cirrus-*` headers of the caller they play.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use image::{Config, Images};
+use proto::image::v1 as pb;
+use proto::image::v1::images_client::ImagesClient;
+use runtime::caller::Caller;
+use runtime::db::TestDatabase;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+pub const PROJECT_A: &str = "0a0a0a0a0a0a4a0a8a0a0a0a0a0a0a0a";
+pub const PROJECT_B: &str = "0b0b0b0b0b0b4b0b8b0b0b0b0b0b0b0b";
+pub const ADMIN_PROJECT: &str = "0d0d0d0d0d0d4d0d8d0d0d0d0d0d0d0d";
+
+/// A member (role `member`) of project A: the owner of the test images.
+pub fn owner() -> Caller {
+    caller("alice", PROJECT_A, &["member", "reader"], false)
+}
+/// A reader of project A: may look, may not change.
+pub fn reader() -> Caller {
+    caller("rita", PROJECT_A, &["reader"], false)
+}
+/// A member of project B: an outsider to project A's images.
+pub fn other() -> Caller {
+    caller("bob", PROJECT_B, &["member", "reader"], false)
+}
+/// A cloud administrator.
+pub fn admin() -> Caller {
+    caller("root", ADMIN_PROJECT, &["admin", "member", "reader"], true)
+}
+/// No identity: what arrives when something bypasses the sidecar.
+pub fn nobody() -> Caller {
+    Caller::default()
+}
+
+pub fn caller(user: &str, project: &str, roles: &[&str], is_admin: bool) -> Caller {
+    Caller {
+        user_id: Some(format!("{user}-id")),
+        user_name: Some(user.into()),
+        project_id: Some(project.into()),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        audit_id: Some("audit".into()),
+        is_admin,
+        peer: Some("external".into()),
+    }
+}
+
+/// A request carrying `who`'s identity as the sidecar would set it.
+pub fn req<T>(msg: T, who: &Caller) -> Request<T> {
+    let mut r = Request::new(msg);
+    who.to_metadata(r.metadata_mut());
+    r
+}
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub images: Images,
+    pub channel: Channel,
+    pub config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub store: tempfile::TempDir,
+    pub db: TestDatabase,
+}
+
+pub fn test_config(db: &TestDatabase, store: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.url.clone(),
+        db_pool_size: 4,
+        store_dir: store.to_path_buf(),
+        ..Config::default()
+    }
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDatabase::create()
+            .await
+            .expect("test database (is Postgres running?)");
+        let store = tempfile::tempdir().unwrap();
+        let mut config = test_config(&db, &store.path().join("store"));
+        tweak(&mut config);
+        Self::serve(db, store, config).await
+    }
+
+    /// Serves (again) on an existing database and store: a restart.
+    pub async fn serve(db: TestDatabase, store: tempfile::TempDir, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let images = Images::start(config.clone()).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = images.clone();
+        let task = tokio::spawn(async move {
+            image::serve(served, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        Self {
+            addr,
+            images,
+            channel,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            store,
+            db,
+        }
+    }
+
+    /// Stops serving (bounded) and hands back the database and store.
+    pub async fn stop(mut self) -> (TestDatabase, tempfile::TempDir, Config) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("server drained within 20 s")
+                .unwrap();
+        }
+        (self.db, self.store, self.config)
+    }
+
+    pub fn client(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(self.channel.clone())
+            .max_decoding_message_size(8 * 1024 * 1024)
+            .max_encoding_message_size(8 * 1024 * 1024)
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.config.store_dir.clone()
+    }
+
+    /// Every file in the store (images/ and tmp/).
+    pub fn store_files(&self) -> Vec<PathBuf> {
+        store_files(&self.config.store_dir)
+    }
+
+    pub async fn create(
+        &self,
+        who: &Caller,
+        m: pb::CreateImageRequest,
+    ) -> Result<pb::Image, tonic::Status> {
+        self.client()
+            .create_image(req(m, who))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// A queued raw/bare image of `who`'s project.
+    pub async fn create_raw(&self, who: &Caller, name: &str) -> pb::Image {
+        self.create(who, raw(name)).await.unwrap()
+    }
+
+    pub async fn get(&self, who: &Caller, id: &str) -> Result<pb::Image, tonic::Status> {
+        self.client()
+            .get_image(req(pb::GetImageRequest { id: id.into() }, who))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn upload(
+        &self,
+        who: &Caller,
+        id: &str,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<pb::Image, tonic::Status> {
+        let msgs = upload_messages(id, data, chunk);
+        self.client()
+            .upload(req(tokio_stream::iter(msgs), who))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn download(
+        &self,
+        who: &Caller,
+        id: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut s = self
+            .client()
+            .download(req(
+                pb::DownloadRequest {
+                    image_id: id.into(),
+                    offset,
+                    length,
+                },
+                who,
+            ))
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("a download chunk within 30 s")?
+        {
+            assert!(
+                m.data.len() <= 1024 * 1024,
+                "chunk of {} bytes",
+                m.data.len()
+            );
+            out.extend_from_slice(&m.data);
+        }
+        Ok(out)
+    }
+}
+
+pub fn store_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in ["images", "tmp"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            out.extend(rd.map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+pub fn raw(name: &str) -> pb::CreateImageRequest {
+    pb::CreateImageRequest {
+        name: name.into(),
+        disk_format: pb::DiskFormat::Raw as i32,
+        container_format: pb::ContainerFormat::Bare as i32,
+        ..Default::default()
+    }
+}
+
+pub fn upload_messages(id: &str, data: &[u8], chunk: usize) -> Vec<pb::UploadRequest> {
+    let mut msgs: Vec<pb::UploadRequest> = data
+        .chunks(chunk.max(1))
+        .map(|c| pb::UploadRequest {
+            image_id: String::new(),
+            data: c.to_vec(),
+        })
+        .collect();
+    if msgs.is_empty() {
+        msgs.push(pb::UploadRequest::default());
+    }
+    msgs[0].image_id = id.into();
+    msgs
+}
+
+/// Deterministic bytes that are not a known image header.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed as u64) as u8
+                ^ (i >> 12) as u8
+        })
+        .map(|b| if b == b'Q' { b'q' } else { b })
+        .collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) -> tonic::Status {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "status: {s:?}");
+            s
+        }
+    }
+}
+
+pub fn status_of(i: &pb::Image) -> pb::Status {
+    pb::Status::try_from(i.status).unwrap()
+}
+
+/// A TCP relay between a client and the server, whose connections can be
+/// cut at once: what the server sees when a client process dies.
+pub struct Relay {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// Closes every relayed connection (both sides) and stops accepting.
+    pub fn cut(self) {
+        self.task.abort();
+    }
+}
