@@ -331,3 +331,90 @@ impl Relay {
         self.task.abort();
     }
 }
+
+/// The real `image` binary as a child process, configured through the
+/// environment as an operator would.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub store_dir: PathBuf,
+}
+
+impl Process {
+    /// Starts `image serve` on a free loopback port and waits (bounded) for health.
+    pub async fn start(db_url: &str, store_dir: &Path) -> Self {
+        // Reserve a free port, release it, hand it to the child.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image"))
+            .arg("serve")
+            .env_remove("CIRRUS_CONFIG")
+            .env("CIRRUS_LISTEN", addr.to_string())
+            .env("CIRRUS_METRICS_LISTEN", "127.0.0.1:0")
+            .env("CIRRUS_DATABASE_URL", db_url)
+            .env("CIRRUS_DB_POOL_SIZE", "4")
+            .env("CIRRUS_STORE_DIR", store_dir)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the image binary starts");
+        let p = Self {
+            child,
+            addr,
+            store_dir: store_dir.to_path_buf(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while runtime::serve::healthcheck(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the image binary did not become healthy within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the child is running")
+    }
+
+    pub fn client(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect_lazy(),
+        )
+        .max_decoding_message_size(8 * 1024 * 1024)
+    }
+
+    /// (VmHWM, VmRSS) of the child in KiB, from /proc/<pid>/status.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        memory_kib(self.pid())
+    }
+
+    /// SIGKILL: a crash, no clean-up of any kind.
+    pub async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the child died within 20 s")
+            .unwrap();
+    }
+}
+
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
