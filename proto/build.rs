@@ -8,8 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     collect_protos(root, &mut files)?;
     files.sort();
-    for f in &files {
-        println!("cargo:rerun-if-changed={}", f.display());
+    // Watch the folders, not only the files, so a new .proto is picked up.
+    for entry in std::fs::read_dir(root)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.ends_with("src") {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
     }
 
     let fds = protox::compile(&files, [root])?;

@@ -19,7 +19,7 @@ pub enum DbError {
     /// schema and role names are plain identifiers
     #[error("invalid schema name {0:?}: use lower-case letters, digits and _")]
     Schema(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("database pool error: {0}")]
     Pool(String),
@@ -30,6 +30,14 @@ pub enum DbError {
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         DbError::Pool(e.to_string())
+    }
+}
+
+/// A Postgres error with the server's own message, which `Display` leaves out.
+pub fn detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 
@@ -76,12 +84,20 @@ pub fn pool(url: &str, schema: &str, max_size: usize) -> Result<Pool, DbError> {
 /// Migrations are recorded in `<schema>.refinery_schema_history`.
 pub async fn migrate(pool: &Pool, schema: &str, runner: refinery::Runner) -> Result<(), DbError> {
     let mut client = pool.get().await?;
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            check_ident(schema)?
-        ))
-        .await?;
+    // A service role owns its schema but may not create schemas in the
+    // database, so only create it when it is missing (tests, dev superuser).
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                check_ident(schema)?
+            ))
+            .await?;
+    }
     let client: &mut tokio_postgres::Client = &mut client;
     runner
         .run_async(client)
@@ -115,9 +131,19 @@ pub async fn provision(admin_url: &str, service_schema: &str) -> Result<String, 
         .await?
         .is_some();
     if !exists {
-        client
+        // Another provisioner may create the role at the same moment; that is fine.
+        if let Err(e) = client
             .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
-            .await?;
+            .await
+        {
+            let raced = client
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+                .await?
+                .is_some();
+            if !raced {
+                return Err(e.into());
+            }
+        }
     }
     client
         .batch_execute(&format!(

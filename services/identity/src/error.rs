@@ -32,7 +32,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
-        Error::Internal(format!("database: {e}"))
+        Error::Internal(format!("database: {}", runtime::db::detail(&e)))
     }
 }
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run every test: unit, integration (real Postgres, real servers on ephemeral
+# ports) and end-to-end (the real binaries), plus format and lint checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo nextest run --workspace --no-fail-fast "$@"
