@@ -38,7 +38,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
-        Error::Internal(format!("database: {e}"))
+        // No SQLSTATE: the connection broke or timed out, which a retry may cure.
+        if e.is_closed() || e.code().is_none() {
+            Error::Unavailable(format!("database: {e}"))
+        } else {
+            Error::Internal(format!("database: {e}"))
+        }
     }
 }
 

@@ -599,17 +599,14 @@ impl Session {
 
     async fn claim(&mut self, n: usize) -> Result<Vec<Delivery>> {
         let mut client = self.queue.inner.pool.get().await?;
-        let tx = client.transaction().await?;
-        let got = repo::claim(
-            &tx,
-            self.group_id,
-            &self.group,
-            &self.topic,
-            n as i64,
-            self.lease,
-        )
-        .await?;
-        tx.commit().await?;
+        let (got, dead) =
+            repo::claim(&client, self.group_id, &self.topic, n as i64, self.lease).await?;
+        if !dead.is_empty() {
+            let tx = client.transaction().await?;
+            repo::dead_letter(&tx, self.group_id, &self.group, &self.topic, &dead).await?;
+            tx.commit().await?;
+            metrics::counter!("queue_dead_lettered_total").increment(dead.len() as u64);
+        }
         metrics::counter!("queue_delivered_total").increment(got.len() as u64);
         for d in &got {
             self.in_flight.insert(

@@ -505,3 +505,36 @@ async fn the_client_library_casts_consumes_and_carries_the_trace() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn undelivered_messages_expire_after_the_topic_ttl() {
+    let s = Server::start().await;
+    s.topics()
+        .create_topic(pb::CreateTopicRequest {
+            name: "ephemeral".into(),
+            settings: Some(pb::TopicSettings {
+                ttl_secs: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut c = s.consumer("ephemeral", "g", 1, 60_000).await;
+    s.publish("ephemeral", &["held", "waiting"]).await;
+    let held = c.next().await;
+    // The waiting one expires (the sweeper runs every second in tests); the
+    // leased one is not taken from its consumer.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let st = s.stats("ephemeral").await;
+        if st.depth == 0 {
+            assert_eq!(st.in_flight, 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.ack(&held.delivery_id).await.code, 0);
+    assert!(c.next_within(Duration::from_millis(300)).await.is_none());
+    s.stop().await;
+}
