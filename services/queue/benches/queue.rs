@@ -97,7 +97,7 @@ impl Cirrus {
             &cfg,
             format!(
                 "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-                 database_url = \"{}\"\ndb_pool_size = 16\ncommitters = 2\n\
+                 database_url = \"{}\"\ndb_pool_size = 16\n\
                  trust_direct_callers = true\n",
                 db.url
             ),

@@ -181,6 +181,25 @@ pub struct Insert<'a> {
 /// Inserts messages with their deliveries for every group of their topics,
 /// and queues a wake-up for each topic (sent by Postgres at commit).
 pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Result<()> {
+    insert_pipelined(&**tx, msgs, false).await
+}
+
+/// Publishes `msgs` in one round trip on a connection outside any
+/// transaction: `BEGIN`, lock, insert, `COMMIT` are pipelined. On error the
+/// transaction is rolled back before returning.
+pub async fn publish_in_one_trip(c: &deadpool_postgres::Client, msgs: &[Insert<'_>]) -> Result<()> {
+    let r = insert_pipelined(&***c, msgs, true).await;
+    if r.is_err() {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    r
+}
+
+async fn insert_pipelined(
+    tx: &impl tokio_postgres::GenericClient,
+    msgs: &[Insert<'_>],
+    own_transaction: bool,
+) -> Result<()> {
     if msgs.is_empty() {
         return Ok(());
     }
@@ -188,7 +207,7 @@ pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Resul
     topics.sort_unstable();
     topics.dedup();
     let lock = tx
-        .prepare_cached(
+        .prepare(
             "SELECT pg_advisory_xact_lock_shared($1, id), pg_notify($2, id::text) \
              FROM unnest($3::int[]) id ORDER BY id",
         )
@@ -200,7 +219,7 @@ pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Resul
     let headers: Vec<&serde_json::Value> = msgs.iter().map(|m| &m.headers).collect();
     let keys: Vec<Option<&str>> = msgs.iter().map(|m| m.key).collect();
     let insert = tx
-        .prepare_cached(
+        .prepare(
             "WITH m AS ( \
                INSERT INTO messages (topic_id, id, payload, headers, key) \
                SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
@@ -215,12 +234,52 @@ pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Resul
         [&LOCK_CLASS, &WAKE_CHANNEL, &topics];
     let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&topic_ids, &ids, &payloads, &headers, &keys];
+    let begin = async {
+        if own_transaction {
+            tx.batch_execute("BEGIN").await
+        } else {
+            Ok(())
+        }
+    };
+    let commit = async {
+        if own_transaction {
+            tx.batch_execute("COMMIT").await
+        } else {
+            Ok(())
+        }
+    };
     futures_util::try_join!(
+        begin,
         tx.execute(&lock, &lock_params),
         tx.execute(&insert, &insert_params),
+        commit,
     )
     .map_err(|e| constraint(e, "topic"))?;
     Ok(())
+}
+
+/// Runs one statement in a transaction that does not wait for its WAL
+/// flush (`synchronous_commit = off`), pipelined in one round trip. For
+/// consumer bookkeeping only (leases, acks, nacks): a crash may forget the
+/// last few, which means a redelivery, which at-least-once allows. Publishes
+/// never go this way.
+async fn relaxed(
+    c: &deadpool_postgres::Client,
+    st: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>> {
+    let r = futures_util::try_join!(
+        c.batch_execute("BEGIN; SET LOCAL synchronous_commit TO OFF"),
+        c.query(st, params),
+        c.batch_execute("COMMIT"),
+    );
+    match r {
+        Ok((_, rows, _)) => Ok(rows),
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            Err(e.into())
+        }
+    }
 }
 
 /// Records idempotency ids: returns, for each (topic, id) already seen within
@@ -303,7 +362,7 @@ pub fn headers_to_json(h: &BTreeMap<String, String>) -> serde_json::Value {
 /// deliveries to send and those past `max_attempts`, which the caller moves
 /// to the dead-letter topic with [`dead_letter`].
 pub async fn claim(
-    c: &impl GenericClient,
+    c: &deadpool_postgres::Client,
     group_id: i32,
     topic: &Topic,
     limit: i64,
@@ -312,7 +371,7 @@ pub async fn claim(
     let st = c
         .prepare_cached(
             "WITH c AS ( \
-               SELECT d.seq FROM deliveries d \
+               SELECT d.ctid FROM deliveries d \
                WHERE d.group_id = $1 AND d.visible_at <= now() \
                  AND (d.key IS NULL OR NOT EXISTS ( \
                    SELECT 1 FROM deliveries e \
@@ -322,13 +381,13 @@ pub async fn claim(
              UPDATE deliveries d \
                SET attempts = d.attempts + 1, lease_token = gen_random_uuid(), \
                    visible_at = clock_timestamp() + make_interval(secs => $3::float8 / 1000) \
-             FROM c, messages m \
-             WHERE d.group_id = $1 AND d.seq = c.seq AND m.seq = d.seq \
+             FROM messages m \
+             WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM c)) AND m.seq = d.seq \
              RETURNING d.seq, d.attempts, d.lease_token, d.visible_at, \
                        m.id, m.payload, m.headers, m.key, m.published_at",
         )
         .await?;
-    let rows = c.query(&st, &[&group_id, &limit, &millis(lease)]).await?;
+    let rows = relaxed(c, &st, &[&group_id, &limit, &millis(lease)]).await?;
     let mut out = Vec::with_capacity(rows.len());
     let mut dead = Vec::new();
     for r in rows {
@@ -411,78 +470,85 @@ pub async fn dead_letter(
 }
 
 /// Acks: deletes the deliveries whose lease is current. Returns the seqs done.
+///
+/// Leases are (seq, token) pairs; matching each column with `= ANY` keeps
+/// the plan on the primary key, and is exact because a token names one lease
+/// of one row.
 pub async fn ack(
-    c: &impl GenericClient,
+    c: &deadpool_postgres::Client,
     group_id: i32,
     leases: &[(i64, Uuid)],
 ) -> Result<Vec<i64>> {
-    let seqs: Vec<i64> = leases.iter().map(|l| l.0).collect();
-    let tokens: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    let (seqs, tokens) = split(leases);
     let st = c
         .prepare_cached(
-            "DELETE FROM deliveries d USING unnest($2::bigint[], $3::uuid[]) AS a(seq, token) \
-             WHERE d.group_id = $1 AND d.seq = a.seq AND d.lease_token = a.token \
+            "DELETE FROM deliveries d \
+             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
                AND d.visible_at > now() \
              RETURNING d.seq",
         )
         .await?;
-    Ok(c.query(&st, &[&group_id, &seqs, &tokens])
+    Ok(relaxed(c, &st, &[&group_id, &seqs, &tokens])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+fn split(leases: &[(i64, Uuid)]) -> (Vec<i64>, Vec<Uuid>) {
+    leases.iter().copied().unzip()
 }
 
 /// Nacks: ends the leases now; the messages come back after `delay`.
 pub async fn nack(
-    c: &impl GenericClient,
+    c: &deadpool_postgres::Client,
     group_id: i32,
     leases: &[(i64, Uuid)],
     delay: Duration,
 ) -> Result<Vec<i64>> {
-    let seqs: Vec<i64> = leases.iter().map(|l| l.0).collect();
-    let tokens: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    let (seqs, tokens) = split(leases);
     let st = c
         .prepare_cached(
             "UPDATE deliveries d SET lease_token = NULL, \
                visible_at = now() + make_interval(secs => $4::float8 / 1000) \
-             FROM unnest($2::bigint[], $3::uuid[]) AS a(seq, token) \
-             WHERE d.group_id = $1 AND d.seq = a.seq AND d.lease_token = a.token \
+             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
                AND d.visible_at > now() \
              RETURNING d.seq",
         )
         .await?;
-    Ok(c.query(&st, &[&group_id, &seqs, &tokens, &millis(delay)])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    Ok(
+        relaxed(c, &st, &[&group_id, &seqs, &tokens, &millis(delay)])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    )
 }
 
 /// Extends current leases to `lease` from now. Returns (seq, new end).
 pub async fn extend(
-    c: &impl GenericClient,
+    c: &deadpool_postgres::Client,
     group_id: i32,
     leases: &[(i64, Uuid)],
     lease: Duration,
 ) -> Result<Vec<(i64, OffsetDateTime)>> {
-    let seqs: Vec<i64> = leases.iter().map(|l| l.0).collect();
-    let tokens: Vec<Uuid> = leases.iter().map(|l| l.1).collect();
+    let (seqs, tokens) = split(leases);
     let st = c
         .prepare_cached(
             "UPDATE deliveries d \
                SET visible_at = clock_timestamp() + make_interval(secs => $4::float8 / 1000) \
-             FROM unnest($2::bigint[], $3::uuid[]) AS a(seq, token) \
-             WHERE d.group_id = $1 AND d.seq = a.seq AND d.lease_token = a.token \
+             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
                AND d.visible_at > now() \
              RETURNING d.seq, d.visible_at",
         )
         .await?;
-    Ok(c.query(&st, &[&group_id, &seqs, &tokens, &millis(lease)])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
+    Ok(
+        relaxed(c, &st, &[&group_id, &seqs, &tokens, &millis(lease)])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect(),
+    )
 }
 
 // -------------------------------------------------------------------- stats
