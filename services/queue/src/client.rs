@@ -333,7 +333,7 @@ async fn consume(
         };
         // Deliveries read but not yet handed over; bounded by the credits.
         let mut ready: VecDeque<Delivery> = VecDeque::new();
-        let mut pending: HashMap<String, Vec<oneshot::Sender<Result<(), Status>>>> = HashMap::new();
+        let mut pending: Waiters = HashMap::new();
         let broke: Status = loop {
             tokio::select! {
                 permit = deliveries.reserve(), if !ready.is_empty() => match permit {
@@ -379,33 +379,46 @@ async fn consume(
                 },
                 () = deliveries.closed() => return,
                 c = control_rx.recv() => {
-                    let Some(c) = c else { return };
-                    if c.generation != generation {
-                        let _ = c.reply.send(Err(Status::failed_precondition(
-                            "the stream that carried this delivery broke; it will be redelivered",
-                        )));
-                        continue;
+                    let Some(first) = c else { return };
+                    // Settlements that are already waiting go in one request per
+                    // kind: one `ack` frame for many deliveries.
+                    let mut batch = vec![first];
+                    while batch.len() < credits.max(16) {
+                        match control_rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
                     }
-                    let ids = vec![c.delivery_id.clone()];
-                    use pb::subscribe_request::Request as Q;
-                    let request = match c.op {
-                        Settle::Ack => Q::Ack(pb::Ack { delivery_ids: ids }),
-                        Settle::Nack(d) => Q::Nack(pb::Nack {
-                            delivery_ids: ids,
-                            requeue_delay_ms: d.as_millis().min(u32::MAX as u128) as u32,
-                        }),
-                        Settle::Extend(d) => Q::Extend(pb::Extend {
-                            delivery_ids: ids,
-                            lease_ms: d.as_millis().min(u32::MAX as u128) as u32,
-                        }),
-                    };
-                    if req_tx.send(pb::SubscribeRequest { request: Some(request) }).await.is_err() {
-                        let _ = c.reply.send(Err(Status::unavailable("the stream broke")));
-                        continue;
+                    let mut acks = Vec::new();
+                    for c in batch {
+                        if c.generation != generation {
+                            let _ = c.reply.send(Err(Status::failed_precondition(
+                                "the stream that carried this delivery broke; it will be redelivered",
+                            )));
+                            continue;
+                        }
+                        use pb::subscribe_request::Request as Q;
+                        let ids = vec![c.delivery_id.clone()];
+                        let request = match c.op {
+                            Settle::Ack => {
+                                acks.push(c);
+                                continue;
+                            }
+                            Settle::Nack(d) => Q::Nack(pb::Nack {
+                                delivery_ids: ids,
+                                requeue_delay_ms: d.as_millis().min(u32::MAX as u128) as u32,
+                            }),
+                            Settle::Extend(d) => Q::Extend(pb::Extend {
+                                delivery_ids: ids,
+                                lease_ms: d.as_millis().min(u32::MAX as u128) as u32,
+                            }),
+                        };
+                        send_settle(&req_tx, request, vec![c], &mut pending).await;
                     }
-                    let waiters = pending.entry(c.delivery_id).or_default();
-                    if waiters.len() < 16 {
-                        waiters.push(c.reply);
+                    if !acks.is_empty() {
+                        let ids = acks.iter().map(|c| c.delivery_id.clone()).collect();
+                        let request = pb::subscribe_request::Request::Ack(pb::Ack { delivery_ids: ids });
+                        send_settle(&req_tx, request, acks, &mut pending).await;
                     }
                 }
             }
@@ -417,6 +430,36 @@ async fn consume(
             return;
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+type Waiters = HashMap<String, Vec<oneshot::Sender<Result<(), Status>>>>;
+
+/// Sends one settlement request and records who waits for its outcomes.
+async fn send_settle(
+    req_tx: &mpsc::Sender<pb::SubscribeRequest>,
+    request: pb::subscribe_request::Request,
+    controls: Vec<Control>,
+    pending: &mut Waiters,
+) {
+    if req_tx
+        .send(pb::SubscribeRequest {
+            request: Some(request),
+        })
+        .await
+        .is_err()
+    {
+        for c in controls {
+            let _ = c.reply.send(Err(Status::unavailable("the stream broke")));
+        }
+        return;
+    }
+    for c in controls {
+        let waiters = pending.entry(c.delivery_id).or_default();
+        // Bounded: a delivery settled over and over keeps only a few waiters.
+        if waiters.len() < 16 {
+            waiters.push(c.reply);
+        }
     }
 }
 
