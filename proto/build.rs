@@ -22,7 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Image bytes stay `Bytes`: decoding slices the receive buffer
+        // instead of copying every chunk of a multi-GiB stream.
+        .bytes(".image.v1.UploadRequest.data")
+        .bytes(".image.v1.DownloadResponse.data")
+        .compile_fds(fds)?;
     Ok(())
 }
 

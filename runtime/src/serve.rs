@@ -33,6 +33,9 @@ pub struct ServeOptions {
     /// keeps the protocol default (64 KiB), enough for small messages.
     pub stream_window: Option<u32>,
     pub connection_window: Option<u32>,
+    /// The largest HTTP/2 frame peers may send us; `None` keeps 16 KiB.
+    /// Bulk streams send fewer, larger frames with a larger value.
+    pub max_frame_size: Option<u32>,
 }
 
 impl Default for ServeOptions {
@@ -41,6 +44,7 @@ impl Default for ServeOptions {
             request_timeout: Some(Duration::from_secs(60)),
             stream_window: None,
             connection_window: None,
+            max_frame_size: None,
         }
     }
 }
@@ -93,7 +97,8 @@ pub async fn serve_with(
         // Bound what one connection can ask of us.
         .max_concurrent_streams(Some(256))
         .initial_stream_window_size(options.stream_window)
-        .initial_connection_window_size(options.connection_window);
+        .initial_connection_window_size(options.connection_window)
+        .max_frame_size(options.max_frame_size);
     if let Some(t) = options.request_timeout {
         server = server.timeout(t);
     }

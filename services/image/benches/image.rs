@@ -1,1 +1,277 @@
-fn main() {}
+//! Upload and download throughput of a 1 GiB image through the image
+//! service, beside a plain file copy of the same bytes on the same disk in
+//! the same run, and the service's peak resident memory.
+//!
+//! `cargo bench -p image` (needs Postgres at 127.0.0.1:5432, or
+//! `CIRRUS_TEST_DATABASE_URL`). Set `CIRRUS_BENCH_SIZE_MIB` for another size.
+//!
+//! The client talks to `target` below. Today that is the service itself on
+//! loopback; when the sidecar exists, start a sidecar pair (client-side
+//! outbound, service-side inbound) and point `CIRRUS_BENCH_ENDPOINT` at the
+//! client-side sidecar: the figures then include both hops and mTLS, and the
+//! trusted headers below are what the inbound sidecar would set.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use proto::image::v1 as pb;
+use proto::image::v1::images_client::ImagesClient;
+use runtime::caller::Caller;
+use tonic::Request;
+use tonic::transport::Channel;
+
+const MIB: usize = 1024 * 1024;
+
+fn caller() -> Caller {
+    Caller {
+        user_id: Some("bench".into()),
+        project_id: Some("bench-project".into()),
+        roles: vec!["member".into(), "reader".into()],
+        ..Default::default()
+    }
+}
+
+fn req<T>(m: T) -> Request<T> {
+    let mut r = Request::new(m);
+    caller().to_metadata(r.metadata_mut());
+    r
+}
+
+fn mb_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Writes `size` bytes of a cheap, non-repeating pattern, fsynced.
+fn make_source(path: &Path, size: usize) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; MIB];
+    for i in 0..size / MIB {
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = (j as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(i as u32)
+                .to_le_bytes()[1];
+        }
+        buf[0] = 0; // never a qcow2 magic
+        f.write_all(&buf)?;
+    }
+    f.sync_all()
+}
+
+/// The anchor: read the source and write a copy in 1 MiB blocks, fsynced,
+/// as the service does with what it receives.
+fn plain_copy(src: &Path, dst: &Path) -> std::io::Result<Duration> {
+    let t = Instant::now();
+    let mut r = std::fs::File::open(src)?;
+    let mut w = std::fs::File::create(dst)?;
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        w.write_all(&buf[..n])?;
+    }
+    w.sync_all()?;
+    let d = t.elapsed();
+    std::fs::remove_file(dst)?;
+    Ok(d)
+}
+
+fn memory_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn upload(
+    client: &mut ImagesClient<Channel>,
+    src: &Path,
+    id: &str,
+) -> anyhow::Result<pb::Image> {
+    // A reader thread feeds a bounded channel: the client holds a few MiB.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
+    let src = src.to_path_buf();
+    let first_id = id.to_string();
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::open(src)?;
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; MIB];
+            let mut filled = 0;
+            while filled < MIB {
+                let n = f.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            buf.truncate(filled);
+            let m = pb::UploadRequest {
+                image_id: if first {
+                    first_id.clone()
+                } else {
+                    String::new()
+                },
+                data: buf.into(),
+            };
+            first = false;
+            if tx.blocking_send(m).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let done = client
+        .upload(req(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await?
+        .into_inner();
+    reader.await??;
+    Ok(done)
+}
+
+async fn download(client: &mut ImagesClient<Channel>, id: &str, dst: &Path) -> anyhow::Result<u64> {
+    let mut stream = client
+        .download(req(pb::DownloadRequest {
+            image_id: id.into(),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<prost::bytes::Bytes>(4);
+    let dst = dst.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let mut f = std::fs::File::create(&dst)?;
+        let mut n = 0u64;
+        while let Some(c) = rx.blocking_recv() {
+            f.write_all(&c)?;
+            n += c.len() as u64;
+        }
+        f.sync_all()?;
+        std::fs::remove_file(&dst)?;
+        Ok(n)
+    });
+    while let Some(m) = stream.next().await {
+        tx.send(m?.data).await?;
+    }
+    drop(tx);
+    Ok(writer.await??)
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; there are no options to parse.
+    let size_mib: usize = std::env::var("CIRRUS_BENCH_SIZE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let size = size_mib * MIB;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let db = runtime::db::TestDatabase::create().await?;
+        // Source, copy, download and store all on one filesystem.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+        let src = dir.path().join("source.bin");
+        make_source(&src, size)?;
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image"))
+            .arg("serve")
+            .env_remove("CIRRUS_CONFIG")
+            .env("CIRRUS_LISTEN", &listen)
+            .env("CIRRUS_METRICS_LISTEN", "127.0.0.1:0")
+            .env("CIRRUS_DATABASE_URL", &db.url)
+            .env("CIRRUS_DB_POOL_SIZE", "4")
+            .env("CIRRUS_STORE_DIR", dir.path().join("store"))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while runtime::serve::healthcheck(listen.parse()?).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the image service did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Where the client sends: the service, or a sidecar in front of it.
+        let target =
+            std::env::var("CIRRUS_BENCH_ENDPOINT").unwrap_or_else(|_| format!("http://{listen}"));
+        // Windows and frames sized for bulk transfer, as the service's own.
+        let endpoint = Channel::from_shared(target.clone())?
+            .initial_stream_window_size(4 * MIB as u32)
+            .initial_connection_window_size(8 * MIB as u32)
+            .max_frame_size(2 * MIB as u32);
+        let mut client =
+            ImagesClient::new(endpoint.connect().await?).max_decoding_message_size(8 * MIB);
+
+        let copy1 = plain_copy(&src, &dir.path().join("copy.bin"))?;
+
+        let img = client
+            .create_image(req(pb::CreateImageRequest {
+                name: "bench".into(),
+                disk_format: pb::DiskFormat::Raw as i32,
+                container_format: pb::ContainerFormat::Bare as i32,
+                expected_size: Some(size as u64),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        let t = Instant::now();
+        let done = upload(&mut client, &src, &img.id).await?;
+        let up = t.elapsed();
+        anyhow::ensure!(
+            done.size == Some(size as u64),
+            "uploaded size {:?}",
+            done.size
+        );
+
+        let t = Instant::now();
+        let got = download(&mut client, &img.id, &dir.path().join("download.bin")).await?;
+        let down = t.elapsed();
+        anyhow::ensure!(got == size as u64, "downloaded {got} bytes");
+
+        let copy2 = plain_copy(&src, &dir.path().join("copy.bin"))?;
+        let peak = memory_kib(pid);
+        let _ = child.kill().await;
+
+        let copy = (copy1 + copy2) / 2;
+        let base = mb_per_s(size as u64, copy);
+        let row = |what: &str, d: Duration| {
+            let r = mb_per_s(size as u64, d);
+            println!(
+                "| {what:<32} | {:>8.1} | {:>9.2} | {:>6.0}% |",
+                d.as_secs_f64(),
+                r,
+                100.0 * r / base
+            );
+        };
+        println!();
+        println!("image service, {size_mib} MiB, client -> {target} (direct, no sidecar yet)");
+        println!(
+            "| {:<32} | {:>8} | {:>9} | {:>7} |",
+            "transfer", "seconds", "MB/s", "vs copy"
+        );
+        println!("|{:-<34}|{:->10}|{:->11}|{:->9}|", "", "", "", "");
+        row("plain file copy (mean of 2)", copy);
+        row("upload (client stream)", up);
+        row("download (server stream)", down);
+        println!("service peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
+        println!(
+            "plain copy runs: {:.2} s and {:.2} s",
+            copy1.as_secs_f64(),
+            copy2.as_secs_f64()
+        );
+        Ok(())
+    })
+}

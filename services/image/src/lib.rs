@@ -107,6 +107,8 @@ pub const SERVICE_NAMES: [&str; 1] = ["image.v1.Images"];
 /// transfer.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Frames of up to 2 MiB: a 1 MiB chunk crosses in one frame, not 64.
+const MAX_FRAME: u32 = 2 * 1024 * 1024;
 
 /// Starts the service (migrations, store, recovery) and serves until `shutdown`.
 pub async fn run(
@@ -135,6 +137,7 @@ pub async fn serve(
         request_timeout: None,
         stream_window: Some(STREAM_WINDOW),
         connection_window: Some(CONNECTION_WINDOW),
+        max_frame_size: Some(MAX_FRAME),
     };
     runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("image stopped");

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::{Stream, StreamExt};
+use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -521,7 +522,7 @@ impl Images {
     /// if the caller stops waiting for it.
     pub async fn upload<S>(&self, caller: Caller, id: Uuid, data: S) -> Result<Image>
     where
-        S: Stream<Item = Result<Vec<u8>>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<Bytes>> + Send + Unpin + 'static,
     {
         let this = self.clone();
         tokio::spawn(async move { this.upload_task(caller, id, data).await })
@@ -531,7 +532,7 @@ impl Images {
 
     async fn upload_task<S>(&self, caller: Caller, id: Uuid, data: S) -> Result<Image>
     where
-        S: Stream<Item = Result<Vec<u8>>> + Send + Unpin,
+        S: Stream<Item = Result<Bytes>> + Send + Unpin,
     {
         policy::reader(&caller)?;
         let seen = self.visible_image(&caller, id).await?;
@@ -585,9 +586,9 @@ impl Images {
         mut data: S,
     ) -> Result<Written, Failed>
     where
-        S: Stream<Item = Result<Vec<u8>>> + Send + Unpin,
+        S: Stream<Item = Result<Bytes>> + Send + Unpin,
     {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
         let store = self.inner.store.clone();
         let id = image.id;
         // The store thread hashes and writes; it ends when the channel closes.
@@ -627,10 +628,10 @@ impl Images {
         limits: Limits,
         used: u64,
         data: &mut S,
-        tx: mpsc::Sender<Vec<u8>>,
+        tx: mpsc::Sender<Bytes>,
     ) -> Result<(), Failed>
     where
-        S: Stream<Item = Result<Vec<u8>>> + Send + Unpin,
+        S: Stream<Item = Result<Bytes>> + Send + Unpin,
     {
         let idle = Duration::from_secs(self.inner.cfg.upload_idle_timeout_secs);
         let mut inspector = Inspector::new(image.disk_format, image.container_format);
@@ -743,7 +744,7 @@ impl Images {
         id: Uuid,
         offset: u64,
         length: Option<u64>,
-    ) -> Result<(u64, mpsc::Receiver<Result<Vec<u8>>>)> {
+    ) -> Result<(u64, mpsc::Receiver<Result<Bytes>>)> {
         policy::reader(caller)?;
         let image = self.visible_image(caller, id).await?;
         match image.status {
@@ -792,7 +793,7 @@ impl Images {
                     return send_err(Error::Internal(format!("reading image {id}: {e}")));
                 }
                 left -= want as u64;
-                if tx.blocking_send(Ok(buf)).is_err() {
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                     return; // the client went away
                 }
             }

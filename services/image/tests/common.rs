@@ -251,7 +251,7 @@ pub fn upload_messages(id: &str, data: &[u8], chunk: usize) -> Vec<pb::UploadReq
         .chunks(chunk.max(1))
         .map(|c| pb::UploadRequest {
             image_id: String::new(),
-            data: c.to_vec(),
+            data: c.to_vec().into(),
         })
         .collect();
     if msgs.is_empty() {

@@ -47,7 +47,7 @@ async fn one_gib_streams_in_and_out_with_rss_under_100_mib() {
     // Generated lazily: the test process holds only a few chunks either.
     let stream = futures_util::stream::iter(0..chunks).map(move |i| pb::UploadRequest {
         image_id: if i == 0 { id.clone() } else { String::new() },
-        data: chunk(i),
+        data: chunk(i).into(),
     });
     let done = tokio::time::timeout(
         Duration::from_secs(900),
@@ -144,7 +144,7 @@ async fn a_crash_during_an_upload_is_healed_at_start_up() {
             } else {
                 String::new()
             },
-            data: pattern(MIB, i),
+            data: pattern(MIB, i).into(),
         })
         .await
         .unwrap();

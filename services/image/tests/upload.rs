@@ -286,14 +286,14 @@ async fn a_dropped_upload_stream_leaves_the_image_queued_and_no_bytes() {
     });
     tx.send(pb::UploadRequest {
         image_id: img.id.clone(),
-        data: pattern(512 * 1024, 7),
+        data: pattern(512 * 1024, 7).into(),
     })
     .await
     .unwrap();
     for i in 0..4 {
         tx.send(pb::UploadRequest {
             image_id: String::new(),
-            data: pattern(512 * 1024, i),
+            data: pattern(512 * 1024, i).into(),
         })
         .await
         .unwrap();
@@ -333,7 +333,7 @@ async fn an_idle_upload_is_abandoned() {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
     tx.send(pb::UploadRequest {
         image_id: img.id.clone(),
-        data: pattern(1000, 9),
+        data: pattern(1000, 9).into(),
     })
     .await
     .unwrap();
@@ -373,7 +373,7 @@ async fn deleting_an_image_while_it_uploads_leaves_nothing() {
     });
     tx.send(pb::UploadRequest {
         image_id: img.id.clone(),
-        data: pattern(100_000, 10),
+        data: pattern(100_000, 10).into(),
     })
     .await
     .unwrap();
