@@ -72,6 +72,7 @@ struct Figures {
     batched: f64,
     p50: Duration,
     p99: Duration,
+    confirm_p50: Duration,
     latency_rate: f64,
     consume: f64,
 }
@@ -195,7 +196,7 @@ impl Cirrus {
         timed(stop, count, tasks).await
     }
 
-    async fn latency(&self, topic: &str, rate: f64) -> (Duration, Duration) {
+    async fn latency(&self, topic: &str, rate: f64) -> (Duration, Duration, Duration) {
         self.topic(topic).await;
         let mut sub = self.client(1).subscribe_with(
             topic,
@@ -230,7 +231,7 @@ impl Cirrus {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let clients: Vec<_> = (0..4).map(|i| self.client(i)).collect();
         let topic = topic.to_string();
-        pace(rate, total, move |i| {
+        let confirms = pace(rate, total, move |i| {
             let (c, topic) = (clients[i % clients.len()].clone(), topic.clone());
             async move {
                 c.queue()
@@ -248,7 +249,11 @@ impl Cirrus {
         .await;
         let mut lat = consumer.await.unwrap();
         lat.sort();
-        (percentile(&lat, 0.5), percentile(&lat, 0.99))
+        (
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&confirms, 0.5),
+        )
     }
 
     async fn consume_rate(&self, topic: &str) -> f64 {
@@ -415,7 +420,7 @@ impl Rabbit {
         rate
     }
 
-    async fn latency(&self, queue: &str, rate: f64) -> (Duration, Duration) {
+    async fn latency(&self, queue: &str, rate: f64) -> (Duration, Duration, Duration) {
         self.declare(queue).await;
         let epoch = self.epoch;
         let total = (rate * phase().as_secs_f64()) as usize;
@@ -458,7 +463,7 @@ impl Rabbit {
             chans.push(ch);
         }
         let q = queue.to_string();
-        pace(rate, total, move |i| {
+        let confirms = pace(rate, total, move |i| {
             let (ch, q) = (chans[i % chans.len()].clone(), q.clone());
             async move {
                 ch.basic_publish(
@@ -478,7 +483,11 @@ impl Rabbit {
         let mut lat = reader.await.unwrap();
         lat.sort();
         self.delete(queue).await;
-        (percentile(&lat, 0.5), percentile(&lat, 0.99))
+        (
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&confirms, 0.5),
+        )
     }
 
     async fn consume_rate(&self, queue: &str) -> f64 {
@@ -561,8 +570,8 @@ async fn timed(
 }
 
 /// Starts `total` publishes at `rate` per second, each its own task, at
-/// most 1024 in flight.
-async fn pace<F, Fut>(rate: f64, total: usize, publish: F)
+/// most 1024 in flight. Returns how long each took to be confirmed, sorted.
+async fn pace<F, Fut>(rate: f64, total: usize, publish: F) -> Vec<Duration>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -576,13 +585,18 @@ where
         let permit = gate.clone().acquire_owned().await.unwrap();
         let f = publish(i);
         tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
             f.await;
             drop(permit);
+            t.elapsed()
         }));
     }
+    let mut confirms = Vec::with_capacity(total);
     for t in tasks {
-        t.await.unwrap();
+        confirms.push(t.await.unwrap());
     }
+    confirms.sort();
+    confirms
 }
 
 fn ms(d: Duration) -> String {
@@ -642,10 +656,10 @@ async fn async_main() {
             c.single
         };
     eprintln!("publish -> deliver latency at {offered:.0} msg/s ...");
-    (c.p50, c.p99) = cirrus.latency("bench.latency", offered).await;
+    (c.p50, c.p99, c.confirm_p50) = cirrus.latency("bench.latency", offered).await;
     c.latency_rate = offered;
     if let Some(rb) = &rabbit {
-        (r.p50, r.p99) = rb
+        (r.p50, r.p99, r.confirm_p50) = rb
             .latency(&format!("cirrus-bench-latency-{tag}"), offered)
             .await;
         r.latency_rate = offered;
@@ -689,6 +703,12 @@ async fn async_main() {
         offered,
         ms(c.p99),
         na(ms(r.p99))
+    );
+    println!(
+        "| publish→confirm p50 at {:.0} msg/s (the durable write alone) | {} | {} | - |",
+        offered,
+        ms(c.confirm_p50),
+        na(ms(r.confirm_p50))
     );
     println!(
         "| consume and ack, {CONSUMERS} consumers × {CREDITS} credits, {PRELOAD} messages | {} | {} | - |",

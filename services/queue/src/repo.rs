@@ -178,25 +178,54 @@ pub struct Insert<'a> {
     pub key: Option<&'a str>,
 }
 
+const LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock_shared($1, id) FROM unnest($2::int[]) id ORDER BY id";
+const INSERT_SQL: &str = "WITH m AS ( \
+       INSERT INTO messages (topic_id, id, payload, headers, key) \
+       SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
+       RETURNING seq, topic_id, key, published_at) \
+     INSERT INTO deliveries (group_id, seq, key, published_at) \
+     SELECT g.id, m.seq, m.key, m.published_at FROM m JOIN groups g ON g.topic_id = m.topic_id";
+
 /// Inserts messages with their deliveries for every group of their topics,
-/// and queues a wake-up for each topic (sent by Postgres at commit).
+/// inside the caller's transaction. Call [`notify`] after the commit.
 pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Result<()> {
-    insert_pipelined(&**tx, msgs, false).await
+    let lock = tx.prepare_cached(LOCK_SQL).await?;
+    let insert = tx.prepare_cached(INSERT_SQL).await?;
+    insert_pipelined(&**tx, &lock, &insert, msgs, false).await
 }
 
 /// Publishes `msgs` in one round trip on a connection outside any
 /// transaction: `BEGIN`, lock, insert, `COMMIT` are pipelined. On error the
-/// transaction is rolled back before returning.
+/// transaction is rolled back before returning. Call [`notify`] after.
 pub async fn publish_in_one_trip(c: &deadpool_postgres::Client, msgs: &[Insert<'_>]) -> Result<()> {
-    let r = insert_pipelined(&***c, msgs, true).await;
+    let lock = c.prepare_cached(LOCK_SQL).await?;
+    let insert = c.prepare_cached(INSERT_SQL).await?;
+    let r = insert_pipelined(&***c, &lock, &insert, msgs, true).await;
     if r.is_err() {
         let _ = c.batch_execute("ROLLBACK").await;
     }
     r
 }
 
+/// Wakes the consumers of `topics` on every replica.
+///
+/// Its own statement, after the publish committed: a transaction that
+/// NOTIFYs holds a database-wide lock from its commit until the end of its
+/// WAL flush, which would serialise every publish behind the previous
+/// fsync and undo group commit. This one writes no WAL and holds it briefly.
+pub async fn notify(c: &impl GenericClient, topics: &[i32]) -> Result<()> {
+    let st = c
+        .prepare_cached("SELECT pg_notify($1, id::text) FROM unnest($2::int[]) id")
+        .await?;
+    c.execute(&st, &[&WAKE_CHANNEL, &topics]).await?;
+    Ok(())
+}
+
 async fn insert_pipelined(
     tx: &impl tokio_postgres::GenericClient,
+    lock: &tokio_postgres::Statement,
+    insert: &tokio_postgres::Statement,
     msgs: &[Insert<'_>],
     own_transaction: bool,
 ) -> Result<()> {
@@ -206,32 +235,14 @@ async fn insert_pipelined(
     let mut topics: Vec<i32> = msgs.iter().map(|m| m.topic_id).collect();
     topics.sort_unstable();
     topics.dedup();
-    let lock = tx
-        .prepare(
-            "SELECT pg_advisory_xact_lock_shared($1, id), pg_notify($2, id::text) \
-             FROM unnest($3::int[]) id ORDER BY id",
-        )
-        .await?;
-
     let topic_ids: Vec<i32> = msgs.iter().map(|m| m.topic_id).collect();
     let ids: Vec<Uuid> = msgs.iter().map(|m| m.id).collect();
     let payloads: Vec<&[u8]> = msgs.iter().map(|m| m.payload).collect();
     let headers: Vec<&serde_json::Value> = msgs.iter().map(|m| &m.headers).collect();
     let keys: Vec<Option<&str>> = msgs.iter().map(|m| m.key).collect();
-    let insert = tx
-        .prepare(
-            "WITH m AS ( \
-               INSERT INTO messages (topic_id, id, payload, headers, key) \
-               SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
-               RETURNING seq, topic_id, key, published_at) \
-             INSERT INTO deliveries (group_id, seq, key, published_at) \
-             SELECT g.id, m.seq, m.key, m.published_at FROM m JOIN groups g ON g.topic_id = m.topic_id",
-        )
-        .await?;
     // Pipelined: Postgres runs them in order (the insert's snapshot is taken
-    // after the lock is held), we wait one round trip instead of two.
-    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&LOCK_CLASS, &WAKE_CHANNEL, &topics];
+    // after the lock is held), we wait one round trip instead of four.
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LOCK_CLASS, &topics];
     let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&topic_ids, &ids, &payloads, &headers, &keys];
     let begin = async {
@@ -250,8 +261,8 @@ async fn insert_pipelined(
     };
     futures_util::try_join!(
         begin,
-        tx.execute(&lock, &lock_params),
-        tx.execute(&insert, &insert_params),
+        tx.execute(lock, &lock_params),
+        tx.execute(insert, &insert_params),
         commit,
     )
     .map_err(|e| constraint(e, "topic"))?;

@@ -315,7 +315,11 @@ async fn committer(
         }
         metrics::histogram!("queue_commit_batch_jobs").record(jobs.len() as f64);
         match commit(&pool, &jobs, window).await {
-            Ok(results) => finish(&wakers, jobs, results),
+            Ok(results) => {
+                let topics = topics_of(&jobs);
+                finish(&wakers, jobs, results);
+                notify_replicas(&pool, &topics).await;
+            }
             Err(e) if jobs.len() > 1 => {
                 // One bad job (say, its topic was just deleted) must not fail
                 // the others: commit each on its own.
@@ -323,7 +327,11 @@ async fn committer(
                 for job in jobs {
                     let r = commit(&pool, std::slice::from_ref(&job), window).await;
                     match r {
-                        Ok(mut res) => finish(&wakers, vec![job], vec![res.remove(0)]),
+                        Ok(mut res) => {
+                            let topics = topics_of(std::slice::from_ref(&job));
+                            finish(&wakers, vec![job], vec![res.remove(0)]);
+                            notify_replicas(&pool, &topics).await;
+                        }
                         Err(e) => {
                             let _ = job.reply.send(Err(e));
                         }
@@ -336,6 +344,26 @@ async fn committer(
                 }
             }
         }
+    }
+}
+
+fn topics_of(jobs: &[PublishJob]) -> Vec<i32> {
+    let mut t: Vec<i32> = jobs.iter().map(|j| j.topic.id).collect();
+    t.sort_unstable();
+    t.dedup();
+    t
+}
+
+/// Tells the other replicas (after the publishers have their answer).
+async fn notify_replicas(pool: &Pool, topics: &[i32]) {
+    let r = async {
+        let c = pool.get().await?;
+        repo::notify(&c, topics).await
+    }
+    .await;
+    if let Err(e) = r {
+        // Their consumers still poll: a lost wake-up only delays.
+        tracing::debug!(error = %e, "notify failed");
     }
 }
 
@@ -617,6 +645,10 @@ impl Session {
             let tx = client.transaction().await?;
             repo::dead_letter(&tx, self.group_id, &self.group, &self.topic, &dead).await?;
             tx.commit().await?;
+            if let Some(dlq) = self.topic.dead_letter_id {
+                self.queue.inner.wakers.wake(dlq);
+                let _ = repo::notify(&client, &[dlq]).await;
+            }
             metrics::counter!("queue_dead_lettered_total").increment(dead.len() as u64);
         }
         metrics::counter!("queue_delivered_total").increment(got.len() as u64);
