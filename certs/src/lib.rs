@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -36,8 +36,13 @@ pub type Result<T> = std::result::Result<T, Error>;
 fn check_name(s: &str) -> Result<&str> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if ok { Ok(s) } else { Err(Error::Name(s.to_string())) }
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(s)
+    } else {
+        Err(Error::Name(s.to_string()))
+    }
 }
 
 /// `spiffe://cirrus.local/svc/<service>[/host/<host>]`.
@@ -51,7 +56,10 @@ pub fn service_id(service: &str, host: Option<&str>) -> Result<String> {
 
 /// `spiffe://cirrus.local/user/<name>`, an operator's client certificate.
 pub fn user_id(name: &str) -> Result<String> {
-    Ok(format!("spiffe://{TRUST_DOMAIN}/user/{}", check_name(name)?))
+    Ok(format!(
+        "spiffe://{TRUST_DOMAIN}/user/{}",
+        check_name(name)?
+    ))
 }
 
 /// A certificate and its private key, PEM-encoded.
@@ -76,7 +84,11 @@ impl Authority {
         dn.push(DnType::OrganizationName, "Cirrus");
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::minutes(5);
         p.not_after = now + validity;
@@ -106,14 +118,20 @@ impl Authority {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(dns_names.to_vec())?;
-        p.subject_alt_names
-            .push(SanType::URI(spiffe_id.try_into().map_err(|_| Error::Name(spiffe_id.into()))?));
+        p.subject_alt_names.push(SanType::URI(
+            spiffe_id
+                .try_into()
+                .map_err(|_| Error::Name(spiffe_id.into()))?,
+        ));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, spiffe_id);
         p.distinguished_name = dn;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::minutes(5);
@@ -128,7 +146,10 @@ impl Authority {
 
 /// Writes `<dir>/<name>.crt` and `<dir>/<name>.key` (0600), each atomically.
 pub fn write_pair(dir: &Path, name: &str, pair: &Pair) -> Result<(PathBuf, PathBuf)> {
-    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     // Key first: a reader that sees the new certificate must find its key.
     write(&key, &pair.key_pem, 0o600)?;
     write(&crt, &pair.cert_pem, 0o644)?;
@@ -147,9 +168,16 @@ pub fn add_to_bundle(dir: &Path, ca_pem: &str) -> Result<()> {
 
 /// The end of a PEM certificate's validity.
 pub fn not_after(cert_pem: &str) -> Result<OffsetDateTime> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| Error::Parse(e.to_string()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| Error::Parse(e.to_string()))?;
     let cert = pem.parse_x509().map_err(|e| Error::Parse(e.to_string()))?;
     Ok(cert.validity().not_after.to_datetime())
+}
+
+/// The end of a DER certificate's validity.
+pub fn not_after_der(der: &[u8]) -> Option<OffsetDateTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.to_datetime())
 }
 
 /// The SPIFFE id (the `spiffe://` URI SAN) of a DER certificate.
@@ -157,7 +185,9 @@ pub fn spiffe_id_of_der(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_string()),
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            Some((*u).to_string())
+        }
         _ => None,
     })
 }
@@ -187,7 +217,9 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;
-    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
 }
 
@@ -199,7 +231,10 @@ mod tests {
 
     #[test]
     fn ids_are_checked() {
-        assert_eq!(service_id("identity", None).unwrap(), "spiffe://cirrus.local/svc/identity");
+        assert_eq!(
+            service_id("identity", None).unwrap(),
+            "spiffe://cirrus.local/svc/identity"
+        );
         assert_eq!(
             service_id("compute-agent", Some("host1")).unwrap(),
             "spiffe://cirrus.local/svc/compute-agent/host/host1"
@@ -215,18 +250,43 @@ mod tests {
         ca.save(dir.path()).unwrap();
         let ca = Authority::load(dir.path()).unwrap();
         let id = service_id("identity", None).unwrap();
-        let pair = ca.issue(&id, &["identity".into(), "localhost".into()], Duration::hours(24)).unwrap();
+        let pair = ca
+            .issue(
+                &id,
+                &["identity".into(), "localhost".into()],
+                Duration::hours(24),
+            )
+            .unwrap();
         let (crt, key) = write_pair(dir.path(), "identity", &pair).unwrap();
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(dir.path().join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
 
         let (_, pem) = x509_parser::pem::parse_x509_pem(pair.cert_pem.as_bytes()).unwrap();
-        assert_eq!(spiffe_id_of_der(&pem.contents).as_deref(), Some(id.as_str()));
+        assert_eq!(
+            spiffe_id_of_der(&pem.contents).as_deref(),
+            Some(id.as_str())
+        );
         let left = not_after(&pair.cert_pem).unwrap() - OffsetDateTime::now_utc();
         assert!(left > Duration::hours(23) && left <= Duration::hours(24));
         assert!(!needs_renewal(&crt, Duration::hours(24)));
-        assert!(needs_renewal(&crt, Duration::days(30)), "less than a third of 30 days left");
-        assert!(needs_renewal(&dir.path().join("missing.crt"), Duration::hours(24)));
+        assert!(
+            needs_renewal(&crt, Duration::days(30)),
+            "less than a third of 30 days left"
+        );
+        assert!(needs_renewal(
+            &dir.path().join("missing.crt"),
+            Duration::hours(24)
+        ));
 
         // A second CA joins the bundle beside the first (rotation).
         let ca2 = Authority::create("Cirrus test CA 2", Duration::days(365)).unwrap();

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use time::Duration;
 
 #[derive(Parser)]
-#[command(name = "certs", version, about = "Cirrus PKI: cluster CA and SPIFFE leaf certificates")]
+#[command(
+    name = "certs",
+    version,
+    about = "Cirrus PKI: cluster CA and SPIFFE leaf certificates"
+)]
 struct Cli {
     /// The PKI directory.
     #[arg(long, global = true, default_value = ".state/pki")]

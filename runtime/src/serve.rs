@@ -160,3 +160,22 @@ pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
         .await
         .map_err(|_| format!("no health answer from {addr} within 3 s"))?
 }
+
+/// A channel to another service through this workload's sidecar: plaintext to
+/// the sidecar's outbound listener on loopback, addressed `http://<service>`,
+/// which the sidecar resolves through the catalog and dials over mTLS.
+pub fn via_sidecar(
+    outbound: SocketAddr,
+    service: &str,
+) -> Result<tonic::transport::Channel, String> {
+    let origin: tonic::codegen::http::Uri = format!("http://{service}")
+        .parse()
+        .map_err(|_| format!("invalid service name {service:?}"))?;
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+            .map_err(|e| e.to_string())?
+            .origin(origin)
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    )
+}

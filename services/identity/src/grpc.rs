@@ -340,8 +340,15 @@ pub fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
     }
 }
 
+/// The caller: its verified token, and the mesh workload its sidecar vouches
+/// for in `x-cirrus-peer` (identity listens on loopback behind its sidecar,
+/// which strips that header from anything a client sends).
 fn caller<T>(id: &Identity, req: &Request<T>) -> Result<Caller, Status> {
-    Ok(id.caller(bearer(req)?)?)
+    let peer = req
+        .metadata()
+        .get(runtime::caller::PEER)
+        .and_then(|v| v.to_str().ok());
+    Ok(id.caller(bearer(req)?)?.with_peer(peer))
 }
 
 /// The gRPC face of the identity service; one value serves all five services.

@@ -6,23 +6,41 @@ use token::{Claims, Scope};
 
 use crate::error::{Error, Result};
 
-/// The verified caller of an RPC: the claims of its bearer token, if it sent one.
+/// The verified caller of an RPC: the claims of its bearer token, if it sent
+/// one, and the mesh workload it comes from, if its sidecar said so.
 #[derive(Debug, Clone, Default)]
-pub struct Caller(Option<Claims>);
+pub struct Caller {
+    claims: Option<Claims>,
+    mesh_peer: Option<String>,
+}
+
+/// SPIFFE ids of mesh workloads start with this.
+pub const MESH_PREFIX: &str = "spiffe://cirrus.local/svc/";
 
 impl Caller {
     pub fn anonymous() -> Self {
-        Self(None)
+        Self::default()
     }
 
     pub fn claims(&self) -> Option<&Claims> {
-        self.0.as_ref()
+        self.claims.as_ref()
+    }
+
+    /// Records the workload named by the sidecar's `x-cirrus-peer` header.
+    pub fn with_peer(mut self, peer: Option<&str>) -> Self {
+        self.mesh_peer = peer
+            .filter(|p| p.starts_with(MESH_PREFIX))
+            .map(str::to_owned);
+        self
     }
 }
 
 impl From<Claims> for Caller {
     fn from(c: Claims) -> Self {
-        Self(Some(c))
+        Self {
+            claims: Some(c),
+            mesh_peer: None,
+        }
     }
 }
 
@@ -32,8 +50,17 @@ fn denied() -> Error {
 
 /// Any valid token.
 pub fn authenticated(c: &Caller) -> Result<&Claims> {
-    c.0.as_ref()
+    c.claims
+        .as_ref()
         .ok_or_else(|| Error::Unauthenticated("a bearer token is required".into()))
+}
+
+/// Any valid token, or a mesh workload (a sidecar following keys and the catalog).
+pub fn authenticated_or_mesh(c: &Caller) -> Result<()> {
+    if c.mesh_peer.is_some() {
+        return Ok(());
+    }
+    authenticated(c).map(|_| ())
 }
 
 /// A cloud administrator: `admin` on the system scope or on the admin project.

@@ -440,7 +440,7 @@ impl Identity {
         Vec<RevocationRule>,
         broadcast::Receiver<Change>,
     )> {
-        policy::authenticated(caller)?;
+        policy::authenticated_or_mesh(caller)?;
         let rx = self.inner.changes.subscribe();
         let keys = self.public_keys()?;
         let rules = self
@@ -895,7 +895,7 @@ impl Identity {
     }
 
     pub async fn list_services(&self, caller: &Caller) -> Result<Vec<Service>> {
-        policy::authenticated(caller)?;
+        policy::authenticated_or_mesh(caller)?;
         Db::Conn(&self.conn().await?).list_services().await
     }
 
@@ -937,7 +937,7 @@ impl Identity {
         service_id: Option<Uuid>,
         interface: Option<Interface>,
     ) -> Result<Vec<Endpoint>> {
-        policy::authenticated(caller)?;
+        policy::authenticated_or_mesh(caller)?;
         Db::Conn(&self.conn().await?)
             .list_endpoints(service_id, interface)
             .await
@@ -949,7 +949,7 @@ impl Identity {
     }
 
     pub async fn catalog(&self, caller: &Caller) -> Result<Vec<CatalogEntry>> {
-        policy::authenticated(caller)?;
+        policy::authenticated_or_mesh(caller)?;
         Db::Conn(&self.conn().await?).catalog().await
     }
 

@@ -1,0 +1,166 @@
+//! Token verification without a round trip. The keys and revocation rules
+//! come from identity's `Watch` stream, followed in the background and
+//! re-opened with backoff when it breaks; while identity is away the cached
+//! keys keep working. No keys at all, or an unknown key id, fails closed.
+//! Verified tokens are cached (bounded) so the signature is checked once;
+//! expiry and revocation rules are checked on every call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use proto::identity::v1 as pb;
+use time::OffsetDateTime;
+use token::{Claims, RevocationRule, TokenError, Verifier};
+use tonic::transport::Channel;
+
+/// How many verified tokens are remembered.
+const CACHE_LIMIT: usize = 10_000;
+
+#[derive(Clone, Default)]
+pub struct Authn {
+    inner: Arc<RwLock<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    verifier: Verifier,
+    has_keys: bool,
+    cache: HashMap<String, Claims>,
+}
+
+fn ts(t: Option<prost_types::Timestamp>) -> OffsetDateTime {
+    t.and_then(|t| {
+        OffsetDateTime::from_unix_timestamp(t.seconds)
+            .ok()
+            .map(|d| d + time::Duration::nanoseconds(i64::from(t.nanos)))
+    })
+    .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn rule(r: pb::RevocationEvent) -> RevocationRule {
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    RevocationRule {
+        user_id: opt(r.user_id),
+        project_id: opt(r.project_id),
+        domain_id: opt(r.domain_id),
+        audit_id: opt(r.audit_id),
+        issued_before: ts(r.issued_before),
+    }
+}
+
+impl Authn {
+    /// Verifies `token`: cached signature check, then expiry and revocations.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let now = OffsetDateTime::now_utc();
+        {
+            let s = self.inner.read().map_err(|_| TokenError::Malformed)?;
+            if !s.has_keys {
+                return Err(TokenError::UnknownKey);
+            }
+            if let Some(c) = s.cache.get(token) {
+                if c.exp <= now {
+                    return Err(TokenError::Expired);
+                }
+                if s.verifier.rules().iter().any(|r| r.matches(c)) {
+                    return Err(TokenError::Revoked);
+                }
+                return Ok(c.clone());
+            }
+        }
+        let claims = self
+            .inner
+            .read()
+            .map_err(|_| TokenError::Malformed)?
+            .verifier
+            .verify(token, now)?;
+        if let Ok(mut s) = self.inner.write() {
+            if s.cache.len() >= CACHE_LIMIT {
+                s.cache.clear();
+            }
+            s.cache.insert(token.to_string(), claims.clone());
+        }
+        Ok(claims)
+    }
+
+    pub fn has_keys(&self) -> bool {
+        self.inner.read().map(|s| s.has_keys).unwrap_or(false)
+    }
+
+    fn set_keys(&self, keys: &[pb::SigningKey]) {
+        if let Ok(mut s) = self.inner.write() {
+            s.verifier
+                .set_keys(keys.iter().map(|k| k.public_key.as_slice()));
+            s.has_keys = !keys.is_empty();
+            // A removed key must stop verifying at once.
+            s.cache.clear();
+        }
+    }
+
+    fn apply(&self, event: pb::watch_event::Event) {
+        match event {
+            pb::watch_event::Event::Snapshot(snap) => {
+                self.set_keys(&snap.keys);
+                if let Ok(mut s) = self.inner.write() {
+                    s.verifier
+                        .set_rules(snap.revocations.into_iter().map(rule).collect());
+                }
+            }
+            pb::watch_event::Event::Keys(k) => self.set_keys(&k.keys),
+            pb::watch_event::Event::Revocation(r) => {
+                if let Ok(mut s) = self.inner.write() {
+                    s.verifier.add_rule(rule(r));
+                }
+            }
+        }
+        metrics::gauge!("sidecar_revocation_rules").set(
+            self.inner
+                .read()
+                .map(|s| s.verifier.rules().len() as f64)
+                .unwrap_or(0.0),
+        );
+    }
+
+    /// Follows identity's `Watch` on `channel` until the task is dropped.
+    /// `self_id` is this sidecar's SPIFFE id, which identity needs to hear
+    /// when the sidecar calls it straight on loopback (identity's own sidecar);
+    /// through identity's sidecar the header is replaced by the verified one.
+    pub fn spawn_watch(&self, channel: Channel, self_id: String) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match this.watch_once(channel.clone(), &self_id).await {
+                    Ok(()) => tracing::info!("identity watch stream ended; reconnecting"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "identity watch failed; keeping cached keys")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+
+    async fn watch_once(&self, channel: Channel, self_id: &str) -> Result<(), tonic::Status> {
+        let mut client = pb::tokens_client::TokensClient::new(channel);
+        let mut req = tonic::Request::new(pb::WatchRequest {});
+        if let Ok(v) = self_id.parse() {
+            req.metadata_mut().insert(runtime::caller::PEER, v);
+        }
+        let mut stream = client.watch(req).await?.into_inner();
+        while let Some(ev) = stream.message().await? {
+            if let Some(event) = ev.event {
+                self.apply(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// Prunes rules older than any live token (identity's maximum lifetime).
+    pub fn prune(&self, max_ttl: time::Duration) {
+        if let Ok(mut s) = self.inner.write() {
+            s.verifier.prune_rules(OffsetDateTime::now_utc(), max_ttl);
+        }
+    }
+}

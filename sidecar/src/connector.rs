@@ -1,0 +1,153 @@
+//! Dialling mesh peers: TCP, then TLS with our certificate, checking that
+//! the server is the service we meant. Used by the outbound proxy and by the
+//! sidecar's own calls to identity (`Watch`, the catalog).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::tls::Tls;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A tower connector for hyper and tonic clients. Each authority it is asked
+/// to dial must first be registered with the service expected there; the
+/// authority is also the connection pool's key, so a connection made for one
+/// service is never reused for another.
+#[derive(Clone)]
+pub struct MeshConnector {
+    tls: Tls,
+    /// authority → (expected service, address to dial)
+    names: Arc<RwLock<HashMap<String, (String, String)>>>,
+}
+
+impl MeshConnector {
+    pub fn new(tls: Tls) -> Self {
+        Self {
+            tls,
+            names: Arc::default(),
+        }
+    }
+
+    /// Connections to `authority` (`host:port`) must present `service`'s SPIFFE id.
+    pub fn expect(&self, authority: &str, service: &str) {
+        if let Ok(mut m) = self.names.write() {
+            m.insert(
+                authority.to_string(),
+                (service.to_string(), authority.to_string()),
+            );
+        }
+    }
+
+    /// An authority naming both the service and its endpoint
+    /// (`<service>.<host>:<port>`), to put in request URIs.
+    pub fn route(&self, service: &str, endpoint: &str) -> String {
+        let key = format!("{service}.{endpoint}");
+        if let Ok(mut m) = self.names.write() {
+            m.entry(key.clone())
+                .or_insert_with(|| (service.to_string(), endpoint.to_string()));
+        }
+        key
+    }
+
+    fn lookup(&self, authority: &str) -> Option<(String, String)> {
+        self.names.read().ok()?.get(authority).cloned()
+    }
+}
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<MeshStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let authority = uri
+                .authority()
+                .ok_or("uri has no authority")?
+                .as_str()
+                .to_string();
+            let (service, addr) = this
+                .lookup(&authority)
+                .ok_or_else(|| format!("{authority} is not a known mesh endpoint"))?;
+            let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr))
+                .await
+                .map_err(|_| format!("connecting to {addr} timed out"))??;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(service.clone())?;
+            let tls = tokio::time::timeout(
+                Duration::from_secs(5),
+                TlsConnector::from(this.tls.client()).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| format!("TLS handshake with {authority} timed out"))??;
+            Ok(MeshStream(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// A TLS connection to a mesh peer, speaking HTTP/2.
+pub struct MeshStream(TokioIo<TlsStream<TcpStream>>);
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}

@@ -1,0 +1,295 @@
+//! The Cirrus sidecar: one beside every service instance, the only way
+//! services talk to each other.
+//!
+//! - [`tls`]: rustls configurations from files, re-read when they change;
+//! - [`policy`]: who may call which method (default deny);
+//! - [`authn`]: offline token verification fed by identity's `Watch`;
+//! - [`catalog`]: service names to internal endpoints;
+//! - [`connector`]: dialling peers over mTLS, checking their SPIFFE id;
+//! - [`proxy`]: the inbound and outbound request paths and their limits;
+//! - [`config`]: what the operator sets.
+//!
+//! [`run`] serves the internal (mTLS), public (server TLS) and outbound
+//! (loopback plaintext) listeners until shutdown, then drains.
+
+pub mod authn;
+pub mod catalog;
+pub mod config;
+pub mod connector;
+pub mod policy;
+pub mod proxy;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+pub use config::Config;
+
+/// The listeners a sidecar serves; the caller binds them (ephemeral ports in tests).
+pub struct Listeners {
+    pub internal: TcpListener,
+    pub public: Option<TcpListener>,
+    pub outbound: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(c: &Config) -> std::io::Result<Self> {
+        let bind = |a| async move {
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+        };
+        Ok(Self {
+            internal: bind(c.internal_listen).await?,
+            public: match c.public_listen {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+            outbound: match c.outbound_listen {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// A channel to identity: straight (http://) or through its sidecar over mTLS (https://).
+fn identity_channel(c: &Config, connector: &connector::MeshConnector) -> anyhow::Result<Channel> {
+    let url = &c.identity_url;
+    if let Some(rest) = url.strip_prefix("https://") {
+        let authority = rest.split('/').next().unwrap_or(rest);
+        connector.expect(authority, "identity");
+        Ok(Endpoint::from_shared(format!("http://{authority}"))?
+            .timeout(Duration::from_secs(3600 * 24))
+            .connect_with_connector_lazy(connector.clone()))
+    } else {
+        Ok(Endpoint::from_shared(url.clone())?.connect_lazy())
+    }
+}
+
+/// Serves until `shutdown`, then stops accepting and drains for `drain_secs`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let policy = Arc::new(policy::Policy::load(&config.policy)?);
+    let tls = tls::Tls::load(tls::Files {
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+        bundle: config.bundle.clone(),
+    })?;
+    let reloader = tls.spawn_reloader(Duration::from_secs(2));
+    let connector = connector::MeshConnector::new(tls.clone());
+    let identity = identity_channel(&config, &connector)?;
+
+    let self_id = certs::service_id(&config.service, None)?;
+    let authn = authn::Authn::default();
+    let watcher = authn.spawn_watch(identity.clone(), self_id.clone());
+    let max_ttl = time::Duration::seconds(i64::try_from(config.max_token_ttl_secs).unwrap_or(3600));
+    let pruner = {
+        let authn = authn.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                authn.prune(max_ttl);
+            }
+        })
+    };
+
+    let limits = proxy::Limits {
+        max_message_bytes: config.max_message_bytes,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+    };
+    let inflight = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let inbound = Arc::new(proxy::Inbound {
+        service: config.service.clone(),
+        policy,
+        authn,
+        upstream: config.upstream.to_string(),
+        client: proxy::Inbound::client(),
+        limits: limits.clone(),
+        inflight: inflight.clone(),
+    });
+    let outbound = Arc::new(proxy::Outbound {
+        service: config.service.clone(),
+        catalog: catalog::Catalog::new(identity, self_id),
+        connector: connector.clone(),
+        client: proxy::Outbound::client(connector),
+        limits,
+        inflight,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let h2 = {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.max_concurrent_streams(config.h2_max_concurrent_streams)
+            .max_header_list_size(config.max_header_bytes);
+        b
+    };
+
+    tracing::info!(service = %config.service, internal = %listeners.internal.local_addr()?, "sidecar serving");
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(accept_tls(
+        listeners.internal,
+        tls.clone(),
+        false,
+        inbound.clone(),
+        h2.clone(),
+        graceful.clone(),
+        stop_rx.clone(),
+    )));
+    if let Some(l) = listeners.public {
+        tasks.push(tokio::spawn(accept_tls(
+            l,
+            tls.clone(),
+            true,
+            inbound.clone(),
+            h2.clone(),
+            graceful.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(l) = listeners.outbound {
+        tasks.push(tokio::spawn(accept_plain(
+            l,
+            outbound,
+            h2,
+            graceful.clone(),
+            stop_rx,
+        )));
+    }
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let drain = Duration::from_secs(config.drain_secs);
+    if let Ok(graceful) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!("drain took longer than {drain:?}; closing the remaining connections");
+    }
+    reloader.abort();
+    watcher.abort();
+    pruner.abort();
+    tracing::info!("sidecar stopped");
+    Ok(())
+}
+
+async fn accept_tls(
+    listener: TcpListener,
+    tls: tls::Tls,
+    public: bool,
+    state: Arc<proxy::Inbound>,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener_name = if public { "public" } else { "internal" };
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let config = if public { tls.public() } else { tls.internal() };
+        let (state, h2, watcher) = (state.clone(), h2.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics::counter!("sidecar_handshake_failures_total", "listener" => listener_name).increment(1);
+                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("sidecar_handshake_failures_total", "listener" => listener_name).increment(1);
+                    return;
+                }
+            };
+            let peer: Arc<str> = if public {
+                Arc::from(policy::EXTERNAL)
+            } else {
+                let id = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| certs::spiffe_id_of_der(c));
+                match id {
+                    Some(id) => Arc::from(id.as_str()),
+                    None => {
+                        metrics::counter!("sidecar_handshake_failures_total", "listener" => listener_name).increment(1);
+                        tracing::info!(%remote, "peer certificate has no SPIFFE id");
+                        return;
+                    }
+                }
+            };
+            let svc =
+                service_fn(move |req| proxy::inbound(state.clone(), peer.clone(), public, req));
+            let conn = h2.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%remote, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+async fn accept_plain(
+    listener: TcpListener,
+    state: Arc<proxy::Outbound>,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((t, _)) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (state, h2, watcher) = (state.clone(), h2.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| proxy::outbound(state.clone(), req));
+            let conn = h2.serve_connection(TokioIo::new(tcp), svc);
+            let _ = watcher.watch(conn).await;
+        });
+    }
+}
+
+/// Resolves once shutdown has been signalled.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
