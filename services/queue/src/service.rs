@@ -82,10 +82,13 @@ impl Queue {
         let q = Queue { inner };
         let mut tasks = Vec::new();
         let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
+        let (notify_tx, notify_rx) = mpsc::channel(1024);
+        tasks.push(tokio::spawn(notifier(q.inner.pool.clone(), notify_rx)));
         for _ in 0..config.committers.max(1) {
             tasks.push(tokio::spawn(committer(
                 q.inner.pool.clone(),
                 q.inner.wakers.clone(),
+                notify_tx.clone(),
                 rx.clone(),
                 config.clone(),
             )));
@@ -289,6 +292,7 @@ impl Queue {
 async fn committer(
     pool: Pool,
     wakers: Wakers,
+    notifier: mpsc::Sender<Vec<i32>>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<PublishJob>>>,
     config: Config,
 ) {
@@ -318,7 +322,7 @@ async fn committer(
             Ok(results) => {
                 let topics = topics_of(&jobs);
                 finish(&wakers, jobs, results);
-                notify_replicas(&pool, &topics).await;
+                notify_replicas(&notifier, topics);
             }
             Err(e) if jobs.len() > 1 => {
                 // One bad job (say, its topic was just deleted) must not fail
@@ -330,7 +334,7 @@ async fn committer(
                         Ok(mut res) => {
                             let topics = topics_of(std::slice::from_ref(&job));
                             finish(&wakers, vec![job], vec![res.remove(0)]);
-                            notify_replicas(&pool, &topics).await;
+                            notify_replicas(&notifier, topics);
                         }
                         Err(e) => {
                             let _ = job.reply.send(Err(e));
@@ -354,16 +358,30 @@ fn topics_of(jobs: &[PublishJob]) -> Vec<i32> {
     t
 }
 
-/// Tells the other replicas (after the publishers have their answer).
-async fn notify_replicas(pool: &Pool, topics: &[i32]) {
-    let r = async {
-        let c = pool.get().await?;
-        repo::notify(&c, topics).await
-    }
-    .await;
-    if let Err(e) = r {
-        // Their consumers still poll: a lost wake-up only delays.
-        tracing::debug!(error = %e, "notify failed");
+/// Hands the topics to the notifier; never waits. When the notifier is
+/// behind, the wake-up is dropped: the other replicas' consumers still poll.
+fn notify_replicas(notifier: &mpsc::Sender<Vec<i32>>, topics: Vec<i32>) {
+    let _ = notifier.try_send(topics);
+}
+
+/// Tells the other replicas about commits, off the publishers' path, with
+/// all the topics that piled up meanwhile in one statement.
+async fn notifier(pool: Pool, mut rx: mpsc::Receiver<Vec<i32>>) {
+    while let Some(first) = rx.recv().await {
+        let mut topics = first;
+        while let Ok(more) = rx.try_recv() {
+            topics.extend(more);
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        let r = async {
+            let c = pool.get().await?;
+            repo::notify(&c, &topics).await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "notify failed");
+        }
     }
 }
 
