@@ -80,6 +80,20 @@ fn plain_copy(src: &Path, dst: &Path) -> std::io::Result<Duration> {
     Ok(d)
 }
 
+/// User + system CPU seconds the process has used, from /proc/<pid>/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name "(...)": state is field 3, utime 14, stime 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn memory_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -227,18 +241,18 @@ fn main() -> anyhow::Result<()> {
             }))
             .await?
             .into_inner();
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), cpu_secs(pid));
         let done = upload(&mut client, &src, &img.id).await?;
-        let up = t.elapsed();
+        let (up, up_cpu) = (t.elapsed(), cpu_secs(pid) - cpu0);
         anyhow::ensure!(
             done.size == Some(size as u64),
             "uploaded size {:?}",
             done.size
         );
 
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), cpu_secs(pid));
         let got = download(&mut client, &img.id, &dir.path().join("download.bin")).await?;
-        let down = t.elapsed();
+        let (down, down_cpu) = (t.elapsed(), cpu_secs(pid) - cpu0);
         anyhow::ensure!(got == size as u64, "downloaded {got} bytes");
 
         let copy2 = plain_copy(&src, &dir.path().join("copy.bin"))?;
@@ -247,10 +261,11 @@ fn main() -> anyhow::Result<()> {
 
         let copy = (copy1 + copy2) / 2;
         let base = mb_per_s(size as u64, copy);
-        let row = |what: &str, d: Duration| {
+        let row = |what: &str, d: Duration, cpu: Option<f64>| {
             let r = mb_per_s(size as u64, d);
+            let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.2} s"));
             println!(
-                "| {what:<32} | {:>8.1} | {:>9.2} | {:>6.0}% |",
+                "| {what:<28} | {:>7.2} | {:>7.1} | {:>6.0}% | {cpu:>11} |",
                 d.as_secs_f64(),
                 r,
                 100.0 * r / base
@@ -259,13 +274,13 @@ fn main() -> anyhow::Result<()> {
         println!();
         println!("image service, {size_mib} MiB, client -> {target} (direct, no sidecar yet)");
         println!(
-            "| {:<32} | {:>8} | {:>9} | {:>7} |",
-            "transfer", "seconds", "MB/s", "vs copy"
+            "| {:<28} | {:>7} | {:>7} | {:>7} | {:>11} |",
+            "transfer", "seconds", "MB/s", "vs copy", "service CPU"
         );
-        println!("|{:-<34}|{:->10}|{:->11}|{:->9}|", "", "", "", "");
-        row("plain file copy (mean of 2)", copy);
-        row("upload (client stream)", up);
-        row("download (server stream)", down);
+        println!("|{:-<30}|{:->9}|{:->9}|{:->9}|{:->13}|", "", "", "", "", "");
+        row("plain file copy (mean of 2)", copy, None);
+        row("upload (client stream)", up, Some(up_cpu));
+        row("download (server stream)", down, Some(down_cpu));
         println!("service peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
         println!(
             "plain copy runs: {:.2} s and {:.2} s",

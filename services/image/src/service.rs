@@ -588,29 +588,41 @@ impl Images {
     where
         S: Stream<Item = Result<Bytes>> + Send + Unpin,
     {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+        // Two store threads, each fed through a bounded channel: one writes,
+        // one hashes, so that neither waits for the other. Both end when
+        // their channel closes.
+        let (wtx, mut wrx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+        let (htx, mut hrx) = mpsc::channel::<Bytes>(PIPELINE_DEPTH);
         let store = self.inner.store.clone();
         let id = image.id;
-        // The store thread hashes and writes; it ends when the channel closes.
-        let writer = tokio::task::spawn_blocking(move || -> Result<Written> {
+        let writer = tokio::task::spawn_blocking(move || -> Result<(Box<dyn StoreWriter>, u64)> {
             let mut writer = store.begin(id)?;
-            let mut hasher = Sha256::new();
             let mut size = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
+            while let Some(chunk) = wrx.blocking_recv() {
                 writer.write_all(&chunk)?;
                 size += chunk.len() as u64;
             }
             writer.flush()?;
-            Ok(Written {
+            Ok((writer, size))
+        });
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = hrx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hex::encode(hasher.finalize())
+        });
+        let result = self.pump(image, limits, used, &mut data, wtx, htx).await;
+        // The senders are gone (pump took them): the store threads finish.
+        let sha256 = hasher.await.map_err(join_err)?;
+        let written = writer
+            .await
+            .map_err(join_err)?
+            .map(|(writer, size)| Written {
                 writer,
                 size,
-                sha256: hex::encode(hasher.finalize()),
-            })
-        });
-        let result = self.pump(image, limits, used, &mut data, tx).await;
-        // The sender is gone (pump took it): the store thread finishes.
-        let written = writer.await.map_err(join_err)?;
+                sha256,
+            });
         match (result, written) {
             (Ok(()), Ok(w)) => Ok(w),
             (Err(f), w) => {
@@ -628,7 +640,8 @@ impl Images {
         limits: Limits,
         used: u64,
         data: &mut S,
-        tx: mpsc::Sender<Bytes>,
+        to_store: mpsc::Sender<Bytes>,
+        to_hasher: mpsc::Sender<Bytes>,
     ) -> Result<(), Failed>
     where
         S: Stream<Item = Result<Bytes>> + Send + Unpin,
@@ -669,7 +682,8 @@ impl Images {
                 ))));
             }
             inspector.feed(&chunk).map_err(|r| Failed::Kill(r.0))?;
-            if tx.send(chunk).await.is_err() {
+            // `Bytes` clones share the buffer: no copy.
+            if to_hasher.send(chunk.clone()).await.is_err() || to_store.send(chunk).await.is_err() {
                 // The store thread stopped: its error comes out of receive.
                 return Ok(());
             }
