@@ -229,7 +229,7 @@ fn check_qcow2(head: &[u8]) -> Verdict {
             return reject(&format!("unknown incompatible features {incompatible:#x}"));
         }
         let len = be32(head, 100).unwrap_or(0) as usize;
-        if len < 104 || len % 8 != 0 || len > cluster_size {
+        if len < 104 || !len.is_multiple_of(8) || len > cluster_size {
             return reject(&format!("invalid header_length {len}"));
         }
         len

@@ -107,10 +107,10 @@ impl StoreWriter for FsWriter {
 
 impl Drop for FsWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            if let Err(e) = fs::remove_file(&self.tmp) {
-                tracing::warn!(path = %self.tmp.display(), error = %e, "cannot remove a partial upload");
-            }
+        if self.file.take().is_some()
+            && let Err(e) = fs::remove_file(&self.tmp)
+        {
+            tracing::warn!(path = %self.tmp.display(), error = %e, "cannot remove a partial upload");
         }
     }
 }

@@ -80,7 +80,7 @@ async fn one_gib_streams_in_and_out_with_rss_under_100_mib() {
         .expect("a chunk within 60 s")
         .unwrap()
     {
-        if got % MIB as u64 == 0 && m.data.len() >= 8 {
+        if got.is_multiple_of(MIB as u64) && m.data.len() >= 8 {
             let i = (got / MIB as u64) as usize;
             assert_eq!(&m.data[..8], &chunk(i)[..8], "chunk {i}");
         }
