@@ -37,6 +37,8 @@ const PRELOAD: usize = 20_000;
 const CONSUMERS: usize = 4;
 const CREDITS: u32 = 256;
 const PAYLOAD: usize = 256;
+/// A light load, to show the latency floor.
+const LOW_RATE: f64 = 200.0;
 
 fn phase() -> Duration {
     Duration::from_secs(
@@ -73,6 +75,8 @@ struct Figures {
     p50: Duration,
     p99: Duration,
     confirm_p50: Duration,
+    low_p50: Duration,
+    low_p99: Duration,
     latency_rate: f64,
     consume: f64,
 }
@@ -386,8 +390,8 @@ impl Rabbit {
                     if batch == 1 {
                         let confirm = ch
                             .basic_publish(
-                                "".into(),
-                                queue.as_str().into(),
+                                "",
+                                queue.as_str(),
                                 BasicPublishOptions::default(),
                                 &body,
                                 persistent(),
@@ -400,8 +404,8 @@ impl Rabbit {
                     } else {
                         for _ in 0..batch {
                             ch.basic_publish(
-                                "".into(),
-                                queue.as_str().into(),
+                                "",
+                                queue.as_str(),
                                 BasicPublishOptions::default(),
                                 &body,
                                 persistent(),
@@ -430,8 +434,8 @@ impl Rabbit {
             .unwrap();
         let mut consumer = ch
             .basic_consume(
-                queue.into(),
-                "latency".into(),
+                queue,
+                "latency",
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -467,8 +471,8 @@ impl Rabbit {
             let (ch, q) = (chans[i % chans.len()].clone(), q.clone());
             async move {
                 ch.basic_publish(
-                    "".into(),
-                    q.as_str().into(),
+                    "",
+                    q.as_str(),
                     BasicPublishOptions::default(),
                     &payload(Some(Instant::now()), epoch),
                     persistent(),
@@ -499,8 +503,8 @@ impl Rabbit {
         let body = payload(None, self.epoch);
         for _ in 0..PRELOAD {
             ch.basic_publish(
-                "".into(),
-                queue.into(),
+                "",
+                queue,
                 BasicPublishOptions::default(),
                 &body,
                 persistent(),
@@ -519,8 +523,8 @@ impl Rabbit {
                 .unwrap();
             let mut consumer = ch
                 .basic_consume(
-                    queue.into(),
-                    format!("drain-{i}").as_str().into(),
+                    queue,
+                    format!("drain-{i}").as_str(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
@@ -664,6 +668,13 @@ async fn async_main() {
             .await;
         r.latency_rate = offered;
     }
+    eprintln!("publish -> deliver latency at {LOW_RATE} msg/s ...");
+    (c.low_p50, c.low_p99, _) = cirrus.latency("bench.latency-low", LOW_RATE).await;
+    if let Some(rb) = &rabbit {
+        (r.low_p50, r.low_p99, _) = rb
+            .latency(&format!("cirrus-bench-latency-low-{tag}"), LOW_RATE)
+            .await;
+    }
     eprintln!("consume and ack ...");
     c.consume = cirrus.consume_rate("bench.consume").await;
     if let Some(rb) = &rabbit {
@@ -703,6 +714,12 @@ async fn async_main() {
         offered,
         ms(c.p99),
         na(ms(r.p99))
+    );
+    println!(
+        "| publish→deliver p50 / p99 at {LOW_RATE:.0} msg/s | {} / {} | {} | - |",
+        ms(c.low_p50),
+        ms(c.low_p99),
+        na(format!("{} / {}", ms(r.low_p50), ms(r.low_p99)))
     );
     println!(
         "| publish→confirm p50 at {:.0} msg/s (the durable write alone) | {} | {} | - |",

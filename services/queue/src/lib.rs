@@ -88,7 +88,7 @@ impl Default for Config {
             dedupe_window_secs: 600,
             default_retention_secs: 86_400,
             default_max_attempts: 5,
-            committers: 8,
+            committers: 4,
             commit_batch_messages: 1000,
             poll_interval_ms: 1000,
             sweep_interval_secs: 30,

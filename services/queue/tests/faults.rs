@@ -208,7 +208,7 @@ async fn two_replicas_and_competing_consumers_deliver_each_message_once() {
                 .unwrap(),
         );
     }
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(published.len(), N);
     assert_eq!(seen.len(), N, "every message delivered");
     assert!(
@@ -276,7 +276,7 @@ async fn per_key_order_holds_under_competing_consumers() {
             .unwrap()
             .unwrap();
     }
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), KEYS * PER_KEY);
     for k in 0..KEYS {
         let order: Vec<usize> = log
