@@ -9,6 +9,8 @@ need_apt=()
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql postgresql-client)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v tar >/dev/null 2>&1 || need_apt+=(tar)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   apt-get update -qq

@@ -27,12 +27,7 @@ pub struct Client {
 
 impl Client {
     fn req<T>(&self, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.set_timeout(DEADLINE);
-        if let Ok(v) = format!("Bearer {}", self.token).parse() {
-            r.metadata_mut().insert("authorization", v);
-        }
-        r
+        with_token(msg, &self.token)
     }
     fn tokens(&self) -> TokensClient<Channel> {
         TokensClient::new(self.channel.clone())
@@ -51,14 +46,48 @@ impl Client {
     }
 }
 
-pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid url {url:?}"))?
+/// A channel to the profile's endpoint: plaintext for `http://`, TLS with
+/// the cluster's CA for `https://` (plus the operator certificate if given).
+pub async fn channel(p: &Profile) -> anyhow::Result<Channel> {
+    let url = &p.url;
+    let Some(rest) = url.strip_prefix("https://") else {
+        return tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("invalid url {url:?}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(DEADLINE)
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {url}"));
+    };
+    if p.ca_cert.is_empty() {
+        bail!(
+            "{url} is https: set ca_cert in the profile (or CIRRUS_CA_CERT) to the cluster's bundle.pem"
+        );
+    }
+    let client = match (p.client_cert.is_empty(), p.client_key.is_empty()) {
+        (false, false) => Some((Path::new(&p.client_cert), Path::new(&p.client_key))),
+        _ => None,
+    };
+    let tls = sidecar::tls::client_config(Path::new(&p.ca_cert), client)?;
+    let connector = sidecar::connector::MeshConnector::with_config(tls);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    connector.expect(authority, &p.server_name);
+    tonic::transport::Endpoint::from_shared(format!("http://{authority}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(DEADLINE)
-        .connect()
+        .connect_with_connector(connector)
         .await
-        .with_context(|| format!("cannot reach identity at {url}"))
+        .with_context(|| format!("cannot reach {url}"))
+}
+
+/// A request carrying a bearer token and the CLI's deadline.
+pub fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(DEADLINE);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
 }
 
 fn password_request(p: &Profile) -> pb::AuthenticateRequest {
@@ -90,7 +119,7 @@ pub async fn login(
     p.check_password_login()?;
     let mut req = Request::new(password_request(p));
     req.set_timeout(DEADLINE);
-    let issued = TokensClient::new(channel(&p.url).await?)
+    let issued = TokensClient::new(channel(p).await?)
         .authenticate(req)
         .await?
         .into_inner();
@@ -124,7 +153,7 @@ pub async fn client(p: &Profile, profile_path: Option<&Path>) -> anyhow::Result<
         login(p, profile_path).await?.token
     };
     Ok(Client {
-        channel: channel(&p.url).await?,
+        channel: channel(p).await?,
         token,
     })
 }

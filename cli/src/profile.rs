@@ -21,6 +21,13 @@ pub struct Profile {
     pub project_domain_name: String,
     /// Use this token instead of a password.
     pub token: String,
+    /// For `https://` URLs: the cluster's trust bundle (PEM).
+    pub ca_cert: String,
+    /// The service expected at `url` (its certificate's SPIFFE id); default `identity`.
+    pub server_name: String,
+    /// An operator certificate and key, for mTLS to an internal endpoint.
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 impl Profile {
@@ -35,6 +42,9 @@ impl Profile {
         }
         if p.project_domain_name.is_empty() {
             p.project_domain_name = "Default".into();
+        }
+        if p.server_name.is_empty() {
+            p.server_name = "identity".into();
         }
         Ok(p)
     }

@@ -1,8 +1,10 @@
 //! `cirrus up` and `cirrus down`: the dev launcher. It finds or starts
-//! Postgres, provisions each service's schema and login role, bootstraps
-//! identity, runs every service as a child process with its log in the state
-//! directory, prints the endpoints, and stops everything on Ctrl-C, SIGTERM
-//! or `cirrus down`. A second `cirrus up` reuses the state directory.
+//! Postgres, provisions each service's schema and login role, makes the
+//! cluster CA and a short-lived certificate per workload, bootstraps
+//! identity, runs every service and its sidecar as child processes with
+//! their logs in the state directory, registers them in the catalog, prints
+//! the endpoints, renews certificates while it runs, and stops everything on
+//! Ctrl-C, SIGTERM or `cirrus down`. A second `cirrus up` reuses the state.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use proto::identity::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
@@ -18,18 +21,52 @@ use crate::profile::Profile;
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
-    /// Where state, logs, keys and credentials live.
+    /// Where state, logs, keys, certificates and credentials live.
     #[arg(long, default_value = ".state", env = "CIRRUS_STATE_DIR")]
     pub state_dir: PathBuf,
-    /// Port of the identity service's gRPC API.
+    /// First of the ports used: service i takes base+10i (the service on
+    /// loopback), +1 (its sidecar's internal mTLS endpoint), +2 (public TLS
+    /// endpoint), +3 (outbound), +4 and +5 (metrics of service and sidecar).
     #[arg(long, default_value_t = 5050)]
-    pub identity_port: u16,
-    /// Port of the identity service's Prometheus metrics.
-    #[arg(long, default_value_t = 9150)]
-    pub identity_metrics_port: u16,
+    pub port_base: u16,
     /// Return once the cloud is up, leaving it running in the background.
     #[arg(long, short)]
     pub detach: bool,
+}
+
+/// Every service `cirrus up` runs, in start order (identity first: the others need it).
+const SERVICES: [&str; 3] = ["identity", "queue", "image"];
+
+/// How long workload certificates live; they are renewed at a third left.
+const CERT_HOURS: i64 = 24;
+
+/// The ports of service number `i`.
+#[derive(Clone, Copy)]
+struct Ports {
+    service: u16,
+    internal: u16,
+    public: u16,
+    outbound: u16,
+    metrics: u16,
+    sidecar_metrics: u16,
+}
+
+impl Ports {
+    fn of(base: u16, i: usize) -> Self {
+        let b = base + 10 * i as u16;
+        Self {
+            service: b,
+            internal: b + 1,
+            public: b + 2,
+            outbound: b + 3,
+            metrics: b + 4,
+            sidecar_metrics: b + 5,
+        }
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// What a state directory remembers between runs.
@@ -61,6 +98,9 @@ impl State {
     }
     fn log(&self, name: &str) -> PathBuf {
         self.dir.join("logs").join(format!("{name}.log"))
+    }
+    fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
     }
 }
 
@@ -112,10 +152,8 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         .arg("up")
         .arg("--state-dir")
         .arg(&state.dir)
-        .arg("--identity-port")
-        .arg(args.identity_port.to_string())
-        .arg("--identity-metrics-port")
-        .arg(args.identity_metrics_port.to_string())
+        .arg("--port-base")
+        .arg(args.port_base.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -123,7 +161,7 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
     let mut child = child
         .spawn()
         .context("starting cirrus up in the background")?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if let Ok(summary) = std::fs::read_to_string(state.path("ready")) {
             print!("{summary}");
@@ -142,7 +180,7 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "cirrus up was not ready within 120 s; see {}",
+                "cirrus up was not ready within 180 s; see {}",
                 state.log("up").display()
             );
         }
@@ -156,8 +194,94 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 struct Running {
-    name: &'static str,
+    name: String,
     child: Child,
+}
+
+/// Makes the CA once, and a certificate for every workload that lacks a fresh one.
+fn ensure_pki(state: &State) -> anyhow::Result<()> {
+    let dir = state.pki();
+    if !dir.join("ca.crt").is_file() {
+        certs::Authority::create("Cirrus cluster CA", time::Duration::days(3650))?.save(&dir)?;
+    }
+    renew_certs(state)
+}
+
+/// Re-issues certificates with less than a third of their life left; the
+/// sidecars pick the new files up without a restart.
+fn renew_certs(state: &State) -> anyhow::Result<()> {
+    let dir = state.pki();
+    let validity = time::Duration::hours(CERT_HOURS);
+    let mut ca = None;
+    for svc in SERVICES {
+        if certs::needs_renewal(&dir.join(format!("{svc}.crt")), validity) {
+            let ca = match &mut ca {
+                Some(c) => c,
+                None => ca.insert(certs::Authority::load(&dir)?),
+            };
+            let pair = ca.issue(
+                &certs::service_id(svc, None)?,
+                &[svc.to_string(), "localhost".into()],
+                validity,
+            )?;
+            certs::write_pair(&dir, svc, &pair)?;
+        }
+    }
+    if certs::needs_renewal(&dir.join("user-admin.crt"), validity) {
+        let ca = match &mut ca {
+            Some(c) => c,
+            None => ca.insert(certs::Authority::load(&dir)?),
+        };
+        let pair = ca.issue(&certs::user_id("admin")?, &[], validity)?;
+        certs::write_pair(&dir, "user-admin", &pair)?;
+    }
+    Ok(())
+}
+
+/// The service's config file: where it listens, its database, its extras.
+fn service_config(state: &State, svc: &str, p: Ports, db_url: &str) -> String {
+    let mut c = format!(
+        "listen = \"{}\"\nmetrics_listen = \"{}\"\ndatabase_url = \"{db_url}\"\n",
+        local(p.service),
+        local(p.metrics)
+    );
+    match svc {
+        "identity" => c.push_str(&format!(
+            "key_dir = \"{}\"\n",
+            state.path("identity/keys").display()
+        )),
+        "image" => c.push_str(&format!(
+            "store_dir = \"{}\"\n",
+            state.path("image/store").display()
+        )),
+        _ => {}
+    }
+    c
+}
+
+/// The sidecar's config file. Identity's own sidecar follows identity
+/// straight on loopback; every other one through identity's sidecar.
+fn sidecar_config(state: &State, svc: &str, p: Ports, identity: Ports) -> String {
+    let pki = state.pki();
+    let identity_url = if svc == "identity" {
+        format!("http://{}", local(identity.service))
+    } else {
+        format!("https://{}", local(identity.internal))
+    };
+    format!(
+        "service = \"{svc}\"\ninternal_listen = \"{}\"\npublic_listen = \"{}\"\noutbound_listen = \"{}\"\n\
+         upstream = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\nidentity_url = \"{identity_url}\"\n\
+         policy = \"{}\"\nmetrics_listen = \"{}\"\n",
+        local(p.internal),
+        local(p.public),
+        local(p.outbound),
+        local(p.service),
+        pki.join(format!("{svc}.crt")).display(),
+        pki.join(format!("{svc}.key")).display(),
+        pki.join("bundle.pem").display(),
+        state.path(&format!("policy/{svc}.toml")).display(),
+        local(p.sidecar_metrics),
+    )
 }
 
 async fn run_foreground(state: &State, args: &UpArgs) -> anyhow::Result<()> {
@@ -176,80 +300,123 @@ async fn run_foreground(state: &State, args: &UpArgs) -> anyhow::Result<()> {
             ensure_database(&cluster.admin_url, "cirrus").await?;
             with_dbname(&cluster.admin_url, "cirrus")?
         };
+        ensure_pki(state)?;
+        // The default policies, written once; an operator may edit them.
+        std::fs::create_dir_all(state.path("policy"))?;
+        for (svc, text) in sidecar::policy::DEFAULTS {
+            let p = state.path(&format!("policy/{svc}.toml"));
+            if !p.exists() {
+                std::fs::write(&p, text)?;
+            }
+        }
 
-        // identity
-        let identity_url = runtime::db::provision(&db_admin_url, "identity").await?;
-        let listen = SocketAddr::from(([127, 0, 0, 1], args.identity_port));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], args.identity_metrics_port));
-        let config = format!(
-            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\ndatabase_url = \"{identity_url}\"\nkey_dir = \"{}\"\n",
-            state.path("identity/keys").display()
-        );
-        let identity_toml = state.path("identity.toml");
-        std::fs::write(&identity_toml, config)?;
-
+        let identity_ports = Ports::of(args.port_base, 0);
         let profile_path = state.path("admin.toml");
         let mut profile = Profile::load(Some(&profile_path)).unwrap_or_default();
         if profile.password.is_empty() {
-            profile = Profile {
-                url: format!("http://{listen}"),
-                username: "admin".into(),
-                password: uuid::Uuid::new_v4().simple().to_string(),
-                user_domain_name: "Default".into(),
-                project_name: "admin".into(),
-                project_domain_name: "Default".into(),
-                token: String::new(),
-            };
+            profile.password = uuid::Uuid::new_v4().simple().to_string();
         }
-        profile.url = format!("http://{listen}");
+        profile.url = format!("https://{}", local(identity_ports.public));
+        profile.username = "admin".into();
+        profile.user_domain_name = "Default".into();
+        profile.project_name = "admin".into();
+        profile.project_domain_name = "Default".into();
+        profile.ca_cert = state.pki().join("bundle.pem").display().to_string();
         profile.write(&profile_path)?;
+        let mut internal = profile.clone();
+        internal.url = format!("https://{}", local(identity_ports.internal));
+        internal.client_cert = state.pki().join("user-admin.crt").display().to_string();
+        internal.client_key = state.pki().join("user-admin.key").display().to_string();
+        internal.write(&state.path("admin-internal.toml"))?;
 
-        let bin = service_binary(&bin_dir, "identity")?;
-        let status = tokio::time::timeout(
-            Duration::from_secs(120),
-            service_command(&bin, &identity_toml, state.log("identity"))?
-                .arg("bootstrap")
-                .env("CIRRUS_ADMIN_PASSWORD", &profile.password)
-                .status(),
-        )
-        .await
-        .context("identity bootstrap did not finish within 120 s")??;
-        if !status.success() {
-            bail!("identity bootstrap failed; see {}", state.log("identity").display());
+        let mut lines = Vec::new();
+        for (i, svc) in SERVICES.iter().enumerate() {
+            let ports = Ports::of(args.port_base, i);
+            let db_url = runtime::db::provision(&db_admin_url, svc).await?;
+            let conf = state.path(&format!("{svc}.toml"));
+            std::fs::write(&conf, service_config(state, svc, ports, &db_url))?;
+            let side_conf = state.path(&format!("{svc}-sidecar.toml"));
+            std::fs::write(&side_conf, sidecar_config(state, svc, ports, identity_ports))?;
+            let bin = service_binary(&bin_dir, svc)?;
+
+            if *svc == "identity" {
+                let status = tokio::time::timeout(
+                    Duration::from_secs(120),
+                    service_command(&bin, &conf, state.log(svc))?
+                        .arg("bootstrap")
+                        .arg("--public-url")
+                        .arg(format!("https://{}", local(ports.public)))
+                        .arg("--internal-url")
+                        .arg(format!("https://{}", local(ports.internal)))
+                        .env("CIRRUS_ADMIN_PASSWORD", &profile.password)
+                        .status(),
+                )
+                .await
+                .context("identity bootstrap did not finish within 120 s")??;
+                if !status.success() {
+                    bail!("identity bootstrap failed; see {}", state.log(svc).display());
+                }
+            }
+            let child = service_command(&bin, &conf, state.log(svc))?
+                .arg("serve")
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {svc}"))?;
+            children.push(Running {
+                name: svc.to_string(),
+                child,
+            });
+            wait_healthy(svc, local(ports.service), &mut children, state).await?;
+            let side = service_binary(&bin_dir, "sidecar")?;
+            let name = format!("{svc}-sidecar");
+            let child = service_command(&side, &side_conf, state.log(&name))?
+                .arg("serve")
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {name}"))?;
+            children.push(Running { name, child });
+            wait_listening(&format!("{svc}-sidecar"), local(ports.internal), &mut children, state).await?;
+            if *svc != "identity" {
+                register(&profile, identity_ports, svc, ports).await?;
+            }
+            lines.push(format!(
+                "  {svc:<9} public https://{}   internal https://{}   metrics http://{}/metrics   log {}\n",
+                local(ports.public),
+                local(ports.internal),
+                local(ports.metrics),
+                state.log(svc).display()
+            ));
         }
-        let child = service_command(&bin, &identity_toml, state.log("identity"))?
-            .arg("serve")
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting identity")?;
-        children.push(Running { name: "identity", child });
-        wait_healthy("identity", listen, &mut children, state).await?;
 
         let summary = format!(
-            "Cirrus is up.\n\
-             \x20 identity   grpc {listen}   metrics http://{metrics}/metrics   log {}\n\
-             \x20 postgres   {}\n\
-             Admin credentials: {}\n\
+            "Cirrus is up.\n{}  postgres  {}\n\
+             Admin credentials: {} (public endpoint, TLS with the cluster CA)\n\
+             \x20 and {} (internal endpoint, mTLS with the operator certificate)\n\
              \x20 export CIRRUS_PROFILE={}\n\
-             \x20 cirrus token issue\n",
-            state.log("identity").display(),
+             \x20 cirrus token issue\n\
+             grpcurl: grpcurl -cacert {} -servername identity {} list\n",
+            lines.concat(),
             db_admin_url,
             profile_path.display(),
+            state.path("admin-internal.toml").display(),
             profile_path.display(),
+            state.pki().join("bundle.pem").display(),
+            local(identity_ports.public),
         );
         std::fs::write(state.path("ready"), &summary)?;
         print!("{summary}");
         println!("Stop with Ctrl-C or `cirrus down`.");
-        supervise(&mut children).await
+        supervise(state, &mut children).await
     }
     .await;
 
-    for r in &children {
+    // Stop in reverse order: sidecars before their services, identity last.
+    for r in children.iter().rev() {
         if let Some(pid) = r.child.id() {
             terminate(pid).await;
         }
     }
-    for r in &mut children {
+    for r in children.iter_mut().rev() {
         if tokio::time::timeout(Duration::from_secs(15), r.child.wait())
             .await
             .is_err()
@@ -267,14 +434,99 @@ async fn run_foreground(state: &State, args: &UpArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Waits for a signal, or for a child to die (which stops everything).
-async fn supervise(children: &mut [Running]) -> anyhow::Result<()> {
+/// Lists `svc`'s public and internal sidecar endpoints in the catalog, once.
+async fn register(admin: &Profile, identity: Ports, svc: &str, p: Ports) -> anyhow::Result<()> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", local(identity.service)))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await?;
+    let mut direct = admin.clone();
+    direct.url = format!("http://{}", local(identity.service));
+    let token = crate::commands::login(&direct, None).await?.token;
+    let a = Authed(&token);
+    let mut cat = pb::catalog_client::CatalogClient::new(channel);
+    let services = cat
+        .list_services(a.r(pb::ListRequest {}))
+        .await?
+        .into_inner()
+        .services;
+    let service_id = match services.iter().find(|s| s.name == svc) {
+        Some(s) => s.id.clone(),
+        None => {
+            cat.create_service(a.r(pb::CreateServiceRequest {
+                name: svc.into(),
+                r#type: svc.into(),
+                description: format!("Cirrus {svc} service"),
+                enabled: None,
+            }))
+            .await?
+            .into_inner()
+            .id
+        }
+    };
+    let existing = cat
+        .list_endpoints(a.r(pb::ListEndpointsRequest {
+            service_id: service_id.clone(),
+            interface: 0,
+        }))
+        .await?
+        .into_inner()
+        .endpoints;
+    for (interface, port) in [
+        (pb::Interface::Public, p.public),
+        (pb::Interface::Internal, p.internal),
+    ] {
+        let url = format!("https://{}", local(port));
+        let same = existing.iter().find(|e| e.interface == interface as i32);
+        match same {
+            Some(e) if e.url == url => continue,
+            Some(e) => {
+                cat.delete_endpoint(a.r(pb::DeleteRequest {
+                    id: e.id.clone(),
+                    ..Default::default()
+                }))
+                .await?;
+            }
+            None => {}
+        }
+        cat.create_endpoint(a.r(pb::CreateEndpointRequest {
+            service: service_id.clone(),
+            interface: interface as i32,
+            region: "RegionOne".into(),
+            url,
+            enabled: None,
+        }))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Wraps requests with the launcher's admin token.
+struct Authed<'a>(&'a str);
+
+impl Authed<'_> {
+    fn r<T>(&self, msg: T) -> tonic::Request<T> {
+        crate::commands::with_token(msg, self.0)
+    }
+}
+
+/// Waits for a signal, or for a child to die (which stops everything);
+/// renews certificates on the way.
+async fn supervise(state: &State, children: &mut [Running]) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut renew = tokio::time::interval(Duration::from_secs(60));
     let signal = runtime::serve::shutdown_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
             () = &mut signal => return Ok(()),
+            _ = renew.tick() => {
+                if let Err(e) = renew_certs(state) {
+                    eprintln!("certificate renewal failed: {e:#}");
+                }
+            }
             _ = tick.tick() => {
                 for r in children.iter_mut() {
                     if let Some(status) = r.child.try_wait()? {
@@ -284,6 +536,43 @@ async fn supervise(children: &mut [Running]) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+async fn wait_listening(
+    name: &str,
+    addr: SocketAddr,
+    children: &mut [Running],
+    state: &State,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        check_children(children, state)?;
+        if Instant::now() > deadline {
+            bail!(
+                "{name} did not listen on {addr} within 30 s; see {}",
+                state.log(name).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn check_children(children: &mut [Running], state: &State) -> anyhow::Result<()> {
+    for r in children.iter_mut() {
+        if let Some(status) = r.child.try_wait()? {
+            let log = std::fs::read_to_string(state.log(&r.name)).unwrap_or_default();
+            bail!(
+                "{} exited ({status}) while starting:\n{}",
+                r.name,
+                tail(&log, 15)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn service_binary(bin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
@@ -330,16 +619,7 @@ async fn wait_healthy(
         if runtime::serve::healthcheck(addr).await.is_ok() {
             return Ok(());
         }
-        for r in children.iter_mut() {
-            if let Some(status) = r.child.try_wait()? {
-                let log = std::fs::read_to_string(state.log(r.name)).unwrap_or_default();
-                bail!(
-                    "{} exited ({status}) while starting:\n{}",
-                    r.name,
-                    tail(&log, 15)
-                );
-            }
-        }
+        check_children(children, state)?;
         if Instant::now() > deadline {
             bail!(
                 "{name} was not healthy at {addr} within 60 s; see {}",

@@ -28,16 +28,39 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// service is never reused for another.
 #[derive(Clone)]
 pub struct MeshConnector {
-    tls: Tls,
+    tls: Source,
     /// authority → (expected service, address to dial)
     names: Arc<RwLock<HashMap<String, (String, String)>>>,
+}
+
+/// Where the client TLS configuration comes from.
+#[derive(Clone)]
+enum Source {
+    /// A workload's certificate, re-read when it changes.
+    Files(Tls),
+    /// A fixed configuration (the CLI: the trust bundle, maybe an operator certificate).
+    Fixed(Arc<rustls::ClientConfig>),
 }
 
 impl MeshConnector {
     pub fn new(tls: Tls) -> Self {
         Self {
-            tls,
+            tls: Source::Files(tls),
             names: Arc::default(),
+        }
+    }
+
+    pub fn with_config(config: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: Source::Fixed(config),
+            names: Arc::default(),
+        }
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        match &self.tls {
+            Source::Files(t) => t.client(),
+            Source::Fixed(c) => c.clone(),
         }
     }
 
@@ -94,7 +117,7 @@ impl tower::Service<Uri> for MeshConnector {
             let name = ServerName::try_from(service.clone())?;
             let tls = tokio::time::timeout(
                 Duration::from_secs(5),
-                TlsConnector::from(this.tls.client()).connect(name, tcp),
+                TlsConnector::from(this.client_config()).connect(name, tcp),
             )
             .await
             .map_err(|_| format!("TLS handshake with {authority} timed out"))??;

@@ -193,6 +193,30 @@ impl Tls {
     }
 }
 
+/// A client configuration for a user's tool: trust `bundle`, check the
+/// server's SPIFFE id, and present `client` (certificate, key) if given.
+pub fn client_config(
+    bundle: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots(bundle)?, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier { inner: webpki }));
+    let mut config = match client {
+        Some((cert, key_path)) => builder
+            .with_client_auth_cert(certs(cert)?, key(key_path)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The expected SPIFFE id of a service reached by name.
 pub fn expected_spiffe(service: &str) -> String {
     format!("spiffe://{}/svc/{service}", certs::TRUST_DOMAIN)

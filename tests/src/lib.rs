@@ -14,7 +14,7 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps")
         .to_path_buf();
-    for b in ["cirrus", "identity"] {
+    for b in ["cirrus", "identity", "sidecar", "queue", "image"] {
         assert!(
             dir.join(b).is_file(),
             "{b} is not built in {}: run `cargo build --workspace --bins` (scripts/test.sh does)",
@@ -22,6 +22,25 @@ pub fn bin_dir() -> PathBuf {
         );
     }
     dir
+}
+
+/// A base port such that `base..base + n` are all free on loopback now.
+pub fn free_port_range(n: u16) -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    for i in 0..200u64 {
+        let base =
+            20_000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 35_000) as u16;
+        let all_free =
+            (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free range of {n} ports on loopback");
 }
 
 /// A free TCP port on loopback (the kernel's choice; released before use).

@@ -10,18 +10,18 @@ async fn up_login_administer_and_down() {
     let db = TestDatabase::create().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap().to_string();
-    let (port, metrics) = (free_port(), free_port());
-    let (port_s, metrics_s) = (port.to_string(), metrics.to_string());
+    let base = free_port_range(30);
+    let base_s = base.to_string();
+    // identity is service 0: loopback base, internal base+1, public base+2, metrics base+4.
+    let (identity_port, public_port, metrics) = (base, base + 2, base + 4);
     let env = [("CIRRUS_DATABASE_URL", db.url.as_str())];
     let up_args = [
         "up",
         "--detach",
         "--state-dir",
         &state_dir,
-        "--identity-port",
-        &port_s,
-        "--identity-metrics-port",
-        &metrics_s,
+        "--port-base",
+        &base_s,
     ];
 
     let o = run("cirrus", &up_args, &env).await;
@@ -71,13 +71,37 @@ async fn up_login_administer_and_down() {
         stdout(&o)
     );
     let o = run("cirrus", &["catalog"], &admin).await;
-    assert!(stdout(&o).contains("identity"), "{}", stdout(&o));
+    for svc in ["identity", "queue", "image"] {
+        assert!(
+            stdout(&o).contains(svc),
+            "{svc} missing from the catalog: {}",
+            stdout(&o)
+        );
+    }
+    assert!(stdout(&o).contains("https://127.0.0.1"), "{}", stdout(&o));
+
+    // The operator certificate reaches the internal (mTLS) endpoint.
+    let internal = format!("{state_dir}/admin-internal.toml");
+    let o = run(
+        "cirrus",
+        &["key", "list"],
+        &[("CIRRUS_PROFILE", internal.as_str())],
+    )
+    .await;
+    assert!(
+        o.status.success() && stdout(&o).contains("primary"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 
     // Alice, by environment variables alone, may log in but not administer.
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{public_port}");
+    let bundle = format!("{state_dir}/pki/bundle.pem");
     let alice = [
         ("CIRRUS_PROFILE", "/nonexistent/profile.toml"),
         ("CIRRUS_URL", url.as_str()),
+        ("CIRRUS_CA_CERT", bundle.as_str()),
         ("CIRRUS_USERNAME", "alice"),
         ("CIRRUS_PASSWORD", "alice-pw"),
         ("CIRRUS_PROJECT_NAME", "demo"),
@@ -100,7 +124,7 @@ async fn up_login_administer_and_down() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(
         "identity",
-        &["healthcheck", &format!("127.0.0.1:{port}")],
+        &["healthcheck", &format!("127.0.0.1:{identity_port}")],
         &[],
     )
     .await;

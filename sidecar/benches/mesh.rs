@@ -1,0 +1,385 @@
+//! `cargo bench -p sidecar`: what the sidecar pair costs, measured side by
+//! side in one run. A small unary RPC (`grpc.health.v1.Health/Check` on an
+//! in-process server) is called directly, and through
+//! client → outbound sidecar → inbound sidecar → server, both sidecars being
+//! real `sidecar` processes with real mTLS and token checks. Printed beside
+//! Linkerd's and Istio's published figures and the issue's targets.
+//!
+//! `BENCH_SECS` sets the length of each measurement (default 8).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use identity::model::Interface;
+use identity::{Bootstrap, Identity};
+use proto::identity::v1 as pb;
+use time::Duration as TDuration;
+use tonic::Request;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const PASSWORD: &str = "bench-pw";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn proc_stat(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15; after the ")" they are at 11 and 12.
+    let cpu_secs = (ticks(11) + ticks(12)) / 100.0;
+    (rss_kib / 1024.0, cpu_secs)
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    r
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Open loop at `rate` requests/s for `secs`: latencies of the completed calls.
+async fn fixed_rate(
+    client: HealthClient<Channel>,
+    token: Arc<str>,
+    rate: u64,
+    secs: f64,
+) -> Vec<Duration> {
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = (rate as f64 * secs) as usize;
+    let mut tasks = Vec::with_capacity(total);
+    for _ in 0..total {
+        tick.tick().await;
+        let mut c = client.clone();
+        let t = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            c.check(with_token(HealthCheckRequest::default(), &t))
+                .await
+                .map(|_| start.elapsed())
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    for t in tasks {
+        if let Ok(Ok(d)) = t.await {
+            lat.push(d);
+        }
+    }
+    assert!(
+        lat.len() * 100 >= total * 99,
+        "more than 1% of calls failed"
+    );
+    lat.sort();
+    lat
+}
+
+/// Closed loop with `conc` callers for `secs`: completions per second.
+async fn max_rate(client: HealthClient<Channel>, token: Arc<str>, conc: usize, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let mut c = client.clone();
+            let t = token.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    if c.check(with_token(HealthCheckRequest::default(), &t))
+                        .await
+                        .is_ok()
+                    {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap_or(0);
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(bench());
+}
+
+async fn bench() {
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8.0);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+
+    // PKI: a CA and certificates for the two workloads.
+    let ca = certs::Authority::create("bench CA", TDuration::days(1)).expect("ca");
+    ca.save(dir).expect("save ca");
+    for svc in ["echo", "compute-api"] {
+        let pair = ca
+            .issue(
+                &certs::service_id(svc, None).expect("id"),
+                &[svc.into(), "localhost".into()],
+                TDuration::hours(24),
+            )
+            .expect("issue");
+        certs::write_pair(dir, svc, &pair).expect("write");
+    }
+
+    // identity, in process, for tokens, keys and the catalog.
+    let db = runtime::db::TestDatabase::create()
+        .await
+        .expect("database (is Postgres running?)");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let id_addr = listener.local_addr().expect("addr");
+    let id = Identity::start(identity::Config {
+        listen: id_addr,
+        metrics_listen: None,
+        database_url: db.url.clone(),
+        key_dir: dir.join("keys"),
+        ..identity::Config::default()
+    })
+    .await
+    .expect("identity");
+    id.bootstrap(&Bootstrap {
+        admin_user: "admin".into(),
+        admin_password: PASSWORD.into(),
+        admin_project: "admin".into(),
+        region: "RegionOne".into(),
+        endpoints: vec![(Interface::Internal, format!("http://{id_addr}"))],
+    })
+    .await
+    .expect("bootstrap");
+    let served = id.clone();
+    tokio::spawn(async move { identity::serve(served, listener, std::future::pending()).await });
+    let id_channel = Channel::from_shared(format!("http://{id_addr}"))
+        .expect("url")
+        .connect_lazy();
+    let token: Arc<str> = pb::tokens_client::TokensClient::new(id_channel.clone())
+        .authenticate(pb::AuthenticateRequest {
+            method: Some(pb::authenticate_request::Method::Password(
+                pb::PasswordCredentials {
+                    user_name: "admin".into(),
+                    user_domain_name: "Default".into(),
+                    password: PASSWORD.into(),
+                    ..Default::default()
+                },
+            )),
+            scope: Some(pb::Scope {
+                target: Some(pb::scope::Target::System(true)),
+            }),
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token
+        .into();
+
+    // The server: a gRPC health service.
+    let echo_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let echo_addr = echo_listener.local_addr().expect("addr");
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                echo_listener,
+            )),
+    );
+
+    // Two sidecar processes: echo's (inbound) and compute-api's (outbound).
+    let (echo_internal, api_internal, api_outbound) = (free_port(), free_port(), free_port());
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy/echo.toml");
+    let write_conf = |name: &str, body: String| {
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(&p, body).expect("config");
+        p
+    };
+    let common = |svc: &str| {
+        format!(
+            "service = \"{svc}\"\ncert = \"{d}/{svc}.crt\"\nkey = \"{d}/{svc}.key\"\nbundle = \"{d}/bundle.pem\"\n\
+             identity_url = \"http://{id_addr}\"\npolicy = \"{p}\"\n",
+            d = dir.display(),
+            p = policy.display()
+        )
+    };
+    let echo_conf = write_conf(
+        "echo-sidecar",
+        format!(
+            "{}internal_listen = \"127.0.0.1:{echo_internal}\"\nupstream = \"{echo_addr}\"\n",
+            common("echo")
+        ),
+    );
+    let api_conf = write_conf(
+        "api-sidecar",
+        format!(
+            "{}internal_listen = \"127.0.0.1:{api_internal}\"\noutbound_listen = \"127.0.0.1:{api_outbound}\"\nupstream = \"{echo_addr}\"\n",
+            common("compute-api")
+        ),
+    );
+    let spawn = |conf: &Path| {
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_sidecar"))
+                .arg("--config")
+                .arg(conf)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("sidecar binary"),
+        )
+    };
+    let inbound = spawn(&echo_conf);
+    let outbound = spawn(&api_conf);
+
+    // The catalog tells the outbound sidecar where "echo" is.
+    let admin = token.to_string();
+    let mut cat = pb::catalog_client::CatalogClient::new(id_channel);
+    cat.create_service(with_token(
+        pb::CreateServiceRequest {
+            name: "echo".into(),
+            r#type: "echo".into(),
+            ..Default::default()
+        },
+        &admin,
+    ))
+    .await
+    .expect("service");
+    cat.create_endpoint(with_token(
+        pb::CreateEndpointRequest {
+            service: "echo".into(),
+            interface: pb::Interface::Internal as i32,
+            url: format!("https://127.0.0.1:{echo_internal}"),
+            ..Default::default()
+        },
+        &admin,
+    ))
+    .await
+    .expect("endpoint");
+
+    let direct = HealthClient::new(
+        Channel::from_shared(format!("http://{echo_addr}"))
+            .expect("url")
+            .connect_lazy(),
+    );
+    let via = HealthClient::new(
+        runtime::serve::via_sidecar(
+            format!("127.0.0.1:{api_outbound}").parse().expect("addr"),
+            "echo",
+        )
+        .expect("channel"),
+    );
+    // Wait until the pair has keys and routes.
+    let ready = Instant::now();
+    loop {
+        let mut c = via.clone();
+        if c.check(with_token(HealthCheckRequest::default(), &token))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "the sidecar pair never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Warm up both paths.
+    let _ = max_rate(direct.clone(), token.clone(), 8, 1.0).await;
+    let _ = max_rate(via.clone(), token.clone(), 8, 1.0).await;
+
+    let d = fixed_rate(direct.clone(), token.clone(), 1000, secs).await;
+    let before = (proc_stat(inbound.0.id()), proc_stat(outbound.0.id()));
+    let t0 = Instant::now();
+    let v = fixed_rate(via.clone(), token.clone(), 1000, secs).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = (proc_stat(inbound.0.id()), proc_stat(outbound.0.id()));
+    let cpu_in = (after.0.1 - before.0.1) / elapsed;
+    let cpu_out = (after.1.1 - before.1.1) / elapsed;
+    let direct_max = max_rate(direct, token.clone(), 32, secs).await;
+    let via_max = max_rate(via, token, 32, secs).await;
+
+    println!(
+        "Cirrus sidecar benchmark: unary grpc.health.v1.Health/Check, {secs} s per row, everything on this machine's {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "pair = client → outbound sidecar → (mTLS) → inbound sidecar (token + policy check) → server; sidecars are separate processes\n"
+    );
+    println!("| measure | direct | through the pair | added by the pair | anchor | target |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| p50 at 1,000 req/s (ms) | {:.3} | {:.3} | {:.3} | Linkerd2-proxy: < 1 ms per proxy at p50 | ≤ 0.3 ms added |",
+        pct(&d, 0.5),
+        pct(&v, 0.5),
+        pct(&v, 0.5) - pct(&d, 0.5)
+    );
+    println!(
+        "| p99 at 1,000 req/s (ms) | {:.3} | {:.3} | {:.3} | Istio/Envoy pair: +2.76 ms at p90 | ≤ 1 ms added |",
+        pct(&d, 0.99),
+        pct(&v, 0.99),
+        pct(&v, 0.99) - pct(&d, 0.99)
+    );
+    println!(
+        "| max throughput, 32 callers (req/s) | {direct_max:.0} | {via_max:.0} | {:.0}% of direct | | ≥ 50% of direct |",
+        100.0 * via_max / direct_max
+    );
+    println!(
+        "| RSS per sidecar at 1,000 req/s (MiB) | | inbound {:.1}, outbound {:.1} | | Linkerd2-proxy 17–26 MB; Envoy 50 MB | ≤ 20 MiB |",
+        after.0.0, after.1.0
+    );
+    println!(
+        "| CPU per sidecar per 1,000 req/s (cores) | | inbound {cpu_in:.2}, outbound {cpu_out:.2} | | Envoy 0.5 vCPU per 1,000 req/s | |"
+    );
+    drop(inbound);
+    drop(outbound);
+}
