@@ -5,6 +5,7 @@
 
 mod commands;
 mod output;
+mod policy;
 mod profile;
 mod up;
 
@@ -63,6 +64,14 @@ enum Cmd {
     Endpoint(EndpointCmd),
     /// Show the service catalog.
     Catalog,
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// May this caller call that method, and why (exit 1 when denied).
+    Check(policy::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -137,6 +146,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Service(c) => service(c, &profile()?, path, f).await,
         Cmd::Endpoint(c) => endpoint(c, &profile()?, path, f).await,
         Cmd::Catalog => catalog(&profile()?, path, f).await,
+        Cmd::Policy(PolicyCmd::Check(a)) => {
+            if policy::check(a)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
     }
 }
 

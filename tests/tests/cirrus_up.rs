@@ -192,3 +192,96 @@ async fn a_bad_config_exits_non_zero_with_one_line() {
     assert!(!o.status.success());
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
+
+#[tokio::test]
+async fn policy_check_answers_may_x_call_y_and_why() {
+    let state = tempfile::tempdir().unwrap();
+    let sd = state.path().to_str().unwrap();
+    let check = |args: Vec<&'static str>| {
+        let mut a = vec!["policy", "check", "--state-dir"];
+        a.push(Box::leak(sd.to_string().into_boxed_str()));
+        a.extend(args);
+        a
+    };
+    let o = run(
+        "cirrus",
+        &check(vec![
+            "--method",
+            "identity.v1.Users/CreateUser",
+            "--roles",
+            "member,reader",
+        ]),
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("DENY (PERMISSION_DENIED)") && stdout(&o).contains("administrator"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = run(
+        "cirrus",
+        &check(vec![
+            "--method",
+            "identity.v1.Users/CreateUser",
+            "--roles",
+            "admin",
+            "--admin-project",
+        ]),
+        &[],
+    )
+    .await;
+    assert!(
+        o.status.success() && stdout(&o).starts_with("ALLOW"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = run(
+        "cirrus",
+        &check(vec![
+            "--method",
+            "identity.v1.Roles/ListRoles",
+            "--no-token",
+        ]),
+        &[],
+    )
+    .await;
+    assert!(stdout(&o).contains("UNAUTHENTICATED"), "{}", stdout(&o));
+
+    let agent = "spiffe://cirrus.local/svc/compute-agent/host/h1";
+    let o = run(
+        "cirrus",
+        &check(vec![
+            "--method",
+            "queue.v1.Queue/Subscribe",
+            "--no-token",
+            "--peer",
+            agent,
+        ]),
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stdout(&o));
+    let o = run(
+        "cirrus",
+        &check(vec![
+            "--method",
+            "queue.v1.Queue/Subscribe",
+            "--roles",
+            "admin",
+        ]),
+        &[],
+    )
+    .await;
+    assert!(stdout(&o).contains("internal only"), "{}", stdout(&o));
+    let o = run(
+        "cirrus",
+        &check(vec!["--method", "image.v1.Images/Nope", "--roles", "admin"]),
+        &[],
+    )
+    .await;
+    assert!(stdout(&o).contains("default deny"), "{}", stdout(&o));
+}
