@@ -318,23 +318,34 @@ impl Db<'_> {
 
     /// The project a token asks to be scoped to, with its domain's state.
     pub async fn scope_project(&self, r: &Ref) -> Result<Option<ScopeProject>> {
-        let project = match self.get_project(r).await {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e),
+        // One round trip: the project, its domain's state, and whether it is the admin project.
+        let (id, name, domain_id, domain_name): (
+            Option<Uuid>,
+            Option<&str>,
+            Option<Uuid>,
+            Option<&str>,
+        ) = match r {
+            Ref::Id(id) => (Some(*id), None, None, None),
+            Ref::Name { name, domain } => match domain {
+                Some(DomainRef::Id(d)) => (None, Some(name), Some(*d), None),
+                Some(DomainRef::Name(d)) => (None, Some(name), None, Some(d)),
+                None => (None, Some(name), None, Some(crate::DEFAULT_DOMAIN)),
+            },
         };
         let row = self
             .opt(
-                "SELECT d.enabled, \
-                 coalesce((SELECT value FROM settings WHERE key = 'admin_project_id') = $2::text, false) \
-                 FROM domains d WHERE d.id = $1",
-                &[&project.domain_id, &project.id.to_string()],
+                "SELECT p.*, d.enabled AS domain_enabled, \
+                 coalesce((SELECT value FROM settings WHERE key = 'admin_project_id') = p.id::text, false) AS is_admin \
+                 FROM projects p JOIN domains d ON d.id = p.domain_id \
+                 WHERE ($1::uuid IS NULL OR p.id = $1) AND ($2::text IS NULL OR p.name = $2) \
+                 AND ($3::uuid IS NULL OR d.id = $3) AND ($4::text IS NULL OR d.name = $4)",
+                &[&id, &name, &domain_id, &domain_name],
             )
             .await?;
         Ok(row.map(|r| ScopeProject {
-            project,
-            domain_enabled: r.get(0),
-            is_admin_project: r.get(1),
+            project: project(&r),
+            domain_enabled: r.get("domain_enabled"),
+            is_admin_project: r.get("is_admin"),
         }))
     }
 

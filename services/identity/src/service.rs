@@ -91,7 +91,13 @@ struct Inner {
     public_keys: RwLock<Vec<PublicKey>>,
     verifier: RwLock<Verifier>,
     changes: broadcast::Sender<Change>,
+    /// The catalog returned with every token, re-read at most every few
+    /// seconds and at once after a catalog change made here.
+    catalog: RwLock<Option<(std::time::Instant, Arc<Vec<CatalogEntry>>)>>,
 }
+
+/// How long a cached catalog is served (other replicas' changes show up within this).
+const CATALOG_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn lock_err<T>(_: T) -> Error {
     Error::Internal("a lock was poisoned".into())
@@ -119,6 +125,7 @@ impl Identity {
                 public_keys: RwLock::new(Vec::new()),
                 verifier: RwLock::new(Verifier::new()),
                 changes,
+                catalog: RwLock::new(None),
                 cfg,
             }),
         };
@@ -165,6 +172,25 @@ impl Identity {
             .set_keys(public.iter().map(|k| k.public_key.as_slice()));
         *self.inner.public_keys.write().map_err(lock_err)? = public;
         Ok(())
+    }
+
+    /// The catalog, from the cache when it is fresh.
+    async fn cached_catalog(&self, db: &Db<'_>) -> Result<Arc<Vec<CatalogEntry>>> {
+        if let Some((at, c)) = self.inner.catalog.read().map_err(lock_err)?.as_ref()
+            && at.elapsed() < CATALOG_TTL
+        {
+            return Ok(c.clone());
+        }
+        let fresh = Arc::new(db.catalog().await?);
+        *self.inner.catalog.write().map_err(lock_err)? =
+            Some((std::time::Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+
+    fn forget_catalog(&self) {
+        if let Ok(mut c) = self.inner.catalog.write() {
+            *c = None;
+        }
     }
 
     // ---------------------------------------------------------- tokens
@@ -367,7 +393,11 @@ impl Identity {
         let claims = self.verify(token)?;
         policy::admin_or_user(caller, &claims.sub)?;
         let conn = self.conn().await?;
-        let catalog = Db::Conn(&conn).catalog().await?;
+        let catalog = self
+            .cached_catalog(&Db::Conn(&conn))
+            .await?
+            .as_ref()
+            .clone();
         Ok((claims, catalog))
     }
 
@@ -891,6 +921,7 @@ impl Identity {
             enabled,
         };
         Db::Conn(&self.conn().await?).create_service(&s).await?;
+        self.forget_catalog();
         Ok(s)
     }
 
@@ -904,7 +935,9 @@ impl Identity {
         let conn = self.conn().await?;
         let db = Db::Conn(&conn);
         let id = db.service_id(name_or_id).await?;
-        db.delete_service(id).await
+        db.delete_service(id).await?;
+        self.forget_catalog();
+        Ok(())
     }
 
     pub async fn create_endpoint(
@@ -928,6 +961,7 @@ impl Identity {
             enabled,
         };
         db.create_endpoint(&e).await?;
+        self.forget_catalog();
         Ok(e)
     }
 
@@ -945,7 +979,9 @@ impl Identity {
 
     pub async fn delete_endpoint(&self, caller: &Caller, id: Uuid) -> Result<()> {
         policy::admin(caller)?;
-        Db::Conn(&self.conn().await?).delete_endpoint(id).await
+        Db::Conn(&self.conn().await?).delete_endpoint(id).await?;
+        self.forget_catalog();
+        Ok(())
     }
 
     pub async fn catalog(&self, caller: &Caller) -> Result<Vec<CatalogEntry>> {
@@ -1089,6 +1125,7 @@ impl Identity {
             }
         }
         tx.commit().await?;
+        self.forget_catalog();
         Ok(())
     }
 
