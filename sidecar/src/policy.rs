@@ -91,6 +91,11 @@ pub struct Rule {
     /// Largest request message in bytes, overriding the sidecar's default.
     #[serde(default)]
     pub max_message_bytes: Option<usize>,
+    /// Deadline for the answer's headers in milliseconds, overriding the
+    /// sidecar's default (a long client stream, such as an image upload,
+    /// answers only at its end).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

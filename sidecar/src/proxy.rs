@@ -185,9 +185,10 @@ async fn handle_inbound(
     let limit = rule
         .max_message_bytes
         .unwrap_or(state.limits.max_message_bytes);
-    let timeout = grpc_timeout(req.headers()).map_or(state.limits.request_timeout, |t| {
-        t.min(state.limits.request_timeout)
-    });
+    let default_timeout = rule
+        .timeout_ms
+        .map_or(state.limits.request_timeout, Duration::from_millis);
+    let timeout = grpc_timeout(req.headers()).map_or(default_timeout, |t| t.min(default_timeout));
     let path = req
         .uri()
         .path_and_query()
