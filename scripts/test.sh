@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The end-to-end tests run the real binaries (cirrus, identity, sidecar, ...).
+cargo build --workspace --bins --quiet
 cargo nextest run --workspace --no-fail-fast "$@"
