@@ -135,7 +135,10 @@ pub async fn run(
     let h2 = {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.max_concurrent_streams(config.h2_max_concurrent_streams)
-            .max_header_list_size(config.max_header_bytes);
+            .max_header_list_size(config.max_header_bytes)
+            // Grow flow-control windows with the measured bandwidth-delay
+            // product, so bulk streams (image transfers) are not held to 64 KiB.
+            .adaptive_window(true);
         b
     };
 

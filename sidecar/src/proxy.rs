@@ -113,6 +113,7 @@ impl Inbound {
         http.set_connect_timeout(Some(Duration::from_secs(2)));
         Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
+            .http2_adaptive_window(true)
             .build(http)
     }
 }
@@ -266,6 +267,7 @@ impl Outbound {
     pub fn client(connector: MeshConnector) -> Client<MeshConnector, BoxBody> {
         Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
+            .http2_adaptive_window(true)
             .build(connector)
     }
 }

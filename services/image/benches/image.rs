@@ -5,11 +5,12 @@
 //! `cargo bench -p image` (needs Postgres at 127.0.0.1:5432, or
 //! `CIRRUS_TEST_DATABASE_URL`). Set `CIRRUS_BENCH_SIZE_MIB` for another size.
 //!
-//! The client talks to `target` below. Today that is the service itself on
-//! loopback; when the sidecar exists, start a sidecar pair (client-side
-//! outbound, service-side inbound) and point `CIRRUS_BENCH_ENDPOINT` at the
-//! client-side sidecar: the figures then include both hops and mTLS, and the
-//! trusted headers below are what the inbound sidecar would set.
+//! The same transfers run twice in one run: client → service on loopback,
+//! then client → outbound sidecar → (mTLS) → inbound sidecar → service, the
+//! two sidecars being real `sidecar` processes (built by
+//! `cargo build --release -p sidecar`) that check a real token from an
+//! identity server started here. `CIRRUS_BENCH_ENDPOINT` still points the
+//! direct run elsewhere.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -33,10 +34,181 @@ fn caller() -> Caller {
     }
 }
 
+/// The token sent through the sidecars (they replace the trusted headers).
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn req<T>(m: T) -> Request<T> {
     let mut r = Request::new(m);
     caller().to_metadata(r.metadata_mut());
+    if let Some(t) = TOKEN.get()
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        r.metadata_mut().insert("authorization", v);
+    }
     r
+}
+
+/// identity, PKI and two sidecar processes in front of the image service at
+/// `image_listen`; returns a client channel through the pair and the sidecars.
+async fn mesh(
+    dir: &Path,
+    db_url: &str,
+    image_listen: &str,
+) -> anyhow::Result<Option<(Channel, Vec<tokio::process::Child>)>> {
+    use identity::model::Interface;
+    use proto::identity::v1 as ipb;
+    let sidecar_bin = Path::new(env!("CARGO_BIN_EXE_image")).with_file_name("sidecar");
+    if !sidecar_bin.is_file() {
+        println!(
+            "(sidecar pair not measured: build it first with `cargo build --release -p sidecar`)"
+        );
+        return Ok(None);
+    }
+    let pki = dir.join("pki");
+    let ca = certs::Authority::create("bench CA", time::Duration::days(1))?;
+    ca.save(&pki)?;
+    for svc in ["image", "compute-api"] {
+        let pair = ca.issue(
+            &certs::service_id(svc, None)?,
+            &[svc.into(), "localhost".into()],
+            time::Duration::hours(24),
+        )?;
+        certs::write_pair(&pki, svc, &pair)?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let id_addr = listener.local_addr()?;
+    let id = identity::Identity::start(identity::Config {
+        listen: id_addr,
+        metrics_listen: None,
+        database_url: db_url.into(),
+        db_pool_size: 4,
+        key_dir: dir.join("keys"),
+        ..identity::Config::default()
+    })
+    .await?;
+    id.bootstrap(&identity::Bootstrap {
+        admin_user: "admin".into(),
+        admin_password: "bench-pw".into(),
+        admin_project: "admin".into(),
+        region: "RegionOne".into(),
+        endpoints: vec![(Interface::Internal, format!("http://{id_addr}"))],
+    })
+    .await?;
+    let served = id.clone();
+    tokio::spawn(async move { identity::serve(served, listener, std::future::pending()).await });
+    let id_ch = Channel::from_shared(format!("http://{id_addr}"))?.connect_lazy();
+    let token = ipb::tokens_client::TokensClient::new(id_ch.clone())
+        .authenticate(ipb::AuthenticateRequest {
+            method: Some(ipb::authenticate_request::Method::Password(
+                ipb::PasswordCredentials {
+                    user_name: "admin".into(),
+                    user_domain_name: "Default".into(),
+                    password: "bench-pw".into(),
+                    ..Default::default()
+                },
+            )),
+            scope: Some(ipb::Scope {
+                target: Some(ipb::scope::Target::Project(ipb::ProjectScope {
+                    name: "admin".into(),
+                    domain_name: "Default".into(),
+                    ..Default::default()
+                })),
+            }),
+        })
+        .await?
+        .into_inner()
+        .token;
+
+    let port = || -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (inbound, outbound) = (port()?, port()?);
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sidecar/policy/image.toml");
+    let conf = |svc: &str, extra: String| -> std::io::Result<std::path::PathBuf> {
+        let p = dir.join(format!("{svc}-sidecar.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "service = \"{svc}\"\ncert = \"{d}/{svc}.crt\"\nkey = \"{d}/{svc}.key\"\nbundle = \"{d}/bundle.pem\"\n\
+                 identity_url = \"http://{id_addr}\"\npolicy = \"{}\"\nupstream = \"{image_listen}\"\n\
+                 max_message_bytes = 16777216\nrequest_timeout_ms = 600000\n{extra}",
+                policy.display(),
+                d = pki.display()
+            ),
+        )?;
+        Ok(p)
+    };
+    let a = conf(
+        "image",
+        format!("internal_listen = \"127.0.0.1:{inbound}\"\n"),
+    )?;
+    let b = conf(
+        "compute-api",
+        format!(
+            "internal_listen = \"127.0.0.1:{}\"\noutbound_listen = \"127.0.0.1:{outbound}\"\n",
+            port()?
+        ),
+    )?;
+    let mut procs = Vec::new();
+    for c in [a, b] {
+        procs.push(
+            tokio::process::Command::new(&sidecar_bin)
+                .arg("--config")
+                .arg(c)
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let mut cat = ipb::catalog_client::CatalogClient::new(id_ch);
+    let auth = |m| {
+        let mut r = Request::new(m);
+        if let Ok(v) = format!("Bearer {token}").parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    };
+    cat.create_service(auth(ipb::CreateServiceRequest {
+        name: "image".into(),
+        r#type: "image".into(),
+        ..Default::default()
+    }))
+    .await?;
+    let mut r = Request::new(ipb::CreateEndpointRequest {
+        service: "image".into(),
+        interface: ipb::Interface::Internal as i32,
+        url: format!("https://127.0.0.1:{inbound}"),
+        ..Default::default()
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    cat.create_endpoint(r).await?;
+    let _ = TOKEN.set(token);
+
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{outbound}"))?
+        .origin("http://image".parse()?)
+        .initial_stream_window_size(4 * MIB as u32)
+        .initial_connection_window_size(8 * MIB as u32)
+        .max_frame_size(2 * MIB as u32)
+        .connect_lazy();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = ImagesClient::new(channel.clone());
+        if c.get_quota(req(pb::GetQuotaRequest::default()))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sidecar pair never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Some((channel, procs)))
 }
 
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
@@ -255,6 +427,36 @@ fn main() -> anyhow::Result<()> {
         let (down, down_cpu) = (t.elapsed(), cpu_secs(pid) - cpu0);
         anyhow::ensure!(got == size as u64, "downloaded {got} bytes");
 
+        // The same transfers through the sidecar pair.
+        let via = match mesh(dir.path(), &db.url, &listen).await? {
+            Some((channel, procs)) => {
+                let mut client = ImagesClient::new(channel).max_decoding_message_size(8 * MIB);
+                let img = client
+                    .create_image(req(pb::CreateImageRequest {
+                        name: "bench-mesh".into(),
+                        disk_format: pb::DiskFormat::Raw as i32,
+                        container_format: pb::ContainerFormat::Bare as i32,
+                        expected_size: Some(size as u64),
+                        ..Default::default()
+                    }))
+                    .await?
+                    .into_inner();
+                let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
+                let side_cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+                let (t, c0) = (Instant::now(), side_cpu());
+                let done = upload(&mut client, &src, &img.id).await?;
+                let (mup, mup_cpu) = (t.elapsed(), side_cpu() - c0);
+                anyhow::ensure!(done.size == Some(size as u64), "uploaded size {:?}", done.size);
+                let (t, c0) = (Instant::now(), side_cpu());
+                let got = download(&mut client, &img.id, &dir.path().join("download2.bin")).await?;
+                let (mdown, mdown_cpu) = (t.elapsed(), side_cpu() - c0);
+                anyhow::ensure!(got == size as u64, "downloaded {got} bytes through the pair");
+                let rss: Vec<f64> = pids.iter().map(|p| memory_kib(*p) as f64 / 1024.0).collect();
+                Some((mup, mup_cpu, mdown, mdown_cpu, rss, procs))
+            }
+            None => None,
+        };
+
         let copy2 = plain_copy(&src, &dir.path().join("copy.bin"))?;
         let peak = memory_kib(pid);
         let _ = child.kill().await;
@@ -272,7 +474,7 @@ fn main() -> anyhow::Result<()> {
             );
         };
         println!();
-        println!("image service, {size_mib} MiB, client -> {target} (direct, no sidecar yet)");
+        println!("image service, {size_mib} MiB, client -> {target} directly, then through the sidecar pair; target ≥ 50% of the plain copy");
         println!(
             "| {:<28} | {:>7} | {:>7} | {:>7} | {:>11} |",
             "transfer", "seconds", "MB/s", "vs copy", "service CPU"
@@ -281,6 +483,15 @@ fn main() -> anyhow::Result<()> {
         row("plain file copy (mean of 2)", copy, None);
         row("upload (client stream)", up, Some(up_cpu));
         row("download (server stream)", down, Some(down_cpu));
+        if let Some((mup, mup_cpu, mdown, mdown_cpu, rss, _procs)) = &via {
+            row("upload via the sidecar pair", *mup, Some(*mup_cpu));
+            row("download via the sidecar pair", *mdown, Some(*mdown_cpu));
+            println!(
+                "(for the pair, the CPU column is both sidecars' CPU; their peak RSS: {:.1} and {:.1} MiB)",
+                rss.first().copied().unwrap_or(0.0),
+                rss.get(1).copied().unwrap_or(0.0)
+            );
+        }
         println!("service peak RSS (VmHWM): {:.1} MiB", peak as f64 / 1024.0);
         println!(
             "plain copy runs: {:.2} s and {:.2} s",
