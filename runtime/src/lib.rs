@@ -7,6 +7,7 @@
 //!   per-service login roles, and throwaway databases for tests.
 //! - [`telemetry`]: tracing to stderr, OTLP export when
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set, Prometheus `/metrics` on its own port.
+//! - [`process`]: the common start of every service binary's `main`.
 //! - [`serve`]: a gRPC server with reflection (v1 and v1alpha) and
 //!   `grpc.health.v1.Health`, graceful shutdown on SIGINT/SIGTERM, and the
 //!   client side of `healthcheck`.
@@ -14,5 +15,6 @@
 pub mod caller;
 pub mod config;
 pub mod db;
+pub mod process;
 pub mod serve;
 pub mod telemetry;

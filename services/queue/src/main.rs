@@ -27,29 +27,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config: Config = match runtime::config::load(cli.config.as_deref())
-        .and_then(|c: Config| c.validate().map(|()| c))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("queue: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("queue: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(async_main(cli.command.unwrap_or(Command::Serve), config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("queue: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let command = cli.command.unwrap_or(Command::Serve);
+    runtime::process::main("queue", cli.config.as_deref(), Config::validate, |config| {
+        async_main(command, config)
+    })
 }
 
 async fn async_main(command: Command, config: Config) -> anyhow::Result<()> {
