@@ -130,11 +130,16 @@ impl Authn {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
+                let opened = std::time::Instant::now();
                 match this.watch_once(channel.clone(), &self_id).await {
                     Ok(()) => tracing::info!("identity watch stream ended; reconnecting"),
                     Err(e) => {
                         tracing::warn!(error = %e, "identity watch failed; keeping cached keys")
                     }
+                }
+                // A stream that lived a while was healthy: start the backoff over.
+                if opened.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(200);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
