@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         // Image bytes stay `Bytes`: decoding slices the receive buffer
         // instead of copying every chunk of a multi-GiB stream.
         .bytes(".image.v1.UploadRequest.data")

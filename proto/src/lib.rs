@@ -6,6 +6,8 @@
 
 /// Every message and service of every Cirrus proto, encoded as a
 /// `google.protobuf.FileDescriptorSet`.
+pub mod codec;
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
 pub mod identity {
@@ -23,5 +25,35 @@ pub mod image {
 pub mod queue {
     pub mod v1 {
         tonic::include_proto!("queue.v1");
+    }
+}
+
+pub mod network {
+    pub mod v1 {
+        tonic::include_proto!("network.v1");
+    }
+}
+
+pub mod volume {
+    pub mod v1 {
+        tonic::include_proto!("volume.v1");
+    }
+}
+
+pub mod compute {
+    pub mod v1 {
+        tonic::include_proto!("compute.v1");
+    }
+}
+
+pub mod scheduler {
+    pub mod v1 {
+        tonic::include_proto!("scheduler.v1");
+    }
+}
+
+pub mod conductor {
+    pub mod v1 {
+        tonic::include_proto!("conductor.v1");
     }
 }

@@ -47,3 +47,89 @@ where
         }
     }
 }
+
+/// What the shared [`service_main`] needs to know of a service: its config
+/// type carries the `[server]` table and knows how to run the service.
+/// Implemented once per service in its `lib.rs`; its `main.rs` is then one
+/// line: `runtime::process::service_main::<Config>()`.
+pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
+    /// The binary's name, in log lines and errors.
+    const NAME: &'static str;
+    /// One line for `--help`.
+    const ABOUT: &'static str;
+
+    /// The `[server]` table: what to bind, where metrics go, what
+    /// `healthcheck` asks by default.
+    fn server(&self) -> &crate::config::ServerConfig;
+
+    /// Checks what serde cannot, before anything binds or connects.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Runs the service on the bound listener until `shutdown` resolves.
+    fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+#[derive(clap::Parser)]
+struct Args {
+    /// TOML config file; CIRRUS_* environment variables override it.
+    #[arg(long, short, global = true, env = "CIRRUS_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Exit 0 if the service at ADDR (default: the configured `server.listen`) is serving.
+    Healthcheck { addr: Option<std::net::SocketAddr> },
+}
+
+/// The whole `main` of a service binary: parse the command line, load and
+/// validate the config (status 2 and one line when it is bad), then either
+/// bind `server.listen`, start telemetry and run until SIGINT/SIGTERM, or
+/// answer `healthcheck`.
+pub fn service_main<S: Service>() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command()
+        .name(S::NAME)
+        .about(S::ABOUT)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let command = args.command.unwrap_or(Command::Serve);
+    main(
+        S::NAME,
+        args.config.as_deref(),
+        S::validate,
+        |config: S| async move {
+            match command {
+                Command::Serve => {
+                    let server = config.server().clone();
+                    let _telemetry = crate::telemetry::init(S::NAME, server.metrics_listen)?;
+                    let listener = tokio::net::TcpListener::bind(server.listen)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", server.listen))?;
+                    config
+                        .run(listener, Box::pin(crate::serve::shutdown_signal()))
+                        .await
+                }
+                Command::Healthcheck { addr } => {
+                    crate::serve::healthcheck(addr.unwrap_or(config.server().listen))
+                        .await
+                        .map_err(anyhow::Error::msg)
+                }
+            }
+        },
+    )
+}

@@ -23,10 +23,15 @@ use token::{Claims, Scope};
 /// The default policy of every service, shipped with the sidecar; an
 /// operator copies and edits one to override it (`cirrus up` writes them to
 /// its state directory once and then leaves them alone).
-pub const DEFAULTS: [(&str, &str); 3] = [
+pub const DEFAULTS: [(&str, &str); 8] = [
     ("identity", include_str!("../policy/identity.toml")),
     ("queue", include_str!("../policy/queue.toml")),
     ("image", include_str!("../policy/image.toml")),
+    ("network", include_str!("../policy/network.toml")),
+    ("volume", include_str!("../policy/volume.toml")),
+    ("compute", include_str!("../policy/compute.toml")),
+    ("scheduler", include_str!("../policy/scheduler.toml")),
+    ("conductor", include_str!("../policy/conductor.toml")),
 ];
 
 /// What the caller is, as the sidecar has verified it.

@@ -1,0 +1,1 @@
+//! `compute-agent` — being written (wave 2); see docs/architecture.md.

@@ -1,0 +1,1 @@
+//! `compute-api` — being written (wave 2); see docs/architecture.md.

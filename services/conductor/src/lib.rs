@@ -1,0 +1,1 @@
+//! `conductor` — being written (wave 2); see docs/architecture.md.

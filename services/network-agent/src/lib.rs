@@ -1,0 +1,1 @@
+//! `network-agent` — being written (wave 2); see docs/architecture.md.

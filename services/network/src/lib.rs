@@ -1,0 +1,1 @@
+//! `network` — being written (wave 2); see docs/architecture.md.

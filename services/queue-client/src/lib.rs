@@ -1,0 +1,1 @@
+//! `queue-client` — being written (wave 2); see docs/architecture.md.

@@ -1,0 +1,1 @@
+//! `scheduler` — being written (wave 2); see docs/architecture.md.

@@ -1,0 +1,1 @@
+//! `volume` — being written (wave 2); see docs/architecture.md.
