@@ -73,6 +73,24 @@ pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
         listener: tokio::net::TcpListener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Subcommands this binary has besides `serve` and `healthcheck`
+    /// (identity's `bootstrap`); none by default.
+    fn commands() -> Vec<clap::Command> {
+        Vec::new()
+    }
+
+    /// Runs the subcommand `name` of [`Service::commands`] with its arguments,
+    /// after the config is loaded and validated (no listener, no telemetry).
+    fn command(
+        self,
+        name: &str,
+        args: &clap::ArgMatches,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = args;
+        let name = name.to_string();
+        async move { Err(anyhow::anyhow!("{}: unknown command {name}", Self::NAME)) }
+    }
 }
 
 #[derive(clap::Parser)]
@@ -98,15 +116,29 @@ enum Command {
 /// answer `healthcheck`.
 pub fn service_main<S: Service>() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
+    let extra = S::commands();
+    let names: Vec<String> = extra.iter().map(|c| c.get_name().to_string()).collect();
     let matches = Args::command()
         .name(S::NAME)
         .about(S::ABOUT)
         .version(env!("CARGO_PKG_VERSION"))
+        .subcommands(extra)
         .get_matches();
     let args = match Args::from_arg_matches(&matches) {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    if let Some((name, sub)) = matches.subcommand()
+        && names.iter().any(|n| n == name)
+    {
+        let (name, sub) = (name.to_string(), sub.clone());
+        return main(
+            S::NAME,
+            args.config.as_deref(),
+            S::validate,
+            |config: S| async move { config.command(&name, &sub).await },
+        );
+    }
     let command = args.command.unwrap_or(Command::Serve);
     main(
         S::NAME,
