@@ -8,15 +8,14 @@
 //! - [`repo`]: every SQL statement (claims with `FOR UPDATE SKIP LOCKED`);
 //! - [`wake`]: `LISTEN/NOTIFY` wake-ups across replicas;
 //! - [`policy`]: who may publish to and consume from which topic;
-//! - [`client`]: the library services use: `cast`, `subscribe`, with
-//!   reconnection and trace context.
+//! - [`client`]: the library services use (the `queue-client` crate):
+//!   `cast`, `subscribe`, with reconnection and trace context.
 //!
 //! Guarantees: at-least-once delivery; a publish is answered only once its
 //! messages are committed; consumers dedupe by message id.
 //!
 //! [`run`] serves it all on a listener until shutdown.
 
-pub mod client;
 pub mod error;
 pub mod grpc;
 pub mod model;
@@ -32,6 +31,8 @@ use proto::queue::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+/// The client library, in its own crate (`queue-client`) so agents link no server.
+pub use queue_client as client;
 pub use service::Queue;
 
 pub mod migrations {

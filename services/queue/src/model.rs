@@ -6,40 +6,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Longest topic or group name, in bytes.
-pub const MAX_NAME: usize = 200;
-/// The suffix of every dead-letter topic; reserved.
-pub const DLQ_SUFFIX: &str = ".dlq";
-
-/// Checks a topic or group name: 1 to 200 of `[A-Za-z0-9._-]`, starting
-/// with a letter or digit, without `..` and not ending in `.`.
-pub fn check_name(what: &str, s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err(format!("{what} must not be empty"));
-    }
-    if s.len() > MAX_NAME {
-        return Err(format!("{what} is longer than {MAX_NAME} characters"));
-    }
-    if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!("{what} must start with a letter or a digit"));
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{what} may hold only letters, digits, '.', '_' and '-', not {c:?}"
-        ));
-    }
-    if s.contains("..") || s.ends_with('.') {
-        return Err(format!("{what} must not contain '..' or end with '.'"));
-    }
-    Ok(())
-}
-
-pub fn is_dead_letter(topic: &str) -> bool {
-    topic.ends_with(DLQ_SUFFIX)
-}
+pub use queue_client::names::{DLQ_SUFFIX, MAX_NAME, check_name, is_dead_letter};
 
 /// A topic as the service knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,29 +120,4 @@ pub struct TopicStats {
     pub name: String,
     pub messages: u64,
     pub groups: Vec<GroupStats>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_checked() {
-        for good in ["compute.host-1", "notifications.info", "a", "A_b-9.c"] {
-            assert!(check_name("topic", good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            ".a",
-            "a..b",
-            "a.",
-            "a b",
-            "a/b",
-            "é",
-            "-a",
-            &"x".repeat(201),
-        ] {
-            assert!(check_name("topic", bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -497,6 +497,20 @@ async fn the_client_library_casts_consumes_and_carries_the_trace() {
         (traced.message_id.as_str(), 2)
     );
     again.ack().await.unwrap();
+    // A typed cast: JSON in, the same value out, marked as JSON.
+    let op = serde_json::json!({"op": "build", "server": "a1"});
+    let id = q.cast_json("scheduler", &op).await.unwrap();
+    let typed = sub.next().await.unwrap().unwrap();
+    assert_eq!(typed.message_id, id);
+    assert_eq!(typed.json::<serde_json::Value>().unwrap(), op);
+    assert_eq!(
+        typed
+            .headers
+            .get(queue::client::CONTENT_TYPE)
+            .map(String::as_str),
+        Some(queue::client::JSON)
+    );
+    typed.ack().await.unwrap();
     // Subscribing to a topic that does not exist is a final error.
     let mut bad = q.subscribe("nope", "g");
     assert_eq!(

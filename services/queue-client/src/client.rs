@@ -1,33 +1,14 @@
-//! The queue's client library, for the services that cast and consume.
-//!
-//! ```no_run
-//! # async fn example() -> Result<(), tonic::Status> {
-//! let q = queue::client::Client::connect_lazy("http://127.0.0.1:5060")?;
-//! q.cast("compute.host1", b"build".to_vec()).await?;
-//! let mut sub = q.subscribe("compute.host1", "compute");
-//! while let Some(d) = sub.next().await {
-//!     let d = d?;
-//!     // ... handle d.payload, deduping by d.message_id ...
-//!     d.ack().await?;
-//! }
-//! # Ok(()) }
-//! ```
-//!
-//! - [`Client::cast`] publishes one message with the current span's trace
-//!   context in its headers and a fresh idempotency id, and retries while
-//!   the queue is unavailable (the id makes the retry safe).
-//! - [`Client::subscribe`] yields [`Delivery`] values to `ack()` or
-//!   `nack()`. When the stream breaks it reconnects with exponential backoff;
-//!   deliveries of the broken stream cannot be settled any more (they come
-//!   back after their lease), so handlers must be idempotent by message id.
-//! - [`Delivery::span`] opens a span whose parent is the publisher's.
+//! The client: publishing, subscribing, settling.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use proto::queue::v1 as pb;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -37,6 +18,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub use pb::StartPosition;
 pub use pb::queue_client::QueueClient;
 pub use pb::topics_client::TopicsClient;
+
+/// The queue's name in the catalog (what a sidecar resolves).
+pub const SERVICE: &str = "queue";
+/// The header naming a payload's encoding, and the value [`json_message`] sets.
+pub const CONTENT_TYPE: &str = "content-type";
+pub const JSON: &str = "application/json";
 
 /// Every call's deadline.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +70,30 @@ pub fn extract_trace_context(headers: &HashMap<String, String>) -> opentelemetry
     TraceContextPropagator::new().extract(headers)
 }
 
+/// A message carrying `payload`, the current span's trace context and a fresh
+/// idempotency id (which makes the client's retries exact).
+pub fn message(payload: Vec<u8>) -> pb::Message {
+    let mut headers = HashMap::new();
+    inject_trace_context(&mut headers);
+    pb::Message {
+        payload,
+        headers,
+        key: None,
+        idempotency_id: Some(uuid::Uuid::new_v4().to_string()),
+    }
+}
+
+/// A [`message`] whose payload is `value` as JSON, with a
+/// `content-type: application/json` header.
+pub fn json_message<T: Serialize + ?Sized>(value: &T) -> Result<pb::Message, Status> {
+    let payload = serde_json::to_vec(value)
+        .map_err(|e| Status::invalid_argument(format!("cannot encode the message as JSON: {e}")))?;
+    let mut msg = message(payload);
+    msg.headers
+        .insert(CONTENT_TYPE.to_string(), JSON.to_string());
+    Ok(msg)
+}
+
 fn retryable(code: Code) -> bool {
     matches!(
         code,
@@ -102,6 +113,16 @@ impl Client {
         Ok(Self { channel })
     }
 
+    /// A client that reaches the queue through this workload's sidecar: plaintext
+    /// to the sidecar's outbound listener on loopback, addressed `http://queue`;
+    /// the sidecar dials the queue over mTLS with this workload's identity.
+    pub fn via_sidecar(outbound: SocketAddr) -> Result<Self, Status> {
+        let channel = runtime::serve::via_sidecar(outbound, SERVICE)
+            .map_err(|e| Status::invalid_argument(format!("bad sidecar address: {e}")))?;
+        Ok(Self { channel })
+    }
+
+    /// A client over an existing channel (tests, or a caller's own settings).
     pub fn from_channel(channel: Channel) -> Self {
         Self { channel }
     }
@@ -134,16 +155,26 @@ impl Client {
 
     /// Publishes one message (a cast) durably; returns its message id.
     pub async fn cast(&self, topic: &str, payload: Vec<u8>) -> Result<String, Status> {
-        let mut headers = HashMap::new();
-        inject_trace_context(&mut headers);
-        let msg = pb::Message {
-            payload,
-            headers,
-            key: None,
-            idempotency_id: Some(uuid::Uuid::new_v4().to_string()),
-        };
+        self.publish_one(topic, message(payload)).await
+    }
+
+    /// Publishes `value` as JSON (content type `application/json` in the
+    /// headers), with the current trace context; returns its message id.
+    pub async fn cast_json<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<String, Status> {
+        self.publish_one(topic, json_message(value)?).await
+    }
+
+    /// Publishes one message as built (see [`message`] and [`json_message`]
+    /// for ones with trace context and an idempotency id); returns its id.
+    pub async fn publish_one(&self, topic: &str, msg: pb::Message) -> Result<String, Status> {
         let mut out = self.publish(topic, vec![msg]).await?;
-        Ok(out.pop().map(|p| p.message_id).unwrap_or_default())
+        out.pop()
+            .map(|p| p.message_id)
+            .ok_or_else(|| Status::internal("the queue answered a publish with no message id"))
     }
 
     /// Publishes messages durably, retrying with backoff while the queue is
@@ -281,6 +312,12 @@ impl Delivery {
     /// Keep it for `lease` more from now.
     pub async fn extend(&self, lease: Duration) -> Result<(), Status> {
         self.settle(Settle::Extend(lease)).await
+    }
+
+    /// The payload decoded from JSON. An `Err` means the message can never be
+    /// handled: settle it (ack, or nack to let it reach the dead-letter topic).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
     }
 
     /// The publisher's trace context.
@@ -485,5 +522,20 @@ async fn wait_or_answer(
             },
             () = deliveries.closed() => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_messages_are_marked_and_carry_an_idempotency_id() {
+        let m = json_message(&serde_json::json!({"op": "build"})).expect("encodes");
+        assert_eq!(m.payload, br#"{"op":"build"}"#);
+        assert_eq!(m.headers.get(CONTENT_TYPE).map(String::as_str), Some(JSON));
+        let id = m.idempotency_id.expect("an idempotency id");
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        assert_ne!(message(vec![]).idempotency_id, Some(id));
     }
 }
