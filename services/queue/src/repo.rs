@@ -369,6 +369,9 @@ pub fn headers_to_json(h: &BTreeMap<String, String>) -> serde_json::Value {
 
 /// Leases up to `limit` ready deliveries of the group, oldest first, skipping
 /// rows other consumers hold and keys whose earlier message is still pending.
+/// A delivery whose lease `consumer` itself let expire is skipped until
+/// `grace` after that expiry, so that another consumer of the group takes it
+/// first when one has credits (a hung consumer must not take every attempt).
 /// One statement, so it needs no transaction of its own. Returns the
 /// deliveries to send and those past `max_attempts`, which the caller moves
 /// to the dead-letter topic with [`dead_letter`].
@@ -376,14 +379,18 @@ pub async fn claim(
     c: &deadpool_postgres::Client,
     group_id: i32,
     topic: &Topic,
+    consumer: Uuid,
     limit: i64,
     lease: Duration,
+    grace: Duration,
 ) -> Result<(Vec<Delivery>, Vec<Delivery>)> {
     let st = c
         .prepare_cached(
             "WITH c AS ( \
                SELECT d.ctid FROM deliveries d \
                WHERE d.group_id = $1 AND d.visible_at <= now() \
+                 AND (d.last_consumer IS DISTINCT FROM $4 \
+                      OR d.visible_at <= now() - make_interval(secs => $5::float8 / 1000)) \
                  AND (d.key IS NULL OR NOT EXISTS ( \
                    SELECT 1 FROM deliveries e \
                    WHERE e.group_id = d.group_id AND e.key = d.key AND e.seq < d.seq)) \
@@ -391,6 +398,7 @@ pub async fn claim(
                FOR UPDATE OF d SKIP LOCKED) \
              UPDATE deliveries d \
                SET attempts = d.attempts + 1, lease_token = gen_random_uuid(), \
+                   last_consumer = $4, \
                    visible_at = clock_timestamp() + make_interval(secs => $3::float8 / 1000) \
              FROM messages m \
              WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM c)) AND m.seq = d.seq \
@@ -398,7 +406,12 @@ pub async fn claim(
                        m.id, m.payload, m.headers, m.key, m.published_at",
         )
         .await?;
-    let rows = relaxed(c, &st, &[&group_id, &limit, &millis(lease)]).await?;
+    let rows = relaxed(
+        c,
+        &st,
+        &[&group_id, &limit, &millis(lease), &consumer, &millis(grace)],
+    )
+    .await?;
     let mut out = Vec::with_capacity(rows.len());
     let mut dead = Vec::new();
     for r in rows {
@@ -520,7 +533,7 @@ pub async fn nack(
     let (seqs, tokens) = split(leases);
     let st = c
         .prepare_cached(
-            "UPDATE deliveries d SET lease_token = NULL, \
+            "UPDATE deliveries d SET lease_token = NULL, last_consumer = NULL, \
                visible_at = now() + make_interval(secs => $4::float8 / 1000) \
              WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
                AND d.visible_at > now() \

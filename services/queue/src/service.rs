@@ -43,6 +43,8 @@ struct Inner {
     wakers: Wakers,
     topics: Mutex<HashMap<String, (Topic, Instant)>>,
     publish_tx: mpsc::Sender<PublishJob>,
+    /// Topics to NOTIFY the other replicas about (see [`notifier`]).
+    notify_tx: mpsc::Sender<Vec<i32>>,
     subscriptions: Arc<Semaphore>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -70,6 +72,7 @@ impl Queue {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let wakers = Wakers::default();
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (notify_tx, notify_rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
             subscriptions: Arc::new(Semaphore::new(config.max_subscriptions)),
             config: config.clone(),
@@ -77,12 +80,12 @@ impl Queue {
             wakers: wakers.clone(),
             topics: Mutex::new(HashMap::new()),
             publish_tx,
+            notify_tx: notify_tx.clone(),
             tasks: Mutex::new(Vec::new()),
         });
         let q = Queue { inner };
         let mut tasks = Vec::new();
         let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
-        let (notify_tx, notify_rx) = mpsc::channel(1024);
         tasks.push(tokio::spawn(notifier(q.inner.pool.clone(), notify_rx)));
         for _ in 0..config.committers.max(1) {
             tasks.push(tokio::spawn(committer(
@@ -270,6 +273,7 @@ impl Queue {
         tx.commit().await?;
         let wake = self.inner.wakers.subscribe(topic.id);
         Ok(Session {
+            id: Uuid::new_v4(),
             queue: self.clone(),
             topic,
             group: open.group,
@@ -515,6 +519,8 @@ struct Lease {
 /// window, settles acks, nacks and extensions, and frees the window's slot
 /// of a lease that ended.
 pub struct Session {
+    /// Names this consumer in the deliveries it leases (`last_consumer`).
+    id: Uuid,
     queue: Queue,
     topic: Topic,
     group: String,
@@ -531,13 +537,24 @@ pub struct Session {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// How long a consumer whose lease ended unsettled waits before it may claim
+/// that message again: long enough for every other consumer of the group to
+/// have been woken or to have polled once.
+pub fn redelivery_grace(poll_interval: Duration) -> Duration {
+    poll_interval * 2
+}
+
 /// Most client messages settled in one round trip.
 const INPUT_BATCH: usize = 256;
 const MAX_WINDOW: u32 = 100_000;
 
+/// A lease counts as ended this long after the database's end, so that the
+/// consumers woken by its end find it claimable (clocks read apart).
+const LEASE_MARGIN: Duration = Duration::from_millis(5);
+
 fn instant_for(t: OffsetDateTime) -> Instant {
     let left = t - OffsetDateTime::now_utc();
-    Instant::now() + left.try_into().unwrap_or(Duration::ZERO)
+    Instant::now() + left.try_into().unwrap_or(Duration::ZERO) + LEASE_MARGIN
 }
 
 /// Resolves once `closed` is true (without holding its guard across awaits).
@@ -633,7 +650,10 @@ impl Session {
         metrics::gauge!("queue_subscriptions").decrement(1.0);
     }
 
-    /// Forgets leases whose time is up: their slots are free again.
+    /// Forgets leases whose time is up: their slots are free again. Their
+    /// messages are claimable by the group's other consumers now (and by this
+    /// one only after the grace), so those are woken here and on every replica
+    /// rather than left to their next poll.
     fn expire(&mut self) {
         let now = Instant::now();
         let ended: Vec<Uuid> = self
@@ -642,6 +662,11 @@ impl Session {
             .filter(|(_, l)| l.until <= now)
             .map(|(id, _)| *id)
             .collect();
+        if !ended.is_empty() {
+            metrics::counter!("queue_lease_expired_total").increment(ended.len() as u64);
+            self.queue.inner.wakers.wake(self.topic.id);
+            notify_replicas(&self.queue.inner.notify_tx, vec![self.topic.id]);
+        }
         for id in ended {
             self.in_flight.remove(&id);
             self.remember_expired(id);
@@ -657,8 +682,17 @@ impl Session {
 
     async fn claim(&mut self, n: usize) -> Result<Vec<Delivery>> {
         let mut client = self.queue.inner.pool.get().await?;
-        let (got, dead) =
-            repo::claim(&client, self.group_id, &self.topic, n as i64, self.lease).await?;
+        let poll = Duration::from_millis(self.queue.inner.config.poll_interval_ms);
+        let (got, dead) = repo::claim(
+            &client,
+            self.group_id,
+            &self.topic,
+            self.id,
+            n as i64,
+            self.lease,
+            redelivery_grace(poll),
+        )
+        .await?;
         if !dead.is_empty() {
             let tx = client.transaction().await?;
             repo::dead_letter(&tx, self.group_id, &self.group, &self.topic, &dead).await?;

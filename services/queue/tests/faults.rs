@@ -288,3 +288,110 @@ async fn per_key_order_holds_under_competing_consumers() {
     }
     s.stop().await;
 }
+
+/// A consumer that keeps its stream open but never acks, beside a healthy one
+/// of the same group: after the hung one's lease ends, the message goes to the
+/// healthy one (attempt 2), never back to the hung one, and is not
+/// dead-lettered. `healthy_on` picks the replica of the healthy consumer.
+async fn hung_consumer_case(cross_replica: bool) {
+    // Slow polls: the healthy consumer can only learn of the ended lease by
+    // being woken, not by a lucky poll.
+    let slow = |c: &mut queue::Config| c.poll_interval_ms = 30_000;
+    let a = Server::start_with(slow).await;
+    let b = match cross_replica {
+        true => Some(Server::replica(a.db.as_ref().unwrap(), slow).await),
+        false => None,
+    };
+    a.create_topic("jobs", 2).await;
+    let mut hung = Raw::open(&channel(&a), "jobs", "workers", 1, 1000)
+        .await
+        .unwrap();
+    let published = a.publish("jobs", &["only"]).await;
+    let first = hung.next().await;
+    assert_eq!(
+        (first.message_id.as_str(), first.attempt),
+        (published[0].message_id.as_str(), 1)
+    );
+    // The healthy consumer joins with free credits; nothing is ready for it yet.
+    let mut healthy = Raw::open(
+        &channel(b.as_ref().unwrap_or(&a)),
+        "jobs",
+        "workers",
+        4,
+        30_000,
+    )
+    .await
+    .unwrap();
+    // The hung consumer never acks. Its lease ends after 1 s.
+    let redelivered = healthy.next_within(WAIT).await;
+    let stolen = hung.next_within(Duration::from_millis(300)).await;
+    assert!(
+        stolen.is_none(),
+        "the hung consumer got its own expired message back: {stolen:?} (healthy saw {redelivered:?})"
+    );
+    let d = redelivered.expect("the healthy consumer gets the message after the lease");
+    assert_eq!(
+        (d.message_id.as_str(), d.attempt),
+        (first.message_id.as_str(), 2)
+    );
+    assert_eq!(healthy.ack(&d.delivery_id).await.code, 0);
+    // The hung consumer's late ack is refused: the lease is gone.
+    assert_ne!(hung.ack(&first.delivery_id).await.code, 0);
+    let stats = a.stats("jobs").await;
+    let g = &stats.groups[0];
+    assert_eq!(
+        (g.depth, g.in_flight, g.dead_lettered),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(a.stats("jobs.dlq").await.messages, 0);
+    drop(hung);
+    drop(healthy);
+    if let Some(b) = b {
+        b.stop().await;
+    }
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_consumers_redelivery_goes_to_a_healthy_one() {
+    hung_consumer_case(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_consumers_redelivery_goes_to_a_healthy_one_on_another_replica() {
+    hung_consumer_case(true).await;
+}
+
+/// Alone, a consumer whose lease ended still gets its message back (after
+/// the grace the others had), up to the dead-letter topic.
+#[tokio::test]
+async fn a_lone_hung_consumer_still_gets_its_redeliveries() {
+    let s = Server::start().await;
+    s.create_topic("solo", 2).await;
+    let mut hung = Raw::open(&channel(&s), "solo", "g", 1, 300).await.unwrap();
+    s.publish("solo", &["x"]).await;
+    let first = hung.next().await;
+    let second = hung.next().await;
+    assert_eq!((first.attempt, second.attempt), (1, 2));
+    assert_eq!(first.message_id, second.message_id);
+    // Past max_attempts (2) it goes to the dead-letter topic.
+    runtime_wait(|| async { s.stats("solo.dlq").await.messages == 1 }).await;
+    assert_eq!(s.stats("solo").await.groups[0].dead_lettered, 1);
+    s.stop().await;
+}
+
+async fn runtime_wait<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within the wait"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
