@@ -24,6 +24,10 @@ impl Name {
         if s.trim().is_empty() {
             return Err(Error::invalid(field, "must not be empty"));
         }
+        // Unlike free text, a name holds no tab or newline either.
+        if s.chars().any(char::is_control) {
+            return Err(Error::invalid(field, "contains control characters"));
+        }
         if Uuid::try_parse(s).is_ok() {
             return Err(Error::invalid(field, "must not look like an id (a UUID)"));
         }
@@ -156,6 +160,7 @@ mod tests {
             ("", "name: must not be empty"),
             ("   ", "name: must not be empty"),
             ("a\u{7}b", "name: contains control characters"),
+            ("tab\tname", "name: contains control characters"),
             (
                 "0a0a0a0a-0a0a-4a0a-8a0a-0a0a0a0a0a0a",
                 "name: must not look like an id (a UUID)",
