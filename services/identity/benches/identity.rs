@@ -122,9 +122,14 @@ async fn bench() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = Config {
-        listen: addr,
-        metrics_listen: None,
-        database_url: db.url.clone(),
+        server: runtime::config::ServerConfig {
+            listen: addr,
+            metrics_listen: None,
+        },
+        database: runtime::config::DatabaseConfig {
+            url: db.url.clone(),
+            ..runtime::config::DatabaseConfig::local("identity")
+        },
         key_dir: keys.path().join("keys"),
         ..Config::default()
     };

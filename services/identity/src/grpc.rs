@@ -1,162 +1,441 @@
-//! The gRPC adapter: validates every field of every request, turns wire
-//! types into domain types, calls [`Identity`], and maps the answer back.
-//! Nothing here decides anything; the domain code does.
+//! The gRPC adapter, the only place that knows tonic: reads the caller,
+//! validates every field of every request into a typed value (`TryFrom` the
+//! wire message, into the types of [`crate::model`]), calls [`Identity`],
+//! and maps the answer back. Nothing here decides anything; the domain code
+//! does. Errors reach the wire through runtime's one `From<Error> for Status`.
 
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
 use proto::identity::v1 as pb;
+use runtime::error::{Error, UNAUTHENTICATED_MESSAGE};
+use runtime::types::{Name, NameOrId, check_text, parse_id, parse_opt_id};
 use time::OffsetDateTime;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 use crate::keys::KeyState;
 use crate::model::*;
-use crate::policy::Caller;
-use crate::service::{Change, Credentials, Identity, NewUser, PublicKey, ScopeRequest};
+use crate::policy::{self, Caller};
+use crate::service::{Change, Identity, PublicKey};
 
-/// Longest name, description or other free text we accept, in characters.
-pub const MAX_NAME: usize = 255;
+/// Longest description or other free text we accept, in characters.
 const MAX_TEXT: usize = 4096;
+/// Longest password, in bytes.
+const MAX_PASSWORD: usize = 4096;
+/// The region of an endpoint that names none.
+const DEFAULT_REGION: &str = "RegionOne";
 
 type R<T> = Result<Response<T>, Status>;
 
 // ------------------------------------------------------------- validation
 
-fn invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg.into())
+fn text(field: &'static str, s: String) -> Result<String, Error> {
+    check_text(field, &s, MAX_TEXT)?;
+    Ok(s)
 }
 
-/// A required name: 1 to 255 characters, no control characters, not blank.
-fn name(field: &str, s: &str) -> Result<String, Status> {
-    if s.trim().is_empty() {
-        return Err(invalid(format!("{field} must not be empty")));
-    }
-    if s.chars().count() > MAX_NAME {
-        return Err(invalid(format!(
-            "{field} is longer than {MAX_NAME} characters"
-        )));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(invalid(format!("{field} contains control characters")));
-    }
-    Ok(s.to_string())
-}
-
-fn opt_name(field: &str, s: Option<&String>) -> Result<Option<String>, Status> {
-    s.map(|s| name(field, s)).transpose()
-}
-
-fn text(field: &str, s: &str) -> Result<String, Status> {
-    if s.chars().count() > MAX_TEXT {
-        return Err(invalid(format!(
-            "{field} is longer than {MAX_TEXT} characters"
-        )));
-    }
-    Ok(s.to_string())
-}
-
-fn opt_text(field: &str, s: Option<&String>) -> Result<Option<String>, Status> {
+fn opt_text(field: &'static str, s: Option<String>) -> Result<Option<String>, Error> {
     s.map(|s| text(field, s)).transpose()
 }
 
-fn password(field: &str, s: &str) -> Result<String, Status> {
+fn opt_name(field: &'static str, s: Option<String>) -> Result<Option<Name>, Error> {
+    s.map(|s| Name::parse(field, &s)).transpose()
+}
+
+fn password(field: &'static str, s: String) -> Result<String, Error> {
     if s.is_empty() {
-        return Err(invalid(format!("{field} must not be empty")));
+        return Err(Error::invalid(field, "must not be empty"));
     }
-    if s.len() > MAX_TEXT {
-        return Err(invalid(format!("{field} is longer than {MAX_TEXT} bytes")));
+    if s.len() > MAX_PASSWORD {
+        return Err(Error::invalid(
+            field,
+            format!("is longer than {MAX_PASSWORD} bytes"),
+        ));
     }
-    Ok(s.to_string())
+    Ok(s)
 }
 
-fn id(field: &str, s: &str) -> Result<Uuid, Status> {
-    if s.is_empty() {
-        return Err(invalid(format!("{field} is required")));
-    }
-    Uuid::parse_str(s).map_err(|_| invalid(format!("{field} is not a valid id: {:?}", truncate(s))))
-}
-
-fn opt_id(field: &str, s: &str) -> Result<Option<Uuid>, Status> {
-    if s.is_empty() {
-        Ok(None)
-    } else {
-        id(field, s).map(Some)
-    }
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(40).collect()
-}
-
-/// A domain given by id or name; neither means none.
-fn domain_ref(id_field: &str, d_id: &str, d_name: &str) -> Result<Option<DomainRef>, Status> {
-    match (d_id.is_empty(), d_name.is_empty()) {
+/// A domain given by id or name; neither means none (the default domain).
+fn domain_ref(
+    id_field: &'static str,
+    id: &str,
+    name_field: &'static str,
+    name: &str,
+) -> Result<Option<DomainRef>, Error> {
+    match (id.is_empty(), name.is_empty()) {
         (true, true) => Ok(None),
-        (false, true) => Ok(Some(DomainRef::Id(id(id_field, d_id)?))),
-        (true, false) => Ok(Some(DomainRef::Name(name("domain name", d_name)?))),
-        (false, false) => Err(invalid("give a domain id or a domain name, not both")),
+        (false, true) => Ok(Some(DomainRef::Id(parse_id(id_field, id)?))),
+        (true, false) => Ok(Some(DomainRef::Name(Name::parse(name_field, name)?))),
+        (false, false) => Err(Error::invalid(
+            id_field,
+            format!("give {id_field} or {name_field}, not both"),
+        )),
     }
 }
 
-/// A reference by id, or by name with an optional domain.
-fn reference(kind: &str, g: &pb::GetRequest) -> Result<Ref, Status> {
-    match (g.id.is_empty(), g.name.is_empty()) {
-        (false, true) => Ok(Ref::Id(id(&format!("{kind} id"), &g.id)?)),
-        (true, false) => Ok(Ref::Name {
-            name: name(&format!("{kind} name"), &g.name)?,
-            domain: domain_ref("domain id", &g.domain_id, &g.domain_name)?,
-        }),
-        _ => Err(invalid(format!("give the {kind}'s id or its name"))),
+/// Exactly one of an id and a name.
+fn name_or_id(id: &str, name: &str) -> Result<NameOrId, Error> {
+    match (id.is_empty(), name.is_empty()) {
+        (false, true) => Ok(NameOrId::Id(parse_id("id", id)?)),
+        (true, false) => Ok(NameOrId::Name(Name::parse("name", name)?)),
+        _ => Err(Error::invalid("id", "give the id or the name, not both")),
     }
 }
 
-fn delete_ref(kind: &str, d: &pb::DeleteRequest) -> Result<Ref, Status> {
-    reference(
-        kind,
-        &pb::GetRequest {
-            id: d.id.clone(),
-            name: d.name.clone(),
-            domain_id: d.domain_id.clone(),
-            domain_name: d.domain_name.clone(),
+/// By id, or by name within a domain.
+fn reference(id: &str, name: &str, domain_id: &str, domain_name: &str) -> Result<Ref, Error> {
+    Ok(match name_or_id(id, name)? {
+        NameOrId::Id(id) => Ref::Id(id),
+        NameOrId::Name(name) => Ref::Name {
+            name,
+            domain: domain_ref("domain_id", domain_id, "domain_name", domain_name)?,
         },
-    )
+    })
 }
 
-fn target(project_id: &str, domain_id: &str, system: bool) -> Result<Target, Status> {
+impl TryFrom<&pb::GetRequest> for Ref {
+    type Error = Error;
+    fn try_from(g: &pb::GetRequest) -> Result<Self, Error> {
+        reference(&g.id, &g.name, &g.domain_id, &g.domain_name)
+    }
+}
+
+impl TryFrom<&pb::DeleteRequest> for Ref {
+    type Error = Error;
+    fn try_from(d: &pb::DeleteRequest) -> Result<Self, Error> {
+        reference(&d.id, &d.name, &d.domain_id, &d.domain_name)
+    }
+}
+
+impl TryFrom<&pb::GetRequest> for DomainRef {
+    type Error = Error;
+    fn try_from(g: &pb::GetRequest) -> Result<Self, Error> {
+        name_or_id(&g.id, &g.name).map(DomainRef::from)
+    }
+}
+
+impl TryFrom<&pb::DeleteRequest> for DomainRef {
+    type Error = Error;
+    fn try_from(d: &pb::DeleteRequest) -> Result<Self, Error> {
+        name_or_id(&d.id, &d.name).map(DomainRef::from)
+    }
+}
+
+fn target(project_id: &str, domain_id: &str, system: bool) -> Result<Target, Error> {
     match (
-        opt_id("project_id", project_id)?,
-        opt_id("domain_id", domain_id)?,
+        parse_opt_id("project_id", project_id)?,
+        parse_opt_id("domain_id", domain_id)?,
         system,
     ) {
         (Some(p), None, false) => Ok(Target::Project(p)),
         (None, Some(d), false) => Ok(Target::Domain(d)),
         (None, None, true) => Ok(Target::System),
-        _ => Err(invalid(
+        _ => Err(Error::invalid(
+            "target",
             "give exactly one of project_id, domain_id or system",
         )),
     }
 }
 
-fn interface(i: i32) -> Result<Option<Interface>, Status> {
+fn interface(i: i32) -> Result<Option<Interface>, Error> {
     match pb::Interface::try_from(i) {
         Ok(pb::Interface::Unspecified) => Ok(None),
         Ok(pb::Interface::Public) => Ok(Some(Interface::Public)),
         Ok(pb::Interface::Internal) => Ok(Some(Interface::Internal)),
         Ok(pb::Interface::Admin) => Ok(Some(Interface::Admin)),
-        Err(_) => Err(invalid(format!("unknown interface {i}"))),
+        Err(_) => Err(Error::invalid("interface", format!("unknown value {i}"))),
     }
 }
 
-fn url(field: &str, s: &str) -> Result<String, Status> {
+fn url(field: &'static str, s: String) -> Result<String, Error> {
     let ok = s.contains("://")
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
         && s.len() <= 1024;
     if ok {
-        Ok(s.to_string())
+        Ok(s)
     } else {
-        Err(invalid(format!("{field} is not a valid URL")))
+        Err(Error::invalid(field, "is not a valid URL"))
+    }
+}
+
+// --------------------------------------------------------- request values
+
+impl TryFrom<pb::AuthenticateRequest> for Login {
+    type Error = Error;
+    fn try_from(r: pb::AuthenticateRequest) -> Result<Self, Error> {
+        let credentials = match r.method {
+            Some(pb::authenticate_request::Method::Password(p)) => {
+                let user = if !p.user_id.is_empty() {
+                    if !p.user_name.is_empty() {
+                        return Err(Error::invalid(
+                            "user_id",
+                            "give user_id or user_name, not both",
+                        ));
+                    }
+                    Ref::Id(parse_id("user_id", &p.user_id)?)
+                } else {
+                    let domain = domain_ref(
+                        "user_domain_id",
+                        &p.user_domain_id,
+                        "user_domain_name",
+                        &p.user_domain_name,
+                    )?
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "user_domain_name",
+                            "a user name needs user_domain_id or user_domain_name",
+                        )
+                    })?;
+                    Ref::Name {
+                        name: Name::parse("user_name", &p.user_name)?,
+                        domain: Some(domain),
+                    }
+                };
+                Credentials::Password {
+                    user,
+                    password: password("password", p.password)?,
+                }
+            }
+            Some(pb::authenticate_request::Method::Token(t)) => {
+                if t.token.is_empty() {
+                    return Err(Error::invalid("token", "must not be empty"));
+                }
+                Credentials::Token(t.token)
+            }
+            None => {
+                return Err(Error::invalid(
+                    "method",
+                    "give password or token credentials",
+                ));
+            }
+        };
+        let scope = match r.scope.and_then(|s| s.target) {
+            None => ScopeRequest::Unscoped,
+            Some(pb::scope::Target::Project(p)) => {
+                ScopeRequest::Project(reference(&p.id, &p.name, &p.domain_id, &p.domain_name)?)
+            }
+            Some(pb::scope::Target::Domain(d)) => {
+                ScopeRequest::Domain(name_or_id(&d.id, &d.name)?.into())
+            }
+            Some(pb::scope::Target::System(true)) => ScopeRequest::System,
+            Some(pb::scope::Target::System(false)) => {
+                return Err(Error::invalid("system", "must be true when given"));
+            }
+        };
+        Ok(Login { credentials, scope })
+    }
+}
+
+impl TryFrom<pb::RevokeTokenRequest> for Revoke {
+    type Error = Error;
+    fn try_from(r: pb::RevokeTokenRequest) -> Result<Self, Error> {
+        match r.target {
+            Some(pb::revoke_token_request::Target::Token(t)) if !t.is_empty() => {
+                Ok(Revoke::Token(t))
+            }
+            Some(pb::revoke_token_request::Target::AuditId(a)) if !a.is_empty() => {
+                let ok = a.len() <= 64
+                    && a.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if ok {
+                    Ok(Revoke::AuditId(a))
+                } else {
+                    Err(Error::invalid("audit_id", "is malformed"))
+                }
+            }
+            _ => Err(Error::invalid(
+                "target",
+                "give the token or the audit_id to revoke",
+            )),
+        }
+    }
+}
+
+impl TryFrom<pb::CreateDomainRequest> for NewDomain {
+    type Error = Error;
+    fn try_from(r: pb::CreateDomainRequest) -> Result<Self, Error> {
+        Ok(NewDomain {
+            name: Name::parse("name", &r.name)?,
+            description: text("description", r.description)?,
+            enabled: r.enabled.unwrap_or(true),
+        })
+    }
+}
+
+impl TryFrom<pb::UpdateDomainRequest> for Update {
+    type Error = Error;
+    fn try_from(r: pb::UpdateDomainRequest) -> Result<Self, Error> {
+        Ok(Update {
+            id: parse_id("id", &r.id)?,
+            patch: Patch {
+                name: opt_name("name", r.name)?,
+                description: opt_text("description", r.description)?,
+                enabled: r.enabled,
+                ..Patch::default()
+            },
+        })
+    }
+}
+
+impl TryFrom<pb::CreateProjectRequest> for NewProject {
+    type Error = Error;
+    fn try_from(r: pb::CreateProjectRequest) -> Result<Self, Error> {
+        Ok(NewProject {
+            name: Name::parse("name", &r.name)?,
+            domain: domain_ref("domain_id", &r.domain_id, "domain_name", &r.domain_name)?,
+            description: text("description", r.description)?,
+            enabled: r.enabled.unwrap_or(true),
+        })
+    }
+}
+
+impl TryFrom<pb::UpdateProjectRequest> for Update {
+    type Error = Error;
+    fn try_from(r: pb::UpdateProjectRequest) -> Result<Self, Error> {
+        Ok(Update {
+            id: parse_id("id", &r.id)?,
+            patch: Patch {
+                name: opt_name("name", r.name)?,
+                description: opt_text("description", r.description)?,
+                enabled: r.enabled,
+                ..Patch::default()
+            },
+        })
+    }
+}
+
+impl TryFrom<&pb::ListProjectsRequest> for ProjectFilter {
+    type Error = Error;
+    fn try_from(r: &pb::ListProjectsRequest) -> Result<Self, Error> {
+        Ok(ProjectFilter {
+            domain_id: parse_opt_id("domain_id", &r.domain_id)?,
+            user_id: parse_opt_id("user_id", &r.user_id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::CreateUserRequest> for NewUser {
+    type Error = Error;
+    fn try_from(r: pb::CreateUserRequest) -> Result<Self, Error> {
+        Ok(NewUser {
+            name: Name::parse("name", &r.name)?,
+            domain: domain_ref("domain_id", &r.domain_id, "domain_name", &r.domain_name)?,
+            password: password("password", r.password)?,
+            email: text("email", r.email)?,
+            description: text("description", r.description)?,
+            enabled: r.enabled.unwrap_or(true),
+            ignore_lockout: r.ignore_lockout_failure_attempts.unwrap_or(false),
+        })
+    }
+}
+
+impl TryFrom<pb::UpdateUserRequest> for Update {
+    type Error = Error;
+    fn try_from(r: pb::UpdateUserRequest) -> Result<Self, Error> {
+        Ok(Update {
+            id: parse_id("id", &r.id)?,
+            patch: Patch {
+                name: opt_name("name", r.name)?,
+                description: opt_text("description", r.description)?,
+                email: opt_text("email", r.email)?,
+                enabled: r.enabled,
+                password: r.password.map(|p| password("password", p)).transpose()?,
+                ignore_lockout: r.ignore_lockout_failure_attempts,
+            },
+        })
+    }
+}
+
+impl TryFrom<pb::ChangePasswordRequest> for PasswordChange {
+    type Error = Error;
+    fn try_from(r: pb::ChangePasswordRequest) -> Result<Self, Error> {
+        Ok(PasswordChange {
+            user_id: parse_id("user_id", &r.user_id)?,
+            original: password("original_password", r.original_password)?,
+            new: password("new_password", r.new_password)?,
+        })
+    }
+}
+
+impl TryFrom<pb::CreateRoleRequest> for NewRole {
+    type Error = Error;
+    fn try_from(r: pb::CreateRoleRequest) -> Result<Self, Error> {
+        Ok(NewRole {
+            name: Name::parse("name", &r.name)?,
+            description: text("description", r.description)?,
+        })
+    }
+}
+
+impl TryFrom<&pb::ImpliedRole> for Implication {
+    type Error = Error;
+    fn try_from(r: &pb::ImpliedRole) -> Result<Self, Error> {
+        Ok(Implication {
+            prior: NameOrId::parse("prior_role", &r.prior_role)?,
+            implied: NameOrId::parse("implied_role", &r.implied_role)?,
+        })
+    }
+}
+
+impl TryFrom<&pb::RoleAssignment> for Grant {
+    type Error = Error;
+    fn try_from(r: &pb::RoleAssignment) -> Result<Self, Error> {
+        Ok(Grant {
+            user_id: parse_id("user_id", &r.user_id)?,
+            role: NameOrId::parse("role", &r.role)?,
+            target: target(&r.project_id, &r.domain_id, r.system)?,
+        })
+    }
+}
+
+impl TryFrom<&pb::ListRoleAssignmentsRequest> for AssignmentFilter {
+    type Error = Error;
+    fn try_from(r: &pb::ListRoleAssignmentsRequest) -> Result<Self, Error> {
+        Ok(AssignmentFilter {
+            user_id: parse_opt_id("user_id", &r.user_id)?,
+            project_id: parse_opt_id("project_id", &r.project_id)?,
+            domain_id: parse_opt_id("domain_id", &r.domain_id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::CreateServiceRequest> for NewService {
+    type Error = Error;
+    fn try_from(r: pb::CreateServiceRequest) -> Result<Self, Error> {
+        Ok(NewService {
+            name: Name::parse("name", &r.name)?,
+            kind: Name::parse("type", &r.r#type)?,
+            description: text("description", r.description)?,
+            enabled: r.enabled.unwrap_or(true),
+        })
+    }
+}
+
+impl TryFrom<pb::CreateEndpointRequest> for NewEndpoint {
+    type Error = Error;
+    fn try_from(r: pb::CreateEndpointRequest) -> Result<Self, Error> {
+        Ok(NewEndpoint {
+            service: NameOrId::parse("service", &r.service)?,
+            interface: interface(r.interface)?
+                .ok_or_else(|| Error::invalid("interface", "is required"))?,
+            region: match r.region.as_str() {
+                "" => DEFAULT_REGION.to_string(),
+                region => Name::parse("region", region)?.into_string(),
+            },
+            url: url("url", r.url)?,
+            enabled: r.enabled.unwrap_or(true),
+        })
+    }
+}
+
+impl TryFrom<&pb::ListEndpointsRequest> for EndpointFilter {
+    type Error = Error;
+    fn try_from(r: &pb::ListEndpointsRequest) -> Result<Self, Error> {
+        Ok(EndpointFilter {
+            service_id: parse_opt_id("service_id", &r.service_id)?,
+            interface: interface(r.interface)?,
+        })
     }
 }
 
@@ -283,6 +562,7 @@ fn user_pb(u: User) -> pb::User {
             .locked_until
             .filter(|t| *t > OffsetDateTime::now_utc())
             .map(ts),
+        ignore_lockout_failure_attempts: u.ignore_lockout,
     }
 }
 
@@ -321,34 +601,39 @@ fn service_pb(s: Service) -> pb::Service {
 
 // ---------------------------------------------------------------- callers
 
-/// The bearer token of a request, from `authorization: Bearer <token>`.
-pub fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
-    match req.metadata().get("authorization") {
-        None => Ok(None),
-        Some(v) => {
-            let v = v
-                .to_str()
-                .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-            let token = v
-                .strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-                .ok_or_else(|| {
-                    Status::unauthenticated("authorization must be \"Bearer <token>\"")
-                })?;
-            Ok(Some(token.trim()))
+/// Why a token was refused is for the log and for mesh peers (sidecars,
+/// which log and count it); a public caller reads only the constant.
+fn refusal(e: Error, mesh: bool) -> Status {
+    match e {
+        Error::Unauthenticated { internal } if mesh => {
+            tracing::info!(reason = %internal, "token refused for a mesh peer");
+            Status::unauthenticated(format!("{UNAUTHENTICATED_MESSAGE}: {internal}"))
         }
+        other => other.into(),
     }
 }
 
-/// The caller: its verified token, and the mesh workload its sidecar vouches
-/// for in `x-cirrus-peer` (identity listens on loopback behind its sidecar,
-/// which strips that header from anything a client sends).
-fn caller<T>(id: &Identity, req: &Request<T>) -> Result<Caller, Status> {
-    let peer = req
-        .metadata()
+/// The bearer token of a request, from `authorization: Bearer <token>`.
+pub fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Error> {
+    let Some(v) = req.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| Error::unauthenticated("the authorization header is not text"))?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .ok_or_else(|| Error::unauthenticated("authorization is not \"Bearer <token>\""))?;
+    Ok(Some(token.trim()))
+}
+
+/// The `x-cirrus-peer` the sidecar set (identity listens on loopback behind
+/// its sidecar, which strips that header from anything a client sends).
+fn peer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
         .get(runtime::caller::PEER)
-        .and_then(|v| v.to_str().ok());
-    Ok(id.caller(bearer(req)?)?.with_peer(peer))
+        .and_then(|v| v.to_str().ok())
 }
 
 /// The gRPC face of the identity service; one value serves all five services.
@@ -359,6 +644,17 @@ pub struct Api {
     pub closed: tokio::sync::watch::Receiver<bool>,
 }
 
+impl Api {
+    /// The caller: its verified token, and the mesh workload its sidecar vouches for.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let peer = peer(req);
+        let mesh = policy::is_mesh(peer);
+        let token = bearer(req).map_err(|e| refusal(e, mesh))?;
+        let caller = self.id.caller(token).map_err(|e| refusal(e, mesh))?;
+        Ok(caller.with_peer(peer))
+    }
+}
+
 // ------------------------------------------------------------------ Tokens
 
 #[tonic::async_trait]
@@ -367,59 +663,13 @@ impl pb::tokens_server::Tokens for Api {
         &self,
         req: Request<pb::AuthenticateRequest>,
     ) -> R<pb::AuthenticateResponse> {
-        let r = req.into_inner();
-        let creds = match r.method {
-            Some(pb::authenticate_request::Method::Password(p)) => {
-                let user = if !p.user_id.is_empty() {
-                    if !p.user_name.is_empty() {
-                        return Err(invalid("give user_id or user_name, not both"));
-                    }
-                    Ref::Id(id("user_id", &p.user_id)?)
-                } else {
-                    let domain =
-                        domain_ref("user_domain_id", &p.user_domain_id, &p.user_domain_name)?
-                            .ok_or_else(|| {
-                                invalid("a user name needs user_domain_id or user_domain_name")
-                            })?;
-                    Ref::Name {
-                        name: name("user_name", &p.user_name)?,
-                        domain: Some(domain),
-                    }
-                };
-                Credentials::Password {
-                    user,
-                    password: password("password", &p.password)?,
-                }
-            }
-            Some(pb::authenticate_request::Method::Token(t)) => {
-                if t.token.is_empty() {
-                    return Err(invalid("token must not be empty"));
-                }
-                Credentials::Token(t.token)
-            }
-            None => return Err(invalid("give password or token credentials")),
-        };
-        let scope = match r.scope.and_then(|s| s.target) {
-            None => ScopeRequest::Unscoped,
-            Some(pb::scope::Target::Project(p)) => ScopeRequest::Project(reference(
-                "project",
-                &pb::GetRequest {
-                    id: p.id,
-                    name: p.name,
-                    domain_id: p.domain_id,
-                    domain_name: p.domain_name,
-                },
-            )?),
-            Some(pb::scope::Target::Domain(d)) => ScopeRequest::Domain(
-                domain_ref("domain id", &d.id, &d.name)?
-                    .ok_or_else(|| invalid("give the domain's id or name"))?,
-            ),
-            Some(pb::scope::Target::System(true)) => ScopeRequest::System,
-            Some(pb::scope::Target::System(false)) => {
-                return Err(invalid("system scope must be true when given"));
-            }
-        };
-        let issued = self.id.authenticate(creds, scope).await?;
+        let mesh = policy::is_mesh(peer(&req));
+        let login = Login::try_from(req.into_inner())?;
+        let issued = self
+            .id
+            .authenticate(login)
+            .await
+            .map_err(|e| refusal(e, mesh))?;
         let kid = footer_kid(&issued.token);
         Ok(Response::new(pb::AuthenticateResponse {
             claims: Some(claims_pb(&issued.claims, kid)),
@@ -432,12 +682,16 @@ impl pb::tokens_server::Tokens for Api {
         &self,
         req: Request<pb::ValidateTokenRequest>,
     ) -> R<pb::ValidateTokenResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         let token = req.into_inner().token;
         if token.is_empty() {
-            return Err(invalid("token must not be empty"));
+            return Err(Error::invalid("token", "must not be empty").into());
         }
-        let (claims, catalog) = self.id.validate(&c, &token).await?;
+        let (claims, catalog) = self
+            .id
+            .validate(&c, &token)
+            .await
+            .map_err(|e| refusal(e, c.is_mesh()))?;
         Ok(Response::new(pb::ValidateTokenResponse {
             claims: Some(claims_pb(&claims, footer_kid(&token))),
             catalog: catalog_pb(&catalog),
@@ -448,28 +702,17 @@ impl pb::tokens_server::Tokens for Api {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> R<pb::RevokeTokenResponse> {
-        let c = caller(&self.id, &req)?;
-        match req.into_inner().target {
-            Some(pb::revoke_token_request::Target::Token(t)) if !t.is_empty() => {
-                self.id.revoke_token(&c, &t).await?
-            }
-            Some(pb::revoke_token_request::Target::AuditId(a)) if !a.is_empty() => {
-                if a.len() > 64
-                    || !a
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    return Err(invalid("audit_id is malformed"));
-                }
-                self.id.revoke_audit_id(&c, &a).await?
-            }
-            _ => return Err(invalid("give the token or the audit_id to revoke")),
-        }
+        let c = self.caller(&req)?;
+        let what = Revoke::try_from(req.into_inner())?;
+        self.id
+            .revoke_token(&c, what)
+            .await
+            .map_err(|e| refusal(e, c.is_mesh()))?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
     async fn rotate_keys(&self, req: Request<pb::RotateKeysRequest>) -> R<pb::RotateKeysResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         let keys = self.id.rotate_keys(&c)?;
         Ok(Response::new(pb::RotateKeysResponse {
             keys: keys.iter().map(key_pb).collect(),
@@ -489,7 +732,7 @@ impl pb::tokens_server::Tokens for Api {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> R<Self::WatchStream> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         let (keys, rules, rx) = self.id.watch(&c)?;
         let snapshot = pb::WatchEvent {
             event: Some(pb::watch_event::Event::Snapshot(pb::Snapshot {
@@ -527,28 +770,21 @@ impl pb::tokens_server::Tokens for Api {
 #[tonic::async_trait]
 impl pb::resources_server::Resources for Api {
     async fn create_domain(&self, req: Request<pb::CreateDomainRequest>) -> R<pb::Domain> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let d = self
-            .id
-            .create_domain(
-                &c,
-                name("name", &r.name)?,
-                text("description", &r.description)?,
-                r.enabled.unwrap_or(true),
-            )
-            .await?;
-        Ok(Response::new(domain_pb(d)))
+        let c = self.caller(&req)?;
+        let new = NewDomain::try_from(req.into_inner())?;
+        Ok(Response::new(domain_pb(
+            self.id.create_domain(&c, new).await?,
+        )))
     }
 
     async fn get_domain(&self, req: Request<pb::GetRequest>) -> R<pb::Domain> {
-        let c = caller(&self.id, &req)?;
-        let r = reference("domain", req.get_ref())?;
+        let c = self.caller(&req)?;
+        let r = DomainRef::try_from(req.get_ref())?;
         Ok(Response::new(domain_pb(self.id.get_domain(&c, r).await?)))
     }
 
     async fn list_domains(&self, req: Request<pb::ListRequest>) -> R<pb::ListDomainsResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         let domains = self.id.list_domains(&c).await?;
         Ok(Response::new(pb::ListDomainsResponse {
             domains: domains.into_iter().map(domain_pb).collect(),
@@ -556,47 +792,32 @@ impl pb::resources_server::Resources for Api {
     }
 
     async fn update_domain(&self, req: Request<pb::UpdateDomainRequest>) -> R<pb::Domain> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let patch = Patch {
-            name: opt_name("name", r.name.as_ref())?,
-            description: opt_text("description", r.description.as_ref())?,
-            enabled: r.enabled,
-            ..Default::default()
-        };
-        let d = self.id.update_domain(&c, id("id", &r.id)?, patch).await?;
-        Ok(Response::new(domain_pb(d)))
+        let c = self.caller(&req)?;
+        let u = Update::try_from(req.into_inner())?;
+        Ok(Response::new(domain_pb(
+            self.id.update_domain(&c, u).await?,
+        )))
     }
 
     async fn delete_domain(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let d = self
-            .id
-            .get_domain(&c, delete_ref("domain", req.get_ref())?)
+        let c = self.caller(&req)?;
+        self.id
+            .delete_domain(&c, DomainRef::try_from(req.get_ref())?)
             .await?;
-        self.id.delete_domain(&c, d.id).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn create_project(&self, req: Request<pb::CreateProjectRequest>) -> R<pb::Project> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let p = self
-            .id
-            .create_project(
-                &c,
-                name("name", &r.name)?,
-                domain_ref("domain_id", &r.domain_id, &r.domain_name)?,
-                text("description", &r.description)?,
-                r.enabled.unwrap_or(true),
-            )
-            .await?;
-        Ok(Response::new(project_pb(p)))
+        let c = self.caller(&req)?;
+        let new = NewProject::try_from(req.into_inner())?;
+        Ok(Response::new(project_pb(
+            self.id.create_project(&c, new).await?,
+        )))
     }
 
     async fn get_project(&self, req: Request<pb::GetRequest>) -> R<pb::Project> {
-        let c = caller(&self.id, &req)?;
-        let r = reference("project", req.get_ref())?;
+        let c = self.caller(&req)?;
+        let r = Ref::try_from(req.get_ref())?;
         Ok(Response::new(project_pb(self.id.get_project(&c, r).await?)))
     }
 
@@ -604,41 +825,27 @@ impl pb::resources_server::Resources for Api {
         &self,
         req: Request<pb::ListProjectsRequest>,
     ) -> R<pb::ListProjectsResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.get_ref();
-        let projects = self
-            .id
-            .list_projects(
-                &c,
-                opt_id("domain_id", &r.domain_id)?,
-                opt_id("user_id", &r.user_id)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let f = ProjectFilter::try_from(req.get_ref())?;
+        let projects = self.id.list_projects(&c, f).await?;
         Ok(Response::new(pb::ListProjectsResponse {
             projects: projects.into_iter().map(project_pb).collect(),
         }))
     }
 
     async fn update_project(&self, req: Request<pb::UpdateProjectRequest>) -> R<pb::Project> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let patch = Patch {
-            name: opt_name("name", r.name.as_ref())?,
-            description: opt_text("description", r.description.as_ref())?,
-            enabled: r.enabled,
-            ..Default::default()
-        };
-        let p = self.id.update_project(&c, id("id", &r.id)?, patch).await?;
-        Ok(Response::new(project_pb(p)))
+        let c = self.caller(&req)?;
+        let u = Update::try_from(req.into_inner())?;
+        Ok(Response::new(project_pb(
+            self.id.update_project(&c, u).await?,
+        )))
     }
 
     async fn delete_project(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let p = self
-            .id
-            .get_project(&c, delete_ref("project", req.get_ref())?)
+        let c = self.caller(&req)?;
+        self.id
+            .delete_project(&c, Ref::try_from(req.get_ref())?)
             .await?;
-        self.id.delete_project(&c, p.id).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 }
@@ -648,66 +855,37 @@ impl pb::resources_server::Resources for Api {
 #[tonic::async_trait]
 impl pb::users_server::Users for Api {
     async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> R<pb::User> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let u = NewUser {
-            name: name("name", &r.name)?,
-            domain: domain_ref("domain_id", &r.domain_id, &r.domain_name)?,
-            password: if r.password.is_empty() {
-                None
-            } else {
-                Some(password("password", &r.password)?)
-            },
-            email: text("email", &r.email)?,
-            description: text("description", &r.description)?,
-            enabled: r.enabled.unwrap_or(true),
-        };
-        Ok(Response::new(user_pb(self.id.create_user(&c, u).await?)))
+        let c = self.caller(&req)?;
+        let new = NewUser::try_from(req.into_inner())?;
+        Ok(Response::new(user_pb(self.id.create_user(&c, new).await?)))
     }
 
     async fn get_user(&self, req: Request<pb::GetRequest>) -> R<pb::User> {
-        let c = caller(&self.id, &req)?;
-        let r = reference("user", req.get_ref())?;
+        let c = self.caller(&req)?;
+        let r = Ref::try_from(req.get_ref())?;
         Ok(Response::new(user_pb(self.id.get_user(&c, r).await?)))
     }
 
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> R<pb::ListUsersResponse> {
-        let c = caller(&self.id, &req)?;
-        let users = self
-            .id
-            .list_users(&c, opt_id("domain_id", &req.get_ref().domain_id)?)
-            .await?;
+        let c = self.caller(&req)?;
+        let domain_id = parse_opt_id("domain_id", &req.get_ref().domain_id)?;
+        let users = self.id.list_users(&c, domain_id).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: users.into_iter().map(user_pb).collect(),
         }))
     }
 
     async fn update_user(&self, req: Request<pb::UpdateUserRequest>) -> R<pb::User> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let patch = Patch {
-            name: opt_name("name", r.name.as_ref())?,
-            description: opt_text("description", r.description.as_ref())?,
-            email: opt_text("email", r.email.as_ref())?,
-            enabled: r.enabled,
-            password: r
-                .password
-                .as_deref()
-                .map(|p| password("password", p))
-                .transpose()?,
-        };
-        Ok(Response::new(user_pb(
-            self.id.update_user(&c, id("id", &r.id)?, patch).await?,
-        )))
+        let c = self.caller(&req)?;
+        let u = Update::try_from(req.into_inner())?;
+        Ok(Response::new(user_pb(self.id.update_user(&c, u).await?)))
     }
 
     async fn delete_user(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let u = self
-            .id
-            .get_user(&c, delete_ref("user", req.get_ref())?)
+        let c = self.caller(&req)?;
+        self.id
+            .delete_user(&c, Ref::try_from(req.get_ref())?)
             .await?;
-        self.id.delete_user(&c, u.id).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
@@ -715,85 +893,51 @@ impl pb::users_server::Users for Api {
         &self,
         req: Request<pb::ChangePasswordRequest>,
     ) -> R<pb::ChangePasswordResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        self.id
-            .change_password(
-                &c,
-                id("user_id", &r.user_id)?,
-                &password("original_password", &r.original_password)?,
-                &password("new_password", &r.new_password)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let ch = PasswordChange::try_from(req.into_inner())?;
+        self.id.change_password(&c, ch).await?;
         Ok(Response::new(pb::ChangePasswordResponse {}))
     }
 }
 
 // ------------------------------------------------------------------- Roles
 
-fn role_name(field: &str, s: &str) -> Result<String, Status> {
-    name(field, s)
-}
-
 #[tonic::async_trait]
 impl pb::roles_server::Roles for Api {
     async fn create_role(&self, req: Request<pb::CreateRoleRequest>) -> R<pb::Role> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let role = self
-            .id
-            .create_role(
-                &c,
-                name("name", &r.name)?,
-                text("description", &r.description)?,
-            )
-            .await?;
-        Ok(Response::new(role_pb(role)))
+        let c = self.caller(&req)?;
+        let new = NewRole::try_from(req.into_inner())?;
+        Ok(Response::new(role_pb(self.id.create_role(&c, new).await?)))
     }
 
     async fn get_role(&self, req: Request<pb::GetRequest>) -> R<pb::Role> {
-        let c = caller(&self.id, &req)?;
-        let r = reference("role", req.get_ref())?;
+        let c = self.caller(&req)?;
+        let r = name_or_id(&req.get_ref().id, &req.get_ref().name)?;
         Ok(Response::new(role_pb(self.id.get_role(&c, r).await?)))
     }
 
     async fn list_roles(&self, req: Request<pb::ListRequest>) -> R<pb::ListRolesResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
+        let roles = self.id.list_roles(&c).await?;
         Ok(Response::new(pb::ListRolesResponse {
-            roles: self
-                .id
-                .list_roles(&c)
-                .await?
-                .into_iter()
-                .map(role_pb)
-                .collect(),
+            roles: roles.into_iter().map(role_pb).collect(),
         }))
     }
 
     async fn delete_role(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let role = self
-            .id
-            .get_role(&c, delete_ref("role", req.get_ref())?)
-            .await?;
-        self.id.delete_role(&c, role.id).await?;
+        let c = self.caller(&req)?;
+        let r = name_or_id(&req.get_ref().id, &req.get_ref().name)?;
+        self.id.delete_role(&c, r).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn create_implied_role(&self, req: Request<pb::ImpliedRole>) -> R<pb::ImpliedRole> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let (prior, implied) = self
-            .id
-            .create_implied_role(
-                &c,
-                role_name("prior_role", &r.prior_role)?,
-                role_name("implied_role", &r.implied_role)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let i = Implication::try_from(req.get_ref())?;
+        let (prior_role, implied_role) = self.id.create_implied_role(&c, i).await?;
         Ok(Response::new(pb::ImpliedRole {
-            prior_role: prior,
-            implied_role: implied,
+            prior_role,
+            implied_role,
         }))
     }
 
@@ -801,7 +945,7 @@ impl pb::roles_server::Roles for Api {
         &self,
         req: Request<pb::ListRequest>,
     ) -> R<pb::ListImpliedRolesResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         let pairs = self.id.list_implied_roles(&c).await?;
         Ok(Response::new(pb::ListImpliedRolesResponse {
             implied_roles: pairs
@@ -815,44 +959,24 @@ impl pb::roles_server::Roles for Api {
     }
 
     async fn delete_implied_role(&self, req: Request<pb::ImpliedRole>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        self.id
-            .delete_implied_role(
-                &c,
-                role_name("prior_role", &r.prior_role)?,
-                role_name("implied_role", &r.implied_role)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let i = Implication::try_from(req.get_ref())?;
+        self.id.delete_implied_role(&c, i).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn assign_role(&self, req: Request<pb::RoleAssignment>) -> R<pb::RoleAssignment> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let a = self
-            .id
-            .assign_role(
-                &c,
-                id("user_id", &r.user_id)?,
-                role_name("role", &r.role)?,
-                target(&r.project_id, &r.domain_id, r.system)?,
-            )
-            .await?;
-        Ok(Response::new(assignment_pb(a)))
+        let c = self.caller(&req)?;
+        let g = Grant::try_from(req.get_ref())?;
+        Ok(Response::new(assignment_pb(
+            self.id.assign_role(&c, g).await?,
+        )))
     }
 
     async fn unassign_role(&self, req: Request<pb::RoleAssignment>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        self.id
-            .unassign_role(
-                &c,
-                id("user_id", &r.user_id)?,
-                role_name("role", &r.role)?,
-                target(&r.project_id, &r.domain_id, r.system)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let g = Grant::try_from(req.get_ref())?;
+        self.id.unassign_role(&c, g).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
@@ -860,17 +984,9 @@ impl pb::roles_server::Roles for Api {
         &self,
         req: Request<pb::ListRoleAssignmentsRequest>,
     ) -> R<pb::ListRoleAssignmentsResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.get_ref();
-        let list = self
-            .id
-            .list_assignments(
-                &c,
-                opt_id("user_id", &r.user_id)?,
-                opt_id("project_id", &r.project_id)?,
-                opt_id("domain_id", &r.domain_id)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let f = AssignmentFilter::try_from(req.get_ref())?;
+        let list = self.id.list_assignments(&c, f).await?;
         Ok(Response::new(pb::ListRoleAssignmentsResponse {
             assignments: list.into_iter().map(assignment_pb).collect(),
         }))
@@ -882,98 +998,57 @@ impl pb::roles_server::Roles for Api {
 #[tonic::async_trait]
 impl pb::catalog_server::Catalog for Api {
     async fn create_service(&self, req: Request<pb::CreateServiceRequest>) -> R<pb::Service> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let s = self
-            .id
-            .create_service(
-                &c,
-                name("name", &r.name)?,
-                name("type", &r.r#type)?,
-                text("description", &r.description)?,
-                r.enabled.unwrap_or(true),
-            )
-            .await?;
-        Ok(Response::new(service_pb(s)))
+        let c = self.caller(&req)?;
+        let new = NewService::try_from(req.into_inner())?;
+        Ok(Response::new(service_pb(
+            self.id.create_service(&c, new).await?,
+        )))
     }
 
     async fn list_services(&self, req: Request<pb::ListRequest>) -> R<pb::ListServicesResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
+        let services = self.id.list_services(&c).await?;
         Ok(Response::new(pb::ListServicesResponse {
-            services: self
-                .id
-                .list_services(&c)
-                .await?
-                .into_iter()
-                .map(service_pb)
-                .collect(),
+            services: services.into_iter().map(service_pb).collect(),
         }))
     }
 
     async fn delete_service(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.get_ref();
-        let key = if r.id.is_empty() {
-            name("name", &r.name)?
-        } else {
-            id("id", &r.id)?.to_string()
-        };
-        self.id.delete_service(&c, &key).await?;
+        let c = self.caller(&req)?;
+        let r = name_or_id(&req.get_ref().id, &req.get_ref().name)?;
+        self.id.delete_service(&c, r).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn create_endpoint(&self, req: Request<pb::CreateEndpointRequest>) -> R<pb::Endpoint> {
-        let c = caller(&self.id, &req)?;
-        let r = req.into_inner();
-        let iface = interface(r.interface)?.ok_or_else(|| invalid("interface is required"))?;
-        let region = if r.region.is_empty() {
-            "RegionOne".to_string()
-        } else {
-            name("region", &r.region)?
-        };
-        let e = self
-            .id
-            .create_endpoint(
-                &c,
-                &name("service", &r.service)?,
-                iface,
-                region,
-                url("url", &r.url)?,
-                r.enabled.unwrap_or(true),
-            )
-            .await?;
-        Ok(Response::new(endpoint_pb(&e)))
+        let c = self.caller(&req)?;
+        let new = NewEndpoint::try_from(req.into_inner())?;
+        Ok(Response::new(endpoint_pb(
+            &self.id.create_endpoint(&c, new).await?,
+        )))
     }
 
     async fn list_endpoints(
         &self,
         req: Request<pb::ListEndpointsRequest>,
     ) -> R<pb::ListEndpointsResponse> {
-        let c = caller(&self.id, &req)?;
-        let r = req.get_ref();
-        let list = self
-            .id
-            .list_endpoints(
-                &c,
-                opt_id("service_id", &r.service_id)?,
-                interface(r.interface)?,
-            )
-            .await?;
+        let c = self.caller(&req)?;
+        let f = EndpointFilter::try_from(req.get_ref())?;
+        let list = self.id.list_endpoints(&c, f).await?;
         Ok(Response::new(pb::ListEndpointsResponse {
             endpoints: list.iter().map(endpoint_pb).collect(),
         }))
     }
 
     async fn delete_endpoint(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let c = caller(&self.id, &req)?;
-        self.id
-            .delete_endpoint(&c, id("id", &req.get_ref().id)?)
-            .await?;
+        let c = self.caller(&req)?;
+        let id = parse_id("id", &req.get_ref().id)?;
+        self.id.delete_endpoint(&c, id).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
     async fn get_catalog(&self, req: Request<pb::GetCatalogRequest>) -> R<pb::GetCatalogResponse> {
-        let c = caller(&self.id, &req)?;
+        let c = self.caller(&req)?;
         Ok(Response::new(pb::GetCatalogResponse {
             catalog: catalog_pb(&self.id.catalog(&c).await?),
         }))
@@ -984,26 +1059,67 @@ impl pb::catalog_server::Catalog for Api {
 mod tests {
     use super::*;
 
-    #[test]
-    fn names_are_checked() {
-        assert!(name("n", "ok name").is_ok());
-        assert!(name("n", "").is_err());
-        assert!(name("n", "   ").is_err());
-        assert!(name("n", &"x".repeat(256)).is_err());
-        assert!(name("n", &"é".repeat(255)).is_ok(), "counted in characters");
-        assert!(name("n", "bad\nname").is_err());
+    fn invalid<T>(r: Result<T, Error>) -> String {
+        match r {
+            Ok(_) => "accepted".into(),
+            Err(e) => Status::from(e).message().to_string(),
+        }
     }
 
     #[test]
-    fn ids_and_targets_are_checked() {
-        assert!(id("id", "nope").is_err());
-        assert!(id("id", "").is_err());
-        assert_eq!(opt_id("id", "").ok(), Some(None));
-        let u = Uuid::new_v4().to_string();
+    fn requests_are_validated_into_typed_values() {
+        let user = |password: &str, name: &str| pb::CreateUserRequest {
+            name: name.into(),
+            password: password.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            invalid(NewUser::try_from(user("", "kim"))),
+            "password: must not be empty"
+        );
+        assert_eq!(
+            invalid(NewUser::try_from(user(
+                "pw",
+                "0a0a0a0a-0a0a-4a0a-8a0a-0a0a0a0a0a0a"
+            ))),
+            "name: must not look like an id (a UUID)"
+        );
+        assert!(NewUser::try_from(user("pw", "kim")).is_ok());
+        let both = pb::GetRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: "x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            invalid(Ref::try_from(&both)),
+            "id: give the id or the name, not both"
+        );
+        assert_eq!(
+            invalid(Ref::try_from(&pb::GetRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })),
+            "id: is not a valid id: \"nope\""
+        );
+    }
+
+    #[test]
+    fn targets_are_exactly_one() {
+        let u = uuid::Uuid::new_v4().to_string();
         assert!(target(&u, "", false).is_ok());
         assert!(target(&u, &u, false).is_err());
         assert!(target("", "", false).is_err());
         assert!(target("", "", true).is_ok());
+    }
+
+    #[test]
+    fn a_mesh_peer_reads_why_a_token_was_refused_a_public_caller_does_not() {
+        let e = || Error::unauthenticated("token has expired");
+        assert_eq!(refusal(e(), false).message(), "authentication failed");
+        assert_eq!(
+            refusal(e(), true).message(),
+            "authentication failed: token has expired"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use token::SigningKey;
 
-use crate::error::{Error, Result};
+use runtime::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
@@ -33,15 +33,16 @@ pub struct KeyRepository {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Internal(format!("{what} {}: {e}", path.display()))
+    Error::internal(format!("{what} {}: {e}", path.display()))
 }
 
 impl KeyRepository {
     /// Opens the repository, creating it with a staged and a primary key if empty.
     pub fn open(dir: &Path, max_active: usize) -> Result<Self> {
         if max_active < 3 {
-            return Err(Error::InvalidArgument(
-                "max_active_keys must be at least 3 (staged, primary, secondary)".into(),
+            return Err(Error::invalid(
+                "max_active_keys",
+                "must be at least 3 (staged, primary, secondary)",
             ));
         }
         fs::DirBuilder::new()
@@ -86,7 +87,7 @@ impl KeyRepository {
     /// never leaves a half-written key.
     fn write_new(&self, index: u32) -> Result<()> {
         let key =
-            SigningKey::generate().map_err(|e| Error::Internal(format!("key generation: {e}")))?;
+            SigningKey::generate().map_err(|e| Error::internal(format!("key generation: {e}")))?;
         let tmp = self.dir.join(format!(".tmp-{index}"));
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -106,7 +107,7 @@ impl KeyRepository {
         let indexes = self.indexes()?;
         let primary = indexes.iter().copied().max().unwrap_or(0);
         if primary == 0 {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "key repository {} has no primary key",
                 self.dir.display()
             )));
@@ -117,10 +118,10 @@ impl KeyRepository {
                 let path = self.path(index);
                 let text = fs::read_to_string(&path).map_err(|e| io("read key", &path, e))?;
                 let bytes = hex::decode(text.trim()).map_err(|_| {
-                    Error::Internal(format!("key file {} is corrupt", path.display()))
+                    Error::internal(format!("key file {} is corrupt", path.display()))
                 })?;
                 let key = SigningKey::from_secret_bytes(&bytes).map_err(|_| {
-                    Error::Internal(format!("key file {} is corrupt", path.display()))
+                    Error::internal(format!("key file {} is corrupt", path.display()))
                 })?;
                 let state = match index {
                     0 => KeyState::Staged,

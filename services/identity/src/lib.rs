@@ -1,14 +1,24 @@
 //! The Cirrus identity service, a Keystone v3 equivalent.
 //!
-//! - [`service`]: the domain logic (authentication, tokens, keys, revocation
-//!   rules, domains, projects, users, roles, catalog, bootstrap);
-//! - [`grpc`]: the `identity.v1` gRPC adapter that validates requests;
-//! - [`repo`]: every SQL statement; [`keys`]: the signing key repository on
-//!   disk; [`password`]: argon2id; [`policy`]: who may call what.
+//! Read it in this order (every Cirrus service has the same shape):
 //!
-//! [`run`] serves it all on a listener until shutdown.
+//! - this file: [`Config`] (the shared `[server]` and `[database]` tables
+//!   and identity's own keys), the [`runtime::process::Service`] impl that
+//!   makes `main.rs` one line (and adds the `bootstrap` subcommand), and
+//!   [`run`], which serves until shutdown;
+//! - [`grpc`]: the only tonic code; reads the caller (identity verifies
+//!   bearer tokens itself: it issues them) and turns every request into a
+//!   validated value of [`model`] with `TryFrom`;
+//! - [`service`]: the domain logic; each method resolves what the request
+//!   names, authorizes through [`policy`], and acts, in one place; reads
+//!   answer `NotFound` for what the caller may not see;
+//! - [`repo`]: every SQL statement, as functions over any
+//!   `deadpool_postgres::GenericClient` (a connection or a transaction);
+//! - [`keys`]: the signing key repository on disk; [`password`]: argon2id.
+//!
+//! Errors are `runtime::error::Error` throughout; the client reads only its
+//! safe half (`internal error`, `authentication failed`, ...).
 
-pub mod error;
 pub mod grpc;
 pub mod keys;
 pub mod model;
@@ -18,11 +28,12 @@ pub mod repo;
 pub mod service;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
 use proto::identity::v1 as pb;
+use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -34,18 +45,11 @@ pub mod migrations {
     pub use self::migrations::runner;
 }
 
-/// The identity service's configuration (see `runtime::config` for how it loads).
+/// The identity service's configuration (see `runtime::config` for how it
+/// loads): the shared `[server]` and `[database]` tables, then its own keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the gRPC API listens.
-    pub listen: SocketAddr,
-    /// Where Prometheus `/metrics` is served; none to serve no metrics.
-    pub metrics_listen: Option<SocketAddr>,
-    /// A Postgres URL; the service works in `schema` only.
-    pub database_url: String,
-    pub schema: String,
-    pub db_pool_size: usize,
     /// The signing key repository (mode 0700).
     pub key_dir: PathBuf,
     /// Keys kept: staged + primary + secondaries.
@@ -56,38 +60,62 @@ pub struct Config {
     pub lockout_failure_attempts: u32,
     pub lockout_duration_secs: u64,
     pub password_hash: password::HashParams,
+    /// Where the gRPC API and `/metrics` listen.
+    pub server: ServerConfig,
+    /// Postgres; the service works in `database.schema` only.
+    pub database: DatabaseConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
+        let (grpc, metrics) = ports::IDENTITY;
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9150))),
-            database_url: "postgres://postgres@127.0.0.1:5432/cirrus".into(),
-            schema: "identity".into(),
-            db_pool_size: 16,
             key_dir: PathBuf::from(".state/identity/keys"),
             max_active_keys: 3,
             token_ttl_secs: 3600,
             lockout_failure_attempts: 6,
             lockout_duration_secs: 1800,
             password_hash: password::HashParams::default(),
+            server: ServerConfig::loopback(grpc, metrics),
+            database: DatabaseConfig::local("identity"),
         }
     }
 }
 
-impl Config {
-    /// Checks what serde cannot, before anything binds or connects.
-    pub fn validate(&self) -> Result<(), runtime::config::ConfigError> {
-        let bad = |m: &str| Err(runtime::config::ConfigError(m.to_string()));
+/// `identity bootstrap`: what `keystone-manage bootstrap` takes.
+#[derive(clap::Args)]
+struct BootstrapArgs {
+    #[arg(long, default_value = "admin")]
+    admin_user: String,
+    #[arg(long, env = "CIRRUS_ADMIN_PASSWORD")]
+    admin_password: String,
+    #[arg(long, default_value = "admin")]
+    admin_project: String,
+    #[arg(long, default_value = "RegionOne")]
+    region: String,
+    /// The public endpoint URL; defaults to http://<server.listen>.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// The internal endpoint URL; defaults to the public one.
+    #[arg(long)]
+    internal_url: Option<String>,
+}
+
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "identity";
+    const ABOUT: &'static str = "Cirrus identity service (Keystone)";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_string()));
         if self.token_ttl_secs == 0 || self.token_ttl_secs > 30 * 24 * 3600 {
             return bad("token_ttl_secs must be between 1 and 2592000 (30 days)");
         }
         if self.max_active_keys < 3 {
             return bad("max_active_keys must be at least 3");
-        }
-        if self.db_pool_size == 0 {
-            return bad("db_pool_size must be at least 1");
         }
         if self.password_hash.memory_kib < 8 * self.password_hash.parallelism
             || self.password_hash.iterations == 0
@@ -96,9 +124,52 @@ impl Config {
                 "password_hash: memory_kib must be at least 8 x parallelism and iterations at least 1",
             );
         }
-        if self.database_url.is_empty() {
-            return bad("database_url is required");
-        }
+        self.database.validate()
+    }
+
+    fn run(
+        self,
+        listener: TcpListener,
+        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
+    }
+
+    fn commands() -> Vec<clap::Command> {
+        use clap::Args;
+        vec![BootstrapArgs::augment_args(clap::Command::new("bootstrap").about(
+            "Create (idempotently) the default domain, roles, admin project and user, and the catalog entries",
+        ))]
+    }
+
+    async fn command(self, name: &str, args: &clap::ArgMatches) -> anyhow::Result<()> {
+        use clap::FromArgMatches;
+        anyhow::ensure!(name == "bootstrap", "unknown command {name}");
+        let a = BootstrapArgs::from_arg_matches(args)?;
+        let public = a
+            .public_url
+            .unwrap_or_else(|| format!("http://{}", self.server.listen));
+        let internal = a.internal_url.unwrap_or_else(|| public.clone());
+        let id = Identity::start(self).await?;
+        id.bootstrap(&Bootstrap {
+            admin_user: a.admin_user,
+            admin_password: a.admin_password,
+            admin_project: a.admin_project,
+            region: a.region,
+            endpoints: vec![
+                (model::Interface::Public, public),
+                (model::Interface::Internal, internal),
+            ],
+        })
+        .await
+        .map_err(|e| {
+            let detail = e.internal_detail().map(str::to_owned);
+            anyhow::anyhow!(
+                "bootstrap failed: {}",
+                detail.unwrap_or_else(|| e.to_string())
+            )
+        })?;
+        println!("bootstrap complete");
         Ok(())
     }
 }
@@ -118,7 +189,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    config.validate()?;
+    runtime::process::Service::validate(&config)?;
     let identity = Identity::start(config).await?;
     serve(identity, listener, shutdown).await
 }

@@ -4,7 +4,7 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash}
 use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use runtime::error::{Error, Result};
 
 /// argon2id cost; the defaults are OWASP's minimum (m = 19 MiB, t = 2, p = 1).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,11 +36,11 @@ pub struct Hasher {
 impl Hasher {
     pub fn new(p: HashParams) -> Result<Self> {
         let params = Params::new(p.memory_kib, p.iterations, p.parallelism, None)
-            .map_err(|e| Error::InvalidArgument(format!("argon2 parameters: {e}")))?;
+            .map_err(|e| Error::invalid("password_hash", format!("argon2 parameters: {e}")))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let dummy_hash = argon
             .hash_password(b"cirrus-dummy-password")
-            .map_err(|e| Error::Internal(format!("argon2: {e}")))?
+            .map_err(|e| Error::internal(format!("argon2: {e}")))?
             .to_string();
         Ok(Self { argon, dummy_hash })
     }
@@ -52,10 +52,10 @@ impl Hasher {
             argon
                 .hash_password(password.as_bytes())
                 .map(|h| h.to_string())
-                .map_err(|e| Error::Internal(format!("argon2: {e}")))
+                .map_err(|e| Error::internal(format!("argon2: {e}")))
         })
         .await
-        .map_err(|e| Error::Internal(format!("hash task: {e}")))?
+        .map_err(|e| Error::internal(format!("hash task: {e}")))?
     }
 
     /// True when `password` matches `hash`; with no hash, burns the same time and says false.
@@ -70,7 +70,7 @@ impl Hasher {
                 .unwrap_or(false)
         })
         .await
-        .map_err(|e| Error::Internal(format!("verify task: {e}")))?;
+        .map_err(|e| Error::internal(format!("verify task: {e}")))?;
         Ok(known && ok)
     }
 }

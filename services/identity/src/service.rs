@@ -1,24 +1,34 @@
 //! The identity service's domain logic: authentication, tokens, keys,
 //! revocations, and the administration of domains, projects, users, roles and
-//! the catalog. Every public method takes the [`Caller`] and checks, through
-//! [`crate::policy`], that it may do what it asks.
+//! the catalog. No tonic types here.
+//!
+//! Every public method takes the [`Caller`] and a validated request value,
+//! and does its whole job in one place: **resolve** what the request names,
+//! **authorize** the caller through [`crate::policy`], then **act**. Reads
+//! answer `NotFound` for what the caller may not read, exactly as for what
+//! does not exist (no existence oracle); admin-only actions check the caller
+//! before looking anything up. A change and the revocation rules it implies
+//! commit in one transaction ([`Identity::in_tx`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool, Transaction};
+use runtime::error::{Error, Result};
+use runtime::types::{Name, NameOrId};
 use time::{Duration, OffsetDateTime};
 use token::{Claims, RevocationRule, Scope, SigningKey, Verifier};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::Config;
-use crate::error::{Error, Result};
 use crate::keys::{KeyRepository, KeyState};
 pub use crate::model::Interface;
 use crate::model::*;
 use crate::password::Hasher;
 use crate::policy::{self, Caller};
-use crate::repo::Db;
+use crate::repo;
 
 /// Now, to the microsecond, so that times survive a round trip through Postgres.
 pub fn now() -> OffsetDateTime {
@@ -40,21 +50,6 @@ pub struct PublicKey {
 pub enum Change {
     Keys(Vec<PublicKey>),
     Revocation(RevocationRule),
-}
-
-/// How a caller proves who it is.
-pub enum Credentials {
-    Password { user: Ref, password: String },
-    Token(String),
-}
-
-/// What a new token should be scoped to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ScopeRequest {
-    Unscoped,
-    Project(Ref),
-    Domain(DomainRef),
-    System,
 }
 
 pub struct Issued {
@@ -100,28 +95,41 @@ struct Inner {
 const CATALOG_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn lock_err<T>(_: T) -> Error {
-    Error::Internal("a lock was poisoned".into())
+    Error::internal("a lock was poisoned")
 }
+
+/// A token the verifier refused; the reason is for the log (and mesh peers).
+fn refused(e: token::TokenError) -> Error {
+    Error::unauthenticated(e.to_string())
+}
+
+/// What start-up failures say: the detail, since no client is involved.
+fn startup(e: Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        e.internal_detail()
+            .map_or_else(|| e.to_string(), str::to_owned)
+    )
+}
+
+/// The future a step of [`Identity::in_tx`] returns.
+type TxStep<'a, T> = Pin<Box<dyn Future<Output = Result<(T, Vec<RevocationRule>)>> + Send + 'a>>;
 
 impl Identity {
     /// Connects, migrates, opens the key repository and loads live revocations.
-    pub async fn start(cfg: Config) -> Result<Self> {
-        let pool = runtime::db::pool(&cfg.database_url, &cfg.schema, cfg.db_pool_size)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        runtime::db::migrate(&pool, &cfg.schema, crate::migrations::runner())
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let keys = KeyRepository::open(&cfg.key_dir, cfg.max_active_keys)?;
-        let hasher = Hasher::new(cfg.password_hash)?;
+    pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        let db = &cfg.database;
+        let pool = runtime::db::pool(&db.url, &db.schema, db.pool_size)?;
+        runtime::db::migrate(&pool, &db.schema, crate::migrations::runner()).await?;
+        let keys = KeyRepository::open(&cfg.key_dir, cfg.max_active_keys).map_err(startup)?;
+        let hasher = Hasher::new(cfg.password_hash).map_err(startup)?;
         let (changes, _) = broadcast::channel(1024);
+        let signer = SigningKey::generate().map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
         let id = Self {
             inner: Arc::new(Inner {
                 pool,
                 hasher,
                 keys,
-                signer: RwLock::new(Arc::new(
-                    SigningKey::generate().map_err(|e| Error::Internal(e.to_string()))?,
-                )),
+                signer: RwLock::new(Arc::new(signer)),
                 public_keys: RwLock::new(Vec::new()),
                 verifier: RwLock::new(Verifier::new()),
                 changes,
@@ -129,14 +137,15 @@ impl Identity {
                 cfg,
             }),
         };
-        id.reload_keys()?;
+        id.reload_keys().map_err(startup)?;
         let since = now() - id.max_ttl();
-        let conn = id.conn().await?;
-        let rules = Db::Conn(&conn).active_revocations(since).await?;
+        let rules = async { repo::active_revocations(&id.conn().await?, since).await }
+            .await
+            .map_err(startup)?;
         id.inner
             .verifier
             .write()
-            .map_err(lock_err)?
+            .map_err(|_| anyhow::anyhow!("a lock was poisoned"))?
             .set_rules(rules);
         Ok(id)
     }
@@ -163,7 +172,7 @@ impl Identity {
         let primary = keys
             .into_iter()
             .find(|k| k.state == KeyState::Primary)
-            .ok_or_else(|| Error::Internal("no primary signing key".into()))?;
+            .ok_or_else(|| Error::internal("no primary signing key"))?;
         *self.inner.signer.write().map_err(lock_err)? = Arc::new(primary.key);
         self.inner
             .verifier
@@ -175,13 +184,13 @@ impl Identity {
     }
 
     /// The catalog, from the cache when it is fresh.
-    async fn cached_catalog(&self, db: &Db<'_>) -> Result<Arc<Vec<CatalogEntry>>> {
-        if let Some((at, c)) = self.inner.catalog.read().map_err(lock_err)?.as_ref()
+    async fn cached_catalog(&self, c: &impl GenericClient) -> Result<Arc<Vec<CatalogEntry>>> {
+        if let Some((at, cat)) = self.inner.catalog.read().map_err(lock_err)?.as_ref()
             && at.elapsed() < CATALOG_TTL
         {
-            return Ok(c.clone());
+            return Ok(cat.clone());
         }
-        let fresh = Arc::new(db.catalog().await?);
+        let fresh = Arc::new(repo::catalog(c).await?);
         *self.inner.catalog.write().map_err(lock_err)? =
             Some((std::time::Instant::now(), fresh.clone()));
         Ok(fresh)
@@ -205,21 +214,20 @@ impl Identity {
 
     /// Offline verification: signature, expiry, revocation rules.
     pub fn verify(&self, token: &str) -> Result<Claims> {
-        Ok(self
-            .inner
+        self.inner
             .verifier
             .read()
             .map_err(lock_err)?
-            .verify(token, OffsetDateTime::now_utc())?)
+            .verify(token, OffsetDateTime::now_utc())
+            .map_err(refused)
     }
 
-    pub async fn authenticate(&self, creds: Credentials, scope: ScopeRequest) -> Result<Issued> {
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
+    pub async fn authenticate(&self, login: Login) -> Result<Issued> {
+        let c = self.conn().await?;
         let now = now();
-        let (user_id, user_name, user_domain, methods, parent) = match creds {
+        let (user_id, user_name, user_domain, methods, parent) = match login.credentials {
             Credentials::Password { user, password } => {
-                let u = self.check_password(&db, &user, &password).await?;
+                let u = self.check_password(&c, &user, &password).await?;
                 (
                     u.id,
                     u.name,
@@ -230,13 +238,14 @@ impl Identity {
             }
             Credentials::Token(t) => {
                 let parent = self.verify(&t)?;
-                let id = Uuid::parse_str(&parent.sub)
-                    .map_err(|_| Error::Unauthenticated("malformed token".into()))?;
-                if db.user_enabled(id).await? != Some(true) {
-                    return Err(Error::Unauthenticated("user is disabled".into()));
+                let malformed = || Error::unauthenticated("token names a malformed user");
+                let id = Uuid::parse_str(&parent.sub).map_err(|_| malformed())?;
+                if repo::user_enabled(&c, id).await? != Some(true) {
+                    return Err(Error::unauthenticated(format!(
+                        "re-scoping a token of user {id}: the user is disabled or gone"
+                    )));
                 }
-                let domain = Uuid::parse_str(&parent.user_domain_id)
-                    .map_err(|_| Error::Unauthenticated("malformed token".into()))?;
+                let domain = Uuid::parse_str(&parent.user_domain_id).map_err(|_| malformed())?;
                 let mut methods = parent.methods.clone();
                 if !methods.iter().any(|m| m == "token") {
                     methods.push("token".into());
@@ -245,7 +254,7 @@ impl Identity {
             }
         };
 
-        let (scope, roles, is_admin_project) = self.resolve_scope(&db, user_id, scope).await?;
+        let (scope, roles, is_admin_project) = self.resolve_scope(&c, user_id, login.scope).await?;
         let mut exp = now + self.max_ttl();
         let mut audit_ids = vec![new_audit_id()];
         if let Some(p) = &parent {
@@ -270,8 +279,8 @@ impl Identity {
         let signer = self.inner.signer.read().map_err(lock_err)?.clone();
         let token = signer
             .sign(&claims)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let catalog = db.catalog().await?;
+            .map_err(|e| Error::internal(format!("signing: {e}")))?;
+        let catalog = repo::catalog(&c).await?;
         metrics::counter!("identity_tokens_issued_total").increment(1);
         Ok(Issued {
             token,
@@ -280,16 +289,21 @@ impl Identity {
         })
     }
 
-    /// Checks a password, counting failures toward a lockout. Unknown users
-    /// and wrong passwords give the same error after the same work.
+    /// Checks a password, counting failures toward a lockout. Unknown users,
+    /// wrong passwords, locked and disabled accounts all answer the same
+    /// (`authentication failed`) after the same work; the reason goes to the
+    /// log and to `identity_auth_failures_total{reason}`.
     async fn check_password(
         &self,
-        db: &Db<'_>,
+        c: &impl GenericClient,
         user: &Ref,
         password: &str,
-    ) -> Result<crate::repo::AuthUser> {
-        let invalid = || Error::Unauthenticated("invalid user name or password".into());
-        let found = db.auth_user(user).await?;
+    ) -> Result<repo::AuthUser> {
+        let refuse = |reason: &'static str, why: &str| {
+            metrics::counter!("identity_auth_failures_total", "reason" => reason).increment(1);
+            Error::unauthenticated(format!("password login as {user}: {why}"))
+        };
+        let found = repo::auth_user(c, user).await?;
         let ok = self
             .inner
             .hasher
@@ -299,54 +313,53 @@ impl Identity {
             )
             .await?;
         let Some(u) = found else {
-            metrics::counter!("identity_auth_failures_total", "reason" => "invalid").increment(1);
-            return Err(invalid());
+            return Err(refuse("invalid", "no such user"));
         };
-        if u.locked_until
-            .is_some_and(|t| t > OffsetDateTime::now_utc())
+        if !u.ignore_lockout
+            && u.locked_until
+                .is_some_and(|t| t > OffsetDateTime::now_utc())
         {
-            metrics::counter!("identity_auth_failures_total", "reason" => "locked").increment(1);
-            return Err(Error::Unauthenticated(
-                "account is locked after repeated failures; try again later".into(),
-            ));
+            return Err(refuse("locked", "the account is locked"));
         }
         if !ok {
             let cfg = &self.inner.cfg;
-            if cfg.lockout_failure_attempts > 0 {
-                db.record_failed_login(
+            if u.ignore_lockout {
+                // Exempt from lockout (the bootstrap admin by default), so
+                // that strangers cannot lock it out; still seen and counted.
+                metrics::counter!("identity_lockout_exempt_failures_total").increment(1);
+                tracing::warn!(user = %u.id, name = %u.name, "wrong password for an account exempt from lockout");
+            } else if cfg.lockout_failure_attempts > 0 {
+                repo::record_failed_login(
+                    c,
                     u.id,
                     i32::try_from(cfg.lockout_failure_attempts).unwrap_or(i32::MAX),
                     cfg.lockout_duration_secs as f64,
                 )
                 .await?;
             }
-            metrics::counter!("identity_auth_failures_total", "reason" => "invalid").increment(1);
-            return Err(invalid());
+            return Err(refuse("invalid", "wrong password"));
         }
-        db.clear_failed_logins(u.id).await?;
+        repo::clear_failed_logins(c, u.id).await?;
         if !u.enabled {
-            metrics::counter!("identity_auth_failures_total", "reason" => "disabled").increment(1);
-            return Err(Error::Unauthenticated("user is disabled".into()));
+            return Err(refuse("disabled", "the user or its domain is disabled"));
         }
         Ok(u)
     }
 
-    /// Checks the user may take the scope; returns it with the user's expanded roles there.
+    /// Checks the user may take the scope; returns it with the user's
+    /// expanded roles there. A scope the user holds no role on answers the
+    /// same whether or not it exists; only then is its state looked at.
     async fn resolve_scope(
         &self,
-        db: &Db<'_>,
+        c: &impl GenericClient,
         user_id: Uuid,
         scope: ScopeRequest,
     ) -> Result<(Option<Scope>, Vec<String>, bool)> {
-        let denied =
-            || Error::PermissionDenied("the user has no role on the requested scope".into());
-        let (scope, target, is_admin_project) = match scope {
+        let denied = || Error::forbidden("the user has no role on the requested scope");
+        let (scope, target, is_admin_project, enabled) = match scope {
             ScopeRequest::Unscoped => return Ok((None, Vec::new(), false)),
             ScopeRequest::Project(r) => {
-                let p = db.scope_project(&r).await?.ok_or_else(denied)?;
-                if !p.project.enabled || !p.domain_enabled {
-                    return Err(Error::Unauthenticated("project is disabled".into()));
-                }
+                let p = repo::scope_project(c, &r).await?.ok_or_else(denied)?;
                 (
                     Scope::Project {
                         id: p.project.id.to_string(),
@@ -355,17 +368,11 @@ impl Identity {
                     },
                     Target::Project(p.project.id),
                     p.is_admin_project,
+                    p.project.enabled && p.domain_enabled,
                 )
             }
             ScopeRequest::Domain(r) => {
-                let d = match db.domain_id(&r).await {
-                    Ok(id) => db.get_domain(&Ref::Id(id)).await?,
-                    Err(Error::NotFound(_)) => return Err(denied()),
-                    Err(e) => return Err(e),
-                };
-                if !d.enabled {
-                    return Err(Error::Unauthenticated("domain is disabled".into()));
-                }
+                let d = repo::get_domain(c, &r).await?.ok_or_else(denied)?;
                 (
                     Scope::Domain {
                         id: d.id.to_string(),
@@ -373,13 +380,17 @@ impl Identity {
                     },
                     Target::Domain(d.id),
                     false,
+                    d.enabled,
                 )
             }
-            ScopeRequest::System => (Scope::System, Target::System, false),
+            ScopeRequest::System => (Scope::System, Target::System, false, true),
         };
-        let roles = db.effective_roles(user_id, target).await?;
+        let roles = repo::effective_roles(c, user_id, target).await?;
         if roles.is_empty() {
             return Err(denied());
+        }
+        if !enabled {
+            return Err(Error::unauthenticated("the requested scope is disabled"));
         }
         Ok((Some(scope), roles, is_admin_project))
     }
@@ -390,49 +401,43 @@ impl Identity {
         caller: &Caller,
         token: &str,
     ) -> Result<(Claims, Vec<CatalogEntry>)> {
+        policy::authenticated(caller)?;
         let claims = self.verify(token)?;
-        policy::admin_or_user(caller, &claims.sub)?;
-        let conn = self.conn().await?;
-        let catalog = self
-            .cached_catalog(&Db::Conn(&conn))
-            .await?
-            .as_ref()
-            .clone();
-        Ok((claims, catalog))
+        let user = Uuid::parse_str(&claims.sub)
+            .map_err(|_| Error::unauthenticated("token names a malformed user"))?;
+        policy::admin_or_user(caller, user)?;
+        let catalog = self.cached_catalog(&self.conn().await?).await?;
+        Ok((claims, catalog.as_ref().clone()))
     }
 
-    pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<()> {
-        let claims = self
-            .inner
-            .verifier
-            .read()
-            .map_err(lock_err)?
-            .verify_signature(token)?;
-        policy::admin_or_user(caller, &claims.sub)?;
-        self.revoke(vec![rule(
-            None,
-            None,
-            None,
-            Some(claims.audit_id().to_string()),
-        )])
-        .await
-    }
-
-    pub async fn revoke_audit_id(&self, caller: &Caller, audit_id: &str) -> Result<()> {
-        policy::admin(caller)?;
-        self.revoke(vec![rule(None, None, None, Some(audit_id.to_string()))])
+    /// Revokes one token (its holder or an admin) or an audit chain (an admin).
+    pub async fn revoke_token(&self, caller: &Caller, what: Revoke) -> Result<()> {
+        let audit_id = match what {
+            Revoke::Token(token) => {
+                let claims = self
+                    .inner
+                    .verifier
+                    .read()
+                    .map_err(lock_err)?
+                    .verify_signature(&token)
+                    .map_err(refused)?;
+                let owner = Uuid::parse_str(&claims.sub).unwrap_or_default();
+                policy::admin_or_user(caller, owner)?;
+                claims.audit_id().to_string()
+            }
+            Revoke::AuditId(a) => {
+                policy::admin(caller)?;
+                a
+            }
+        };
+        self.revoke(vec![rule(None, None, None, Some(audit_id))])
             .await
     }
 
     /// Stores rules in their own transaction, then applies and announces them.
     async fn revoke(&self, rules: Vec<RevocationRule>) -> Result<()> {
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await?;
-        for r in &rules {
-            Db::Tx(&tx).insert_revocation(r).await?;
-        }
-        tx.commit().await?;
-        self.announce(rules)
+        self.in_tx(move |_| Box::pin(async move { Ok(((), rules)) }))
+            .await
     }
 
     /// Applies committed rules to this process and tells every watcher.
@@ -486,8 +491,7 @@ impl Identity {
     /// Forgets revocation rules older than the longest token lifetime.
     pub async fn prune(&self) -> Result<()> {
         let cutoff = now() - self.max_ttl();
-        let conn = self.conn().await?;
-        Db::Conn(&conn).prune_revocations(cutoff).await?;
+        repo::prune_revocations(&self.conn().await?, cutoff).await?;
         self.inner
             .verifier
             .write()
@@ -498,44 +502,43 @@ impl Identity {
 
     // ------------------------------------------------- domains, projects
 
-    pub async fn create_domain(
-        &self,
-        caller: &Caller,
-        name: String,
-        description: String,
-        enabled: bool,
-    ) -> Result<Domain> {
+    pub async fn create_domain(&self, caller: &Caller, new: NewDomain) -> Result<Domain> {
         policy::admin(caller)?;
         let d = Domain {
             id: Uuid::new_v4(),
-            name,
-            description,
-            enabled,
+            name: new.name.into_string(),
+            description: new.description,
+            enabled: new.enabled,
         };
-        Db::Conn(&self.conn().await?).create_domain(&d).await?;
+        repo::create_domain(&self.conn().await?, &d).await?;
         Ok(d)
     }
 
-    pub async fn get_domain(&self, caller: &Caller, r: Ref) -> Result<Domain> {
-        let conn = self.conn().await?;
-        let d = Db::Conn(&conn).get_domain(&r).await?;
-        policy::admin_or_domain_member(caller, &d.id.to_string())?;
-        Ok(d)
+    /// A domain the caller may read; `NotFound` for any other.
+    pub async fn get_domain(&self, caller: &Caller, r: DomainRef) -> Result<Domain> {
+        let claims = policy::authenticated(caller)?;
+        match repo::get_domain(&self.conn().await?, &r).await? {
+            Some(d) if policy::reads_domain(claims, d.id) => Ok(d),
+            _ => Err(Error::not_found("domain", &r)),
+        }
     }
 
     pub async fn list_domains(&self, caller: &Caller) -> Result<Vec<Domain>> {
         policy::admin(caller)?;
-        Db::Conn(&self.conn().await?).list_domains().await
+        repo::list_domains(&self.conn().await?).await
     }
 
-    pub async fn update_domain(&self, caller: &Caller, id: Uuid, patch: Patch) -> Result<Domain> {
+    /// Disabling a domain revokes every token scoped to it.
+    pub async fn update_domain(&self, caller: &Caller, u: Update) -> Result<Domain> {
         policy::admin(caller)?;
-        let disabling = patch.enabled == Some(false);
-        self.in_tx(move |db| {
+        let disabling = u.patch.enabled == Some(false);
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let d = db.update_domain(id, &patch).await?;
+                let d = repo::update_domain(tx, u.id, &u.patch)
+                    .await?
+                    .ok_or_else(|| Error::not_found("domain", u.id))?;
                 let rules = if disabling {
-                    vec![rule(None, None, Some(id), None)]
+                    vec![rule(None, None, Some(u.id), None)]
                 } else {
                     vec![]
                 };
@@ -545,78 +548,73 @@ impl Identity {
         .await
     }
 
-    pub async fn delete_domain(&self, caller: &Caller, id: Uuid) -> Result<()> {
+    /// Only a disabled, empty domain may be deleted.
+    pub async fn delete_domain(&self, caller: &Caller, r: DomainRef) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let d = db.get_domain(&Ref::Id(id)).await?;
+                let d = repo::get_domain(tx, &r)
+                    .await?
+                    .ok_or_else(|| Error::not_found("domain", &r))?;
                 if d.enabled {
-                    return Err(Error::FailedPrecondition(
-                        "disable the domain before deleting it".into(),
-                    ));
+                    return Err(Error::precondition("disable the domain before deleting it"));
                 }
-                db.delete_domain(id).await?;
-                Ok(((), vec![rule(None, None, Some(id), None)]))
+                if repo::domain_in_use(tx, d.id).await? {
+                    return Err(Error::precondition(format!(
+                        "domain {} still holds projects or users; delete them first",
+                        d.name
+                    )));
+                }
+                repo::delete_domain(tx, &d).await?;
+                Ok(((), vec![rule(None, None, Some(d.id), None)]))
             })
         })
         .await
     }
 
-    pub async fn create_project(
-        &self,
-        caller: &Caller,
-        name: String,
-        domain: Option<DomainRef>,
-        description: String,
-        enabled: bool,
-    ) -> Result<Project> {
+    pub async fn create_project(&self, caller: &Caller, new: NewProject) -> Result<Project> {
         policy::admin(caller)?;
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
-        let domain_id = db
-            .domain_id(&domain.unwrap_or(DomainRef::Name(DEFAULT_DOMAIN.into())))
-            .await?;
+        let c = self.conn().await?;
         let p = Project {
             id: Uuid::new_v4(),
-            domain_id,
-            name,
-            description,
-            enabled,
+            domain_id: domain_id(&c, new.domain.as_ref()).await?,
+            name: new.name.into_string(),
+            description: new.description,
+            enabled: new.enabled,
         };
-        db.create_project(&p).await?;
+        repo::create_project(&c, &p).await?;
         Ok(p)
     }
 
+    /// A project the caller may read; `NotFound` for any other.
     pub async fn get_project(&self, caller: &Caller, r: Ref) -> Result<Project> {
-        let conn = self.conn().await?;
-        let p = Db::Conn(&conn).get_project(&r).await?;
-        policy::admin_or_project_member(caller, &p.id.to_string())?;
-        Ok(p)
+        let claims = policy::authenticated(caller)?;
+        match repo::get_project(&self.conn().await?, &r).await? {
+            Some(p) if policy::reads_project(claims, p.id) => Ok(p),
+            _ => Err(Error::not_found("project", &r)),
+        }
     }
 
-    pub async fn list_projects(
-        &self,
-        caller: &Caller,
-        domain_id: Option<Uuid>,
-        user_id: Option<Uuid>,
-    ) -> Result<Vec<Project>> {
-        match user_id {
-            Some(u) => policy::admin_or_user(caller, &u.to_string())?,
+    /// All projects (admin), or those a user holds a role on (itself or admin).
+    pub async fn list_projects(&self, caller: &Caller, f: ProjectFilter) -> Result<Vec<Project>> {
+        match f.user_id {
+            Some(u) => policy::admin_or_user(caller, u)?,
             None => drop(policy::admin(caller)?),
         }
-        Db::Conn(&self.conn().await?)
-            .list_projects(domain_id, user_id)
-            .await
+        repo::list_projects(&self.conn().await?, f).await
     }
 
-    pub async fn update_project(&self, caller: &Caller, id: Uuid, patch: Patch) -> Result<Project> {
+    /// Disabling a project revokes every token scoped to it.
+    pub async fn update_project(&self, caller: &Caller, u: Update) -> Result<Project> {
         policy::admin(caller)?;
-        let disabling = patch.enabled == Some(false);
-        self.in_tx(move |db| {
+        let disabling = u.patch.enabled == Some(false);
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let p = db.update_project(id, &patch).await?;
+                let p = repo::update_project(tx, u.id, &u.patch)
+                    .await?
+                    .ok_or_else(|| Error::not_found("project", u.id))?;
                 let rules = if disabling {
-                    vec![rule(None, Some(id), None, None)]
+                    vec![rule(None, Some(u.id), None, None)]
                 } else {
                     vec![]
                 };
@@ -626,12 +624,16 @@ impl Identity {
         .await
     }
 
-    pub async fn delete_project(&self, caller: &Caller, id: Uuid) -> Result<()> {
+    /// Resolves and deletes in one transaction; tokens scoped to it are revoked.
+    pub async fn delete_project(&self, caller: &Caller, r: Ref) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                db.delete_project(id).await?;
-                Ok(((), vec![rule(None, Some(id), None, None)]))
+                let p = repo::get_project(tx, &r)
+                    .await?
+                    .ok_or_else(|| Error::not_found("project", &r))?;
+                repo::delete_project(tx, p.id).await?;
+                Ok(((), vec![rule(None, Some(p.id), None, None)]))
             })
         })
         .await
@@ -639,103 +641,103 @@ impl Identity {
 
     // ------------------------------------------------------------ users
 
-    pub async fn create_user(&self, caller: &Caller, u: NewUser) -> Result<User> {
+    pub async fn create_user(&self, caller: &Caller, new: NewUser) -> Result<User> {
         policy::admin(caller)?;
-        let hash = match &u.password {
-            Some(p) => Some(self.inner.hasher.hash(p).await?),
-            None => None,
-        };
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
-        let domain_id = db
-            .domain_id(&u.domain.unwrap_or(DomainRef::Name(DEFAULT_DOMAIN.into())))
-            .await?;
+        if new.password.is_empty() {
+            return Err(Error::invalid("password", "must not be empty"));
+        }
+        let hash = self.inner.hasher.hash(&new.password).await?;
+        let c = self.conn().await?;
         let user = User {
             id: Uuid::new_v4(),
-            domain_id,
-            name: u.name,
-            email: u.email,
-            description: u.description,
-            enabled: u.enabled,
+            domain_id: domain_id(&c, new.domain.as_ref()).await?,
+            name: new.name.into_string(),
+            email: new.email,
+            description: new.description,
+            enabled: new.enabled,
             locked_until: None,
+            ignore_lockout: new.ignore_lockout,
         };
-        db.create_user(&user, hash.as_deref()).await?;
+        repo::create_user(&c, &user, &hash).await?;
         Ok(user)
     }
 
+    /// The user itself, or any user for an admin (who also sees a lock);
+    /// `NotFound` for any other.
     pub async fn get_user(&self, caller: &Caller, r: Ref) -> Result<User> {
-        let conn = self.conn().await?;
-        let u = Db::Conn(&conn).get_user(&r).await?;
-        policy::admin_or_user(caller, &u.id.to_string())?;
-        Ok(u)
+        let claims = policy::authenticated(caller)?;
+        match repo::get_user(&self.conn().await?, &r).await? {
+            Some(u) if policy::reads_user(claims, u.id) => Ok(u),
+            _ => Err(Error::not_found("user", &r)),
+        }
     }
 
     pub async fn list_users(&self, caller: &Caller, domain_id: Option<Uuid>) -> Result<Vec<User>> {
         policy::admin(caller)?;
-        Db::Conn(&self.conn().await?).list_users(domain_id).await
+        repo::list_users(&self.conn().await?, domain_id).await
     }
 
     /// Admin update. Disabling the user or resetting its password revokes its tokens.
-    pub async fn update_user(&self, caller: &Caller, id: Uuid, patch: Patch) -> Result<User> {
+    pub async fn update_user(&self, caller: &Caller, u: Update) -> Result<User> {
         policy::admin(caller)?;
-        let hash = match &patch.password {
+        let hash = match &u.patch.password {
             Some(p) => Some(self.inner.hasher.hash(p).await?),
             None => None,
         };
-        let revoke = patch.enabled == Some(false) || hash.is_some();
-        self.in_tx(move |db| {
+        let revoke = u.patch.enabled == Some(false) || hash.is_some();
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let u = db.update_user(id, &patch, hash.as_deref()).await?;
+                let user = repo::update_user(tx, u.id, &u.patch, hash.as_deref())
+                    .await?
+                    .ok_or_else(|| Error::not_found("user", u.id))?;
                 let rules = if revoke {
-                    vec![rule(Some(id), None, None, None)]
+                    vec![rule(Some(u.id), None, None, None)]
                 } else {
                     vec![]
                 };
-                Ok((u, rules))
+                Ok((user, rules))
             })
         })
         .await
     }
 
-    pub async fn delete_user(&self, caller: &Caller, id: Uuid) -> Result<()> {
+    /// Resolves and deletes in one transaction; the user's tokens are revoked.
+    pub async fn delete_user(&self, caller: &Caller, r: Ref) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                db.delete_user(id).await?;
-                Ok(((), vec![rule(Some(id), None, None, None)]))
+                let u = repo::get_user(tx, &r)
+                    .await?
+                    .ok_or_else(|| Error::not_found("user", &r))?;
+                repo::delete_user(tx, u.id).await?;
+                Ok(((), vec![rule(Some(u.id), None, None, None)]))
             })
         })
         .await
     }
 
     /// A user changes its own password; every token it holds is revoked.
-    pub async fn change_password(
-        &self,
-        caller: &Caller,
-        id: Uuid,
-        original: &str,
-        new: &str,
-    ) -> Result<()> {
-        policy::same_user(caller, &id.to_string())?;
-        let conn = self.conn().await?;
-        let current = Db::Conn(&conn).password_hash(id).await?;
+    pub async fn change_password(&self, caller: &Caller, ch: PasswordChange) -> Result<()> {
+        policy::same_user(caller, ch.user_id)?;
+        let current = repo::password_hash(&self.conn().await?, ch.user_id).await?;
         if !self
             .inner
             .hasher
-            .verify(original, current.as_deref())
+            .verify(&ch.original, current.as_deref())
             .await?
         {
-            return Err(Error::Unauthenticated(
-                "the original password is wrong".into(),
-            ));
+            return Err(Error::unauthenticated(format!(
+                "password change for {}: the original password is wrong",
+                ch.user_id
+            )));
         }
-        let hash = self.inner.hasher.hash(new).await?;
-        drop(conn);
-        self.in_tx(move |db| {
+        let hash = self.inner.hasher.hash(&ch.new).await?;
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let patch = Patch::default();
-                db.update_user(id, &patch, Some(&hash)).await?;
-                Ok(((), vec![rule(Some(id), None, None, None)]))
+                repo::update_user(tx, ch.user_id, &Patch::default(), Some(&hash))
+                    .await?
+                    .ok_or_else(|| Error::not_found("user", ch.user_id))?;
+                Ok(((), vec![rule(Some(ch.user_id), None, None, None)]))
             })
         })
         .await
@@ -743,142 +745,132 @@ impl Identity {
 
     // ------------------------------------------------------------ roles
 
-    pub async fn create_role(
-        &self,
-        caller: &Caller,
-        name: String,
-        description: String,
-    ) -> Result<Role> {
+    pub async fn create_role(&self, caller: &Caller, new: NewRole) -> Result<Role> {
         policy::admin(caller)?;
         let r = Role {
             id: Uuid::new_v4(),
-            name,
-            description,
+            name: new.name.into_string(),
+            description: new.description,
         };
-        Db::Conn(&self.conn().await?).create_role(&r).await?;
+        repo::create_role(&self.conn().await?, &r).await?;
         Ok(r)
     }
 
-    pub async fn get_role(&self, caller: &Caller, r: Ref) -> Result<Role> {
+    pub async fn get_role(&self, caller: &Caller, r: NameOrId) -> Result<Role> {
         policy::authenticated(caller)?;
-        Db::Conn(&self.conn().await?).get_role(&r).await
+        role(&self.conn().await?, &r).await
     }
 
     pub async fn list_roles(&self, caller: &Caller) -> Result<Vec<Role>> {
         policy::authenticated(caller)?;
-        Db::Conn(&self.conn().await?).list_roles().await
+        repo::list_roles(&self.conn().await?).await
     }
 
     /// Deleting a role revokes the tokens of everyone who held it.
-    pub async fn delete_role(&self, caller: &Caller, id: Uuid) -> Result<()> {
+    pub async fn delete_role(&self, caller: &Caller, r: NameOrId) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let holders = db.holders_of_role(id).await?;
-                db.delete_role(id).await?;
-                Ok((
-                    (),
-                    holders
-                        .into_iter()
-                        .map(|u| rule(Some(u), None, None, None))
-                        .collect(),
-                ))
+                let role = role(tx, &r).await?;
+                let holders = repo::holders_of_role(tx, role.id).await?;
+                repo::delete_role(tx, role.id).await?;
+                Ok(((), user_rules(holders)))
             })
         })
         .await
     }
 
+    /// Returns the names of the two roles.
     pub async fn create_implied_role(
         &self,
         caller: &Caller,
-        prior: String,
-        implied: String,
+        i: Implication,
     ) -> Result<(String, String)> {
         policy::admin(caller)?;
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
-        let (p, i) = (db.role_id(&prior).await?, db.role_id(&implied).await?);
-        if p == i {
-            return Err(Error::InvalidArgument("a role cannot imply itself".into()));
+        let c = self.conn().await?;
+        let (prior, implied) = (role(&c, &i.prior).await?, role(&c, &i.implied).await?);
+        if prior.id == implied.id {
+            return Err(Error::invalid("implied_role", "a role cannot imply itself"));
         }
-        db.create_implied_role(p, i).await?;
-        Ok((prior, implied))
+        if repo::implies(&c, implied.id, prior.id).await? {
+            return Err(Error::invalid(
+                "implied_role",
+                "that implication would make a cycle",
+            ));
+        }
+        repo::create_implied_role(&c, prior.id, implied.id).await?;
+        Ok((prior.name, implied.name))
     }
 
     pub async fn list_implied_roles(&self, caller: &Caller) -> Result<Vec<(String, String)>> {
         policy::authenticated(caller)?;
-        Db::Conn(&self.conn().await?).list_implied_roles().await
+        repo::list_implied_roles(&self.conn().await?).await
     }
 
     /// Removing an implication revokes the tokens of the prior role's holders.
-    pub async fn delete_implied_role(
-        &self,
-        caller: &Caller,
-        prior: String,
-        implied: String,
-    ) -> Result<()> {
+    pub async fn delete_implied_role(&self, caller: &Caller, i: Implication) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let (p, i) = (db.role_id(&prior).await?, db.role_id(&implied).await?);
-                let holders = db.holders_of_role(p).await?;
-                db.delete_implied_role(p, i).await?;
-                Ok((
-                    (),
-                    holders
-                        .into_iter()
-                        .map(|u| rule(Some(u), None, None, None))
-                        .collect(),
-                ))
+                let (prior, implied) = (role(tx, &i.prior).await?, role(tx, &i.implied).await?);
+                let holders = repo::holders_of_role(tx, prior.id).await?;
+                if !repo::delete_implied_role(tx, prior.id, implied.id).await? {
+                    return Err(Error::not_found(
+                        "implied role",
+                        format!("{} -> {}", prior.name, implied.name),
+                    ));
+                }
+                Ok(((), user_rules(holders)))
             })
         })
         .await
     }
 
-    pub async fn assign_role(
-        &self,
-        caller: &Caller,
-        user_id: Uuid,
-        role: String,
-        target: Target,
-    ) -> Result<Assignment> {
+    pub async fn assign_role(&self, caller: &Caller, g: Grant) -> Result<Assignment> {
         policy::admin(caller)?;
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
-        db.get_user(&Ref::Id(user_id)).await?;
-        let role_id = db.role_id(&role).await?;
-        let role_name = db.get_role(&Ref::Id(role_id)).await?.name;
-        match target {
-            Target::Project(p) => drop(db.get_project(&Ref::Id(p)).await?),
-            Target::Domain(d) => drop(db.get_domain(&Ref::Id(d)).await?),
+        let c = self.conn().await?;
+        repo::get_user(&c, &Ref::Id(g.user_id))
+            .await?
+            .ok_or_else(|| Error::not_found("user", g.user_id))?;
+        let role = role(&c, &g.role).await?;
+        match g.target {
+            Target::Project(p) => drop(
+                repo::get_project(&c, &Ref::Id(p))
+                    .await?
+                    .ok_or_else(|| Error::not_found("project", p))?,
+            ),
+            Target::Domain(d) => drop(
+                repo::get_domain(&c, &DomainRef::Id(d))
+                    .await?
+                    .ok_or_else(|| Error::not_found("domain", d))?,
+            ),
             Target::System => {}
         }
-        db.assign(user_id, role_id, target).await?;
+        repo::assign(&c, g.user_id, role.id, g.target).await?;
         Ok(Assignment {
-            user_id,
-            role_id,
-            role_name,
-            target,
+            user_id: g.user_id,
+            role_id: role.id,
+            role_name: role.name,
+            target: g.target,
         })
     }
 
     /// Removing an assignment revokes the user's tokens on that target.
-    pub async fn unassign_role(
-        &self,
-        caller: &Caller,
-        user_id: Uuid,
-        role: String,
-        target: Target,
-    ) -> Result<()> {
+    pub async fn unassign_role(&self, caller: &Caller, g: Grant) -> Result<()> {
         policy::admin(caller)?;
-        self.in_tx(move |db| {
+        self.in_tx(move |tx| {
             Box::pin(async move {
-                let role_id = db.role_id(&role).await?;
-                db.unassign(user_id, role_id, target).await?;
-                let r = match target {
-                    Target::Project(p) => rule(Some(user_id), Some(p), None, None),
-                    Target::Domain(d) => rule(Some(user_id), None, Some(d), None),
-                    Target::System => rule(Some(user_id), None, None, None),
+                let role = role(tx, &g.role).await?;
+                if !repo::unassign(tx, g.user_id, role.id, g.target).await? {
+                    return Err(Error::not_found(
+                        "role assignment",
+                        format!("{} of user {}", role.name, g.user_id),
+                    ));
+                }
+                let r = match g.target {
+                    Target::Project(p) => rule(Some(g.user_id), Some(p), None, None),
+                    Target::Domain(d) => rule(Some(g.user_id), None, Some(d), None),
+                    Target::System => rule(Some(g.user_id), None, None, None),
                 };
                 Ok(((), vec![r]))
             })
@@ -886,81 +878,66 @@ impl Identity {
         .await
     }
 
+    /// Everyone's (admin), or one user's own (itself or admin).
     pub async fn list_assignments(
         &self,
         caller: &Caller,
-        user_id: Option<Uuid>,
-        project_id: Option<Uuid>,
-        domain_id: Option<Uuid>,
+        f: AssignmentFilter,
     ) -> Result<Vec<Assignment>> {
-        match user_id {
-            Some(u) => policy::admin_or_user(caller, &u.to_string())?,
+        match f.user_id {
+            Some(u) => policy::admin_or_user(caller, u)?,
             None => drop(policy::admin(caller)?),
         }
-        Db::Conn(&self.conn().await?)
-            .list_assignments(user_id, project_id, domain_id)
-            .await
+        repo::list_assignments(&self.conn().await?, f).await
     }
 
     // ---------------------------------------------------------- catalog
 
-    pub async fn create_service(
-        &self,
-        caller: &Caller,
-        name: String,
-        kind: String,
-        description: String,
-        enabled: bool,
-    ) -> Result<Service> {
+    pub async fn create_service(&self, caller: &Caller, new: NewService) -> Result<Service> {
         policy::admin(caller)?;
         let s = Service {
             id: Uuid::new_v4(),
-            name,
-            kind,
-            description,
-            enabled,
+            name: new.name.into_string(),
+            kind: new.kind.into_string(),
+            description: new.description,
+            enabled: new.enabled,
         };
-        Db::Conn(&self.conn().await?).create_service(&s).await?;
+        repo::create_service(&self.conn().await?, &s).await?;
         self.forget_catalog();
         Ok(s)
     }
 
     pub async fn list_services(&self, caller: &Caller) -> Result<Vec<Service>> {
         policy::authenticated_or_mesh(caller)?;
-        Db::Conn(&self.conn().await?).list_services().await
+        repo::list_services(&self.conn().await?).await
     }
 
-    pub async fn delete_service(&self, caller: &Caller, name_or_id: &str) -> Result<()> {
+    pub async fn delete_service(&self, caller: &Caller, r: NameOrId) -> Result<()> {
         policy::admin(caller)?;
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
-        let id = db.service_id(name_or_id).await?;
-        db.delete_service(id).await?;
+        let c = self.conn().await?;
+        let s = repo::get_service(&c, &r)
+            .await?
+            .ok_or_else(|| Error::not_found("service", &r))?;
+        repo::delete_service(&c, s.id).await?;
         self.forget_catalog();
         Ok(())
     }
 
-    pub async fn create_endpoint(
-        &self,
-        caller: &Caller,
-        service: &str,
-        interface: Interface,
-        region: String,
-        url: String,
-        enabled: bool,
-    ) -> Result<Endpoint> {
+    pub async fn create_endpoint(&self, caller: &Caller, new: NewEndpoint) -> Result<Endpoint> {
         policy::admin(caller)?;
-        let conn = self.conn().await?;
-        let db = Db::Conn(&conn);
+        let c = self.conn().await?;
+        let service = repo::get_service(&c, &new.service)
+            .await?
+            .ok_or_else(|| Error::not_found("service", &new.service))?;
         let e = Endpoint {
             id: Uuid::new_v4(),
-            service_id: db.service_id(service).await?,
-            interface,
-            region,
-            url,
-            enabled,
+            service_id: service.id,
+            interface: new.interface,
+            region: new.region,
+            url: new.url,
+            enabled: new.enabled,
         };
-        db.create_endpoint(&e).await?;
+        repo::create_endpoint(&c, &e).await?;
         self.forget_catalog();
         Ok(e)
     }
@@ -968,25 +945,24 @@ impl Identity {
     pub async fn list_endpoints(
         &self,
         caller: &Caller,
-        service_id: Option<Uuid>,
-        interface: Option<Interface>,
+        f: EndpointFilter,
     ) -> Result<Vec<Endpoint>> {
         policy::authenticated_or_mesh(caller)?;
-        Db::Conn(&self.conn().await?)
-            .list_endpoints(service_id, interface)
-            .await
+        repo::list_endpoints(&self.conn().await?, f).await
     }
 
     pub async fn delete_endpoint(&self, caller: &Caller, id: Uuid) -> Result<()> {
         policy::admin(caller)?;
-        Db::Conn(&self.conn().await?).delete_endpoint(id).await?;
+        if !repo::delete_endpoint(&self.conn().await?, id).await? {
+            return Err(Error::not_found("endpoint", id));
+        }
         self.forget_catalog();
         Ok(())
     }
 
     pub async fn catalog(&self, caller: &Caller) -> Result<Vec<CatalogEntry>> {
         policy::authenticated_or_mesh(caller)?;
-        Db::Conn(&self.conn().await?).catalog().await
+        repo::catalog(&self.conn().await?).await
     }
 
     // -------------------------------------------------------- bootstrap
@@ -994,106 +970,111 @@ impl Identity {
     /// Like `keystone-manage bootstrap`: makes sure the default domain, the
     /// roles admin ⊇ member ⊇ reader, the admin project and user (with this
     /// password, admin on the project and the system) and the identity
-    /// endpoints exist. Safe to run any number of times.
+    /// endpoints exist. Safe to run any number of times. The admin user is
+    /// made exempt from lockout when bootstrap creates it (an admin may
+    /// change that later; a later bootstrap leaves it as it is).
     pub async fn bootstrap(&self, b: &Bootstrap) -> Result<()> {
+        let admin_user = Name::parse("admin_user", &b.admin_user)?;
+        let admin_project = Name::parse("admin_project", &b.admin_project)?;
+        if b.admin_password.is_empty() {
+            return Err(Error::invalid("admin_password", "must not be empty"));
+        }
         let hash = self.inner.hasher.hash(&b.admin_password).await?;
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         // One bootstrap at a time, whatever process runs it.
         tx.batch_execute("LOCK TABLE settings IN EXCLUSIVE MODE")
             .await?;
-        let db = Db::Tx(&tx);
 
-        let domain_id = match db.domain_id(&DomainRef::Name(DEFAULT_DOMAIN.into())).await {
-            Ok(id) => id,
-            Err(Error::NotFound(_)) => {
+        let domain_id = match repo::domain_id(&tx, None).await? {
+            Some(id) => id,
+            None => {
                 let d = Domain {
                     id: Uuid::new_v4(),
                     name: DEFAULT_DOMAIN.into(),
                     description: "The default domain".into(),
                     enabled: true,
                 };
-                db.create_domain(&d).await?;
+                repo::create_domain(&tx, &d).await?;
                 d.id
             }
-            Err(e) => return Err(e),
         };
+        let mut role_ids = Vec::new();
         for name in ROLES {
-            if db.role_id(name).await.is_err() {
-                db.create_role(&Role {
-                    id: Uuid::new_v4(),
-                    name: name.into(),
-                    description: String::new(),
-                })
-                .await?;
-            }
+            let r = NameOrId::parse("role", name)?;
+            let id = match repo::get_role(&tx, &r).await? {
+                Some(role) => role.id,
+                None => {
+                    let role = Role {
+                        id: Uuid::new_v4(),
+                        name: name.into(),
+                        description: String::new(),
+                    };
+                    repo::create_role(&tx, &role).await?;
+                    role.id
+                }
+            };
+            role_ids.push(id);
         }
-        for pair in ROLES.windows(2) {
-            db.create_implied_role(db.role_id(pair[0]).await?, db.role_id(pair[1]).await?)
-                .await?;
+        for pair in role_ids.windows(2) {
+            repo::create_implied_role(&tx, pair[0], pair[1]).await?;
         }
-        let project_ref = Ref::Name {
-            name: b.admin_project.clone(),
+        let in_default = |name: &Name| Ref::Name {
+            name: name.clone(),
             domain: Some(DomainRef::Id(domain_id)),
         };
-        let project_id = match db.get_project(&project_ref).await {
-            Ok(p) => p.id,
-            Err(Error::NotFound(_)) => {
+        let project_id = match repo::get_project(&tx, &in_default(&admin_project)).await? {
+            Some(p) => p.id,
+            None => {
                 let p = Project {
                     id: Uuid::new_v4(),
                     domain_id,
-                    name: b.admin_project.clone(),
+                    name: admin_project.to_string(),
                     description: "Bootstrap project for the cloud's administrators".into(),
                     enabled: true,
                 };
-                db.create_project(&p).await?;
+                repo::create_project(&tx, &p).await?;
                 p.id
             }
-            Err(e) => return Err(e),
         };
-        db.set_setting("admin_project_id", &project_id.to_string())
-            .await?;
+        repo::set_setting(&tx, "admin_project_id", &project_id.to_string()).await?;
 
-        let user_ref = Ref::Name {
-            name: b.admin_user.clone(),
-            domain: Some(DomainRef::Id(domain_id)),
-        };
-        let user_id = match db.get_user(&user_ref).await {
-            Ok(u) => {
-                let current = db.password_hash(u.id).await?;
+        let user_id = match repo::get_user(&tx, &in_default(&admin_user)).await? {
+            Some(u) => {
+                let current = repo::password_hash(&tx, u.id).await?;
                 if !self
                     .inner
                     .hasher
                     .verify(&b.admin_password, current.as_deref())
                     .await?
                 {
-                    db.update_user(u.id, &Patch::default(), Some(&hash)).await?;
+                    repo::update_user(&tx, u.id, &Patch::default(), Some(&hash)).await?;
                 }
                 u.id
             }
-            Err(Error::NotFound(_)) => {
+            None => {
                 let u = User {
                     id: Uuid::new_v4(),
                     domain_id,
-                    name: b.admin_user.clone(),
+                    name: admin_user.to_string(),
                     email: String::new(),
                     description: "Bootstrap administrator".into(),
                     enabled: true,
                     locked_until: None,
+                    ignore_lockout: true,
                 };
-                db.create_user(&u, Some(&hash)).await?;
+                repo::create_user(&tx, &u, &hash).await?;
                 u.id
             }
-            Err(e) => return Err(e),
         };
-        let admin_role = db.role_id("admin").await?;
-        db.assign(user_id, admin_role, Target::Project(project_id))
-            .await?;
-        db.assign(user_id, admin_role, Target::System).await?;
+        let admin_role = role_ids[0];
+        repo::assign(&tx, user_id, admin_role, Target::Project(project_id)).await?;
+        repo::assign(&tx, user_id, admin_role, Target::System).await?;
 
-        let service_id = match db.service_id("identity").await {
-            Ok(id) => id,
-            Err(Error::NotFound(_)) => {
+        let identity = NameOrId::parse("service", "identity")?;
+        let service_id = match repo::get_service(&tx, &identity).await? {
+            Some(s) => s.id,
+            None => {
                 let s = Service {
                     id: Uuid::new_v4(),
                     name: "identity".into(),
@@ -1101,87 +1082,75 @@ impl Identity {
                     description: "Cirrus identity service".into(),
                     enabled: true,
                 };
-                db.create_service(&s).await?;
+                repo::create_service(&tx, &s).await?;
                 s.id
             }
-            Err(e) => return Err(e),
         };
-        let existing = db.list_endpoints(Some(service_id), None).await?;
+        let filter = EndpointFilter {
+            service_id: Some(service_id),
+            interface: None,
+        };
+        let existing = repo::list_endpoints(&tx, filter).await?;
         for (interface, url) in &b.endpoints {
-            match existing
-                .iter()
-                .find(|e| e.interface == *interface && e.region == b.region)
-            {
-                Some(e) if e.url == *url => {}
-                Some(e) => {
-                    db.delete_endpoint(e.id).await?;
-                    self.insert_endpoint(&db, service_id, *interface, &b.region, url)
-                        .await?;
-                }
-                None => {
-                    self.insert_endpoint(&db, service_id, *interface, &b.region, url)
-                        .await?
-                }
+            let same = |e: &&Endpoint| e.interface == *interface && e.region == b.region;
+            match existing.iter().find(same) {
+                Some(e) if e.url == *url => continue,
+                Some(e) => drop(repo::delete_endpoint(&tx, e.id).await?),
+                None => {}
             }
+            let e = Endpoint {
+                id: Uuid::new_v4(),
+                service_id,
+                interface: *interface,
+                region: b.region.clone(),
+                url: url.clone(),
+                enabled: true,
+            };
+            repo::create_endpoint(&tx, &e).await?;
         }
         tx.commit().await?;
         self.forget_catalog();
         Ok(())
     }
 
-    async fn insert_endpoint(
-        &self,
-        db: &Db<'_>,
-        service_id: Uuid,
-        interface: Interface,
-        region: &str,
-        url: &str,
-    ) -> Result<()> {
-        db.create_endpoint(&Endpoint {
-            id: Uuid::new_v4(),
-            service_id,
-            interface,
-            region: region.into(),
-            url: url.into(),
-            enabled: true,
-        })
-        .await
-    }
-
     /// Runs `f` in one transaction; the revocation rules it returns are
     /// committed with its change, then applied and announced.
     async fn in_tx<T, F>(&self, f: F) -> Result<T>
     where
-        F: for<'a> FnOnce(
-            &'a Db<'a>,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(T, Vec<RevocationRule>)>> + Send + 'a>,
-        >,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxStep<'a, T>,
     {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        let (value, rules) = {
-            let db = Db::Tx(&tx);
-            let (value, rules) = f(&db).await?;
-            for r in &rules {
-                db.insert_revocation(r).await?;
-            }
-            (value, rules)
-        };
+        let (value, rules) = f(&tx).await?;
+        for r in &rules {
+            repo::insert_revocation(&tx, r).await?;
+        }
         tx.commit().await?;
         self.announce(rules)?;
         Ok(value)
     }
 }
 
-/// A user to create.
-pub struct NewUser {
-    pub name: String,
-    pub domain: Option<DomainRef>,
-    pub password: Option<String>,
-    pub email: String,
-    pub description: String,
-    pub enabled: bool,
+/// The id of a domain (the default one when none is named), or `NotFound`.
+async fn domain_id(c: &impl GenericClient, d: Option<&DomainRef>) -> Result<Uuid> {
+    repo::domain_id(c, d).await?.ok_or_else(|| match d {
+        Some(d) => Error::not_found("domain", d),
+        None => Error::not_found("domain", DEFAULT_DOMAIN),
+    })
+}
+
+/// A role by name or id, or `NotFound`.
+async fn role(c: &impl GenericClient, r: &NameOrId) -> Result<Role> {
+    repo::get_role(c, r)
+        .await?
+        .ok_or_else(|| Error::not_found("role", r))
+}
+
+fn user_rules(users: Vec<Uuid>) -> Vec<RevocationRule> {
+    users
+        .into_iter()
+        .map(|u| rule(Some(u), None, None, None))
+        .collect()
 }
 
 fn rule(

@@ -1,6 +1,9 @@
-//! A real identity server for one test: its own Postgres database, its own
-//! key directory, an ephemeral port on loopback, bootstrapped.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Identity's verbs on top of `runtime::testing`: a real identity server for
+//! one test (its own Postgres database, its own key directory, an ephemeral
+//! loopback port, bootstrapped), logins, and bearer requests. Identity reads
+//! bearer tokens itself, so its callers are tokens, not the sidecar headers
+//! of `runtime::testing::req`.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 
@@ -11,31 +14,41 @@ use proto::identity::v1::{
     catalog_client::CatalogClient, resources_client::ResourcesClient, roles_client::RolesClient,
     tokens_client::TokensClient, users_client::UsersClient,
 };
+use runtime::config::{DatabaseConfig, ServerConfig};
 use runtime::db::TestDatabase;
+pub use runtime::testing::{Served, assert_code, assert_status, wait_for};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 pub const ADMIN_PASSWORD: &str = "admin-secret";
+/// What every public caller reads for any refused credential or token.
+pub const AUTH_FAILED: &str = "authentication failed";
+/// The SPIFFE id tests use to act as a mesh peer (a sidecar).
+pub const MESH_PEER: &str = "spiffe://cirrus.local/svc/compute-api";
 
 pub struct Server {
     pub addr: SocketAddr,
-    pub identity: Identity,
     pub channel: Channel,
+    pub identity: Identity,
     pub config: Config,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    served: Served,
     _keys: tempfile::TempDir,
-    _db: TestDatabase,
+    pub db: TestDatabase,
 }
 
 /// A config for tests: cheap argon2 (tests check behaviour, the benchmark checks cost).
 pub fn test_config(db: &TestDatabase, keys: &tempfile::TempDir) -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+        },
+        database: DatabaseConfig {
+            url: db.url.clone(),
+            pool_size: 4,
+            ..DatabaseConfig::local("identity")
+        },
         key_dir: keys.path().join("keys"),
-        db_pool_size: 4,
         password_hash: identity::password::HashParams {
             memory_kib: 1024,
             iterations: 1,
@@ -70,42 +83,28 @@ impl Server {
         let keys = tempfile::tempdir().unwrap();
         let mut config = test_config(&db, &keys);
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let identity = Identity::start(config.clone()).await.unwrap();
-        identity.bootstrap(&bootstrap_spec(addr)).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = identity.clone();
-        let task = tokio::spawn(async move {
-            identity::serve(served, listener, async {
-                let _ = stopped.await;
-            })
+        let served =
+            Served::spawn(|listener, shutdown| identity::serve(served, listener, shutdown)).await;
+        identity
+            .bootstrap(&bootstrap_spec(served.addr))
             .await
             .unwrap();
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
         Self {
-            addr,
+            addr: served.addr,
+            channel: served.channel.clone(),
             identity,
-            channel,
             config,
-            stop: Some(stop),
-            task: Some(task),
+            served,
             _keys: keys,
-            _db: db,
+            db,
         }
     }
 
     /// Stops serving and waits for the graceful drain.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap();
-        }
+    pub async fn stop(self) {
+        self.served.stop().await.unwrap();
     }
 
     pub fn tokens(&self) -> TokensClient<Channel> {
@@ -144,7 +143,15 @@ impl Server {
             .token
     }
 
-    /// Makes a project and a user holding `role` on it; returns (project id, user id).
+    /// A token of `user` scoped to `project`.
+    pub async fn project_token(&self, user: &str, password: &str, project: &str) -> String {
+        self.login(user, password, Some(project_scope(project)))
+            .await
+            .unwrap()
+            .token
+    }
+
+    /// Makes a project (if needed) and a user holding `role` on it; returns (project id, user id).
     pub async fn user_with_role(
         &self,
         admin: &str,
@@ -165,20 +172,7 @@ impl Server {
             .await
         {
             Ok(p) => p.into_inner().id,
-            Err(s) if s.code() == Code::AlreadyExists => {
-                self.resources()
-                    .get_project(auth(
-                        pb::GetRequest {
-                            name: project.into(),
-                            ..Default::default()
-                        },
-                        admin,
-                    ))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .id
-            }
+            Err(s) if s.code() == Code::AlreadyExists => self.project(admin, project).await.id,
             Err(s) => panic!("create project: {s:?}"),
         };
         let u = self
@@ -210,6 +204,33 @@ impl Server {
         (p, u)
     }
 
+    pub async fn project(&self, token: &str, name: &str) -> pb::Project {
+        self.resources()
+            .get_project(auth(by_name(name), token))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn user(&self, token: &str, name: &str) -> pb::User {
+        self.users()
+            .get_user(auth(by_name(name), token))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn user_count(&self, admin: &str) -> usize {
+        self.users()
+            .list_users(auth(pb::ListUsersRequest::default(), admin))
+            .await
+            .unwrap()
+            .into_inner()
+            .users
+            .len()
+    }
+
+    /// `ValidateToken` of `token`, as the bearer of `as_token`, from outside the mesh.
     pub async fn validate(
         &self,
         token: &str,
@@ -225,13 +246,52 @@ impl Server {
             .await
             .map(|r| r.into_inner().claims.unwrap())
     }
+
+    /// The same, from a mesh peer (which may read why a token was refused).
+    pub async fn validate_as_mesh(
+        &self,
+        token: &str,
+        as_token: &str,
+    ) -> Result<pb::TokenClaims, tonic::Status> {
+        self.tokens()
+            .validate_token(mesh(auth(
+                pb::ValidateTokenRequest {
+                    token: token.into(),
+                },
+                as_token,
+            )))
+            .await
+            .map(|r| r.into_inner().claims.unwrap())
+    }
 }
 
+/// A request with `authorization: Bearer <token>`.
 pub fn auth<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
+}
+
+/// The request as identity's sidecar forwards it from a mesh workload.
+pub fn mesh<T>(mut r: Request<T>) -> Request<T> {
+    r.metadata_mut()
+        .insert(runtime::caller::PEER, MESH_PEER.parse().unwrap());
+    r
+}
+
+pub fn by_name(name: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+pub fn by_id(id: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        id: id.into(),
+        ..Default::default()
+    }
 }
 
 pub fn project_scope(name: &str) -> pb::Scope {
@@ -270,16 +330,5 @@ pub fn token_request(token: &str, scope: Option<pb::Scope>) -> pb::AuthenticateR
             },
         )),
         scope,
-    }
-}
-
-#[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) -> tonic::Status {
-    match r {
-        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "status: {s:?}");
-            s
-        }
     }
 }
