@@ -91,6 +91,16 @@ pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
         let name = name.to_string();
         async move { Err(anyhow::anyhow!("{}: unknown command {name}", Self::NAME)) }
     }
+
+    /// The `healthcheck` subcommand's check of `addr`: by default
+    /// `grpc.health.v1.Health` over plaintext (a service behind its sidecar);
+    /// a binary whose listener speaks something else (the sidecar: mTLS) says how.
+    fn healthcheck(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        crate::serve::healthcheck(addr)
+    }
 }
 
 #[derive(clap::Parser)]
@@ -156,11 +166,10 @@ pub fn service_main<S: Service>() -> ExitCode {
                         .run(listener, Box::pin(crate::serve::shutdown_signal()))
                         .await
                 }
-                Command::Healthcheck { addr } => {
-                    crate::serve::healthcheck(addr.unwrap_or(config.server().listen))
-                        .await
-                        .map_err(anyhow::Error::msg)
-                }
+                Command::Healthcheck { addr } => config
+                    .healthcheck(addr.unwrap_or(config.server().listen))
+                    .await
+                    .map_err(anyhow::Error::msg),
             }
         },
     )

@@ -178,9 +178,14 @@ async fn bench() {
         .expect("bind");
     let id_addr = listener.local_addr().expect("addr");
     let id = Identity::start(identity::Config {
-        listen: id_addr,
-        metrics_listen: None,
-        database_url: db.url.clone(),
+        server: runtime::config::ServerConfig {
+            listen: id_addr,
+            metrics_listen: None,
+        },
+        database: runtime::config::DatabaseConfig {
+            url: db.url.clone(),
+            ..runtime::config::DatabaseConfig::local("identity")
+        },
         key_dir: dir.join("keys"),
         ..identity::Config::default()
     })
@@ -253,14 +258,14 @@ async fn bench() {
     let echo_conf = write_conf(
         "echo-sidecar",
         format!(
-            "{}internal_listen = \"127.0.0.1:{echo_internal}\"\nupstream = \"{echo_addr}\"\n",
+            "{}upstream = \"{echo_addr}\"\n[server]\nlisten = \"127.0.0.1:{echo_internal}\"\n",
             common("echo")
         ),
     );
     let api_conf = write_conf(
         "api-sidecar",
         format!(
-            "{}internal_listen = \"127.0.0.1:{api_internal}\"\noutbound_listen = \"127.0.0.1:{api_outbound}\"\nupstream = \"{echo_addr}\"\n",
+            "{}outbound_listen = \"127.0.0.1:{api_outbound}\"\nupstream = \"{echo_addr}\"\n[server]\nlisten = \"127.0.0.1:{api_internal}\"\n",
             common("compute-api")
         ),
     );

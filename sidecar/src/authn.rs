@@ -88,10 +88,16 @@ impl Authn {
     }
 
     fn set_keys(&self, keys: &[pb::SigningKey]) {
+        self.set_public_keys(keys.iter().map(|k| k.public_key.as_slice()));
+    }
+
+    /// Trusts exactly these Ed25519 public keys, as a `Watch` snapshot from
+    /// identity does (also for tests and tools that sign their own tokens).
+    pub fn set_public_keys<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
         if let Ok(mut s) = self.inner.write() {
-            s.verifier
-                .set_keys(keys.iter().map(|k| k.public_key.as_slice()));
+            let keys: Vec<&[u8]> = keys.into_iter().collect();
             s.has_keys = !keys.is_empty();
+            s.verifier.set_keys(keys);
             // A removed key must stop verifying at once.
             s.cache.clear();
         }

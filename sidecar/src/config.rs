@@ -1,8 +1,13 @@
 //! The sidecar's configuration (defaults → TOML → `CIRRUS_*` environment).
+//! Like every service's, it nests the shared `[server]` table: `listen` is
+//! the internal (mTLS) listener, the catalog's internal endpoint, and
+//! `metrics_listen` serves Prometheus. The public and outbound listeners
+//! stay top-level keys: no other service has them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use runtime::config::{ServerConfig, ports};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -10,8 +15,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// The service this sidecar stands beside (its policy and SPIFFE name).
     pub service: String,
-    /// mTLS listener for mesh peers (the catalog's internal endpoint).
-    pub internal_listen: SocketAddr,
+    /// `[server]`: `listen` = the mTLS listener for mesh peers (the catalog's
+    /// internal endpoint); `metrics_listen` = Prometheus `/metrics`.
+    pub server: ServerConfig,
     /// Server-TLS listener for users and their clients (the public endpoint); none to serve no public side.
     pub public_listen: Option<SocketAddr>,
     /// Plaintext loopback listener the service calls `http://<service-name>` through; none for no outbound.
@@ -27,7 +33,6 @@ pub struct Config {
     pub identity_url: String,
     /// The policy file for `service`.
     pub policy: PathBuf,
-    pub metrics_listen: Option<SocketAddr>,
     /// Largest request message (bytes); a policy rule may override it per method.
     pub max_message_bytes: usize,
     /// Requests in flight beyond this are refused with UNAVAILABLE.
@@ -35,6 +40,8 @@ pub struct Config {
     /// Deadline for a request without a shorter `grpc-timeout`.
     pub request_timeout_ms: u64,
     pub h2_max_concurrent_streams: u32,
+    /// Largest request header block; a larger one is refused with
+    /// RESOURCE_EXHAUSTED for that request alone (the connection carries on).
     pub max_header_bytes: u32,
     /// On SIGTERM, how long open requests get to finish.
     pub drain_secs: u64,
@@ -46,7 +53,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             service: String::new(),
-            internal_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            server: ServerConfig::loopback(ports::SIDECAR.0, ports::SIDECAR.1),
             public_listen: None,
             outbound_listen: None,
             upstream: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -55,7 +62,6 @@ impl Default for Config {
             bundle: PathBuf::new(),
             identity_url: "https://127.0.0.1:5051".into(),
             policy: PathBuf::new(),
-            metrics_listen: None,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_requests: 512,
             request_timeout_ms: 30_000,
@@ -93,8 +99,9 @@ impl Config {
         if self.max_concurrent_requests == 0
             || self.max_message_bytes == 0
             || self.request_timeout_ms == 0
+            || self.max_header_bytes == 0
         {
-            return bad("max_concurrent_requests, max_message_bytes and request_timeout_ms must be positive".into());
+            return bad("max_concurrent_requests, max_message_bytes, max_header_bytes and request_timeout_ms must be positive".into());
         }
         if let Some(o) = self.outbound_listen
             && !o.ip().is_loopback()
@@ -102,5 +109,56 @@ impl Config {
             return bad("outbound_listen must be a loopback address: it is plaintext".into());
         }
         Ok(())
+    }
+}
+
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "sidecar";
+    const ABOUT: &'static str =
+        "Cirrus mesh sidecar: mTLS, token checks, policy and discovery beside a service";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), runtime::config::ConfigError> {
+        Config::validate(self)
+    }
+
+    /// `listener` is `server.listen` (internal); the public and outbound
+    /// listeners are bound here.
+    async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> anyhow::Result<()> {
+        let listeners = crate::Listeners::bind_rest(&self, listener).await?;
+        crate::run(self, listeners, shutdown).await
+    }
+
+    /// The internal listener speaks only mTLS: the check is a handshake with
+    /// this workload's own certificate that must meet the sidecar's.
+    async fn healthcheck(&self, addr: SocketAddr) -> Result<(), String> {
+        let check = async {
+            let tls = crate::tls::Tls::load(crate::tls::Files {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                bundle: self.bundle.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            let name = rustls::pki_types::ServerName::try_from(self.service.clone())
+                .map_err(|e| format!("service name {:?}: {e}", self.service))?;
+            tokio_rustls::TlsConnector::from(tls.client())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))?;
+            Ok(())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(3), check)
+            .await
+            .map_err(|_| format!("no TLS answer from {addr} within 3 s"))?
     }
 }

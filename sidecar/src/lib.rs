@@ -6,30 +6,38 @@
 //! - [`authn`]: offline token verification fed by identity's `Watch`;
 //! - [`catalog`]: service names to internal endpoints;
 //! - [`connector`]: dialling peers over mTLS, checking their SPIFFE id;
-//! - [`proxy`]: the inbound and outbound request paths and their limits;
+//! - [`stack`]: the inbound and outbound paths, each built in one function
+//!   from the tower layers of [`layers`] (one module per concern, one rescue
+//!   that turns typed refusals into statuses);
 //! - [`config`]: what the operator sets.
 //!
 //! [`run`] serves the internal (mTLS), public (server TLS) and outbound
-//! (loopback plaintext) listeners until shutdown, then drains.
+//! (loopback plaintext) listeners until shutdown, then drains. The binary's
+//! `main` is the shared `runtime::process::service_main` ([`Config`]
+//! implements `runtime::process::Service`): it binds `server.listen` (the
+//! internal listener) and [`Config::run`] binds the other two.
 
 pub mod authn;
 pub mod catalog;
 pub mod config;
 pub mod connector;
+pub mod layers;
 pub mod policy;
-pub mod proxy;
+pub mod stack;
 pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
+use tower::ServiceExt;
 
 pub use config::Config;
 
@@ -40,15 +48,22 @@ pub struct Listeners {
     pub outbound: Option<TcpListener>,
 }
 
+async fn bind(a: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(a)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+}
+
 impl Listeners {
+    /// Binds every listener `c` names.
     pub async fn bind(c: &Config) -> std::io::Result<Self> {
-        let bind = |a| async move {
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
-        };
+        Self::bind_rest(c, bind(c.server.listen).await?).await
+    }
+
+    /// Binds the public and outbound listeners beside an `internal` one bound already.
+    pub async fn bind_rest(c: &Config, internal: TcpListener) -> std::io::Result<Self> {
         Ok(Self {
-            internal: bind(c.internal_listen).await?,
+            internal,
             public: match c.public_listen {
                 Some(a) => Some(bind(a).await?),
                 None => None,
@@ -107,25 +122,26 @@ pub async fn run(
         })
     };
 
-    let limits = proxy::Limits {
+    let limits = stack::Limits {
         max_message_bytes: config.max_message_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
+        max_header_bytes: config.max_header_bytes as usize,
     };
     let inflight = Arc::new(Semaphore::new(config.max_concurrent_requests));
-    let inbound = Arc::new(proxy::Inbound {
+    let inbound = stack::inbound(stack::Inbound {
         service: config.service.clone(),
         policy,
         authn,
-        upstream: config.upstream.to_string(),
-        client: proxy::Inbound::client(),
+        upstream: config.upstream.to_string().parse()?,
+        client: stack::upstream_client(),
         limits: limits.clone(),
         inflight: inflight.clone(),
     });
-    let outbound = Arc::new(proxy::Outbound {
+    let outbound = stack::outbound(stack::Outbound {
         service: config.service.clone(),
         catalog: catalog::Catalog::new(identity, self_id),
         connector: connector.clone(),
-        client: proxy::Outbound::client(connector),
+        client: stack::mesh_client(connector),
         limits,
         inflight,
     });
@@ -135,7 +151,11 @@ pub async fn run(
     let h2 = {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.max_concurrent_streams(config.h2_max_concurrent_streams)
-            .max_header_list_size(config.max_header_bytes)
+            // Far above `max_header_bytes`: a request between the two gets a
+            // gRPC status from the header-limit layer instead of a GOAWAY.
+            .max_header_list_size(layers::header_limit::h2_hard_limit(
+                config.max_header_bytes as usize,
+            ))
             // Grow flow-control windows with the measured bandwidth-delay
             // product, so bulk streams (image transfers) are not held to 64 KiB.
             .adaptive_window(true);
@@ -194,11 +214,20 @@ pub async fn run(
     Ok(())
 }
 
+/// A request as the stacks take it: the body boxed, the connection's peer attached.
+fn entering(req: http::Request<Incoming>, peer: Option<&stack::Peer>) -> stack::Req {
+    let mut req = req.map(stack::BoxBody::new);
+    if let Some(p) = peer {
+        req.extensions_mut().insert(p.clone());
+    }
+    req
+}
+
 async fn accept_tls(
     listener: TcpListener,
     tls: tls::Tls,
     public: bool,
-    state: Arc<proxy::Inbound>,
+    stack: stack::Stack,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -218,7 +247,7 @@ async fn accept_tls(
         };
         let _ = tcp.set_nodelay(true);
         let config = if public { tls.public() } else { tls.internal() };
-        let (state, h2, watcher) = (state.clone(), h2.clone(), graceful.watcher());
+        let (stack, h2, watcher) = (stack.clone(), h2.clone(), graceful.watcher());
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
@@ -253,8 +282,8 @@ async fn accept_tls(
                     }
                 }
             };
-            let svc =
-                service_fn(move |req| proxy::inbound(state.clone(), peer.clone(), public, req));
+            let peer = stack::Peer { id: peer, public };
+            let svc = service_fn(move |req| stack.clone().oneshot(entering(req, Some(&peer))));
             let conn = h2.serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%remote, error = %e, "connection ended");
@@ -265,7 +294,7 @@ async fn accept_tls(
 
 async fn accept_plain(
     listener: TcpListener,
-    state: Arc<proxy::Outbound>,
+    stack: stack::Stack,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -283,9 +312,9 @@ async fn accept_plain(
             () = stopped(&mut stop) => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (state, h2, watcher) = (state.clone(), h2.clone(), graceful.watcher());
+        let (stack, h2, watcher) = (stack.clone(), h2.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| proxy::outbound(state.clone(), req));
+            let svc = service_fn(move |req| stack.clone().oneshot(entering(req, None)));
             let conn = h2.serve_connection(TokioIo::new(tcp), svc);
             let _ = watcher.watch(conn).await;
         });

@@ -98,11 +98,16 @@ impl IdentityServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = identity::Config {
-            listen: addr,
-            metrics_listen: None,
-            database_url: db.url.clone(),
+            server: runtime::config::ServerConfig {
+                listen: addr,
+                metrics_listen: None,
+            },
+            database: runtime::config::DatabaseConfig {
+                url: db.url.clone(),
+                pool_size: 4,
+                ..runtime::config::DatabaseConfig::local("identity")
+            },
             key_dir: keys.path().join("keys"),
-            db_pool_size: 4,
             token_ttl_secs: ttl_secs,
             password_hash: identity::password::HashParams {
                 memory_kib: 1024,
