@@ -476,7 +476,9 @@ impl pb::networks_server::Networks for Api {
             0 => None,
             n if (68..=9000).contains(&n) => Some(n),
             n => {
-                return Err(Error::invalid("mtu", format!("{n} is not between 68 and 9000")).into());
+                return Err(
+                    Error::invalid("mtu", format!("{n} is not between 68 and 9000")).into(),
+                );
             }
         };
         let new = NewNetwork {
