@@ -15,11 +15,7 @@ async fn a_non_admin_cannot_administer() {
     let (project, user) = s
         .user_with_role(&admin, "kim", "pw-kim", "proj-k", "member")
         .await;
-    let kim = s
-        .login("kim", "pw-kim", Some(project_scope("proj-k")))
-        .await
-        .unwrap()
-        .token;
+    let kim = s.project_token("kim", "pw-kim", "proj-k").await;
 
     let create = pb::CreateUserRequest {
         name: "mallory".into(),
@@ -106,11 +102,7 @@ async fn a_non_admin_cannot_administer() {
     let (_, _) = s
         .user_with_role(&admin, "leo", "pw-leo", "proj-l", "admin")
         .await;
-    let leo = s
-        .login("leo", "pw-leo", Some(project_scope("proj-l")))
-        .await
-        .unwrap()
-        .token;
+    let leo = s.project_token("leo", "pw-leo", "proj-l").await;
     assert_code(
         s.users()
             .list_users(auth(pb::ListUsersRequest::default(), &leo))
@@ -123,14 +115,7 @@ async fn a_non_admin_cannot_administer() {
 async fn bad_input_gets_invalid_argument_or_already_exists_and_writes_nothing() {
     let s = Server::start().await;
     let admin = s.admin_token().await;
-    let before = s
-        .users()
-        .list_users(auth(pb::ListUsersRequest::default(), &admin))
-        .await
-        .unwrap()
-        .into_inner()
-        .users
-        .len();
+    let before = s.user_count(&admin).await;
 
     for (bad, why) in [
         ("", "name: must not be empty"),
@@ -163,70 +148,46 @@ async fn bad_input_gets_invalid_argument_or_already_exists_and_writes_nothing() 
         Code::InvalidArgument,
         "id: is not a valid id: \"not-a-uuid\"",
     );
-    let r = s
-        .users()
-        .create_user(auth(
-            pb::CreateUserRequest {
-                name: "nadia".into(),
-                password: "pw".into(),
-                domain_id: "zzz".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await;
-    assert_status(
-        r,
-        Code::InvalidArgument,
-        "domain_id: is not a valid id: \"zzz\"",
-    );
-    let r = s
-        .users()
-        .create_user(auth(
-            pb::CreateUserRequest {
-                name: "nadia".into(),
-                password: "pw".into(),
-                domain_name: "NoSuchDomain".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await;
-    assert_status(r, Code::NotFound, "domain NoSuchDomain not found");
-    // An empty password is refused (update and authenticate refuse one too).
-    let r = s
-        .users()
-        .create_user(auth(
-            pb::CreateUserRequest {
-                name: "nadia".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await;
-    assert_status(r, Code::InvalidArgument, "password: must not be empty");
-
-    // Duplicate name in a domain.
-    let r = s
-        .users()
-        .create_user(auth(
-            pb::CreateUserRequest {
-                name: "admin".into(),
-                password: "pw".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await;
-    assert_status(r, Code::AlreadyExists, "user admin already exists");
-    let after = s
-        .users()
-        .list_users(auth(pb::ListUsersRequest::default(), &admin))
-        .await
-        .unwrap()
-        .into_inner()
-        .users
-        .len();
+    let nadia = |password: &str, domain_id: &str, domain_name: &str| pb::CreateUserRequest {
+        name: "nadia".into(),
+        password: password.into(),
+        domain_id: domain_id.into(),
+        domain_name: domain_name.into(),
+        ..Default::default()
+    };
+    let admin_again = pb::CreateUserRequest {
+        name: "admin".into(),
+        password: "pw".into(),
+        ..Default::default()
+    };
+    for (request, code, message) in [
+        (
+            nadia("pw", "zzz", ""),
+            Code::InvalidArgument,
+            "domain_id: is not a valid id: \"zzz\"",
+        ),
+        (
+            nadia("pw", "", "NoSuchDomain"),
+            Code::NotFound,
+            "domain NoSuchDomain not found",
+        ),
+        // An empty password is refused (update and authenticate refuse one too).
+        (
+            nadia("", "", ""),
+            Code::InvalidArgument,
+            "password: must not be empty",
+        ),
+        // A duplicate name in a domain.
+        (
+            admin_again,
+            Code::AlreadyExists,
+            "user admin already exists",
+        ),
+    ] {
+        let r = s.users().create_user(auth(request, &admin)).await;
+        assert_status(r, code, message);
+    }
+    let after = s.user_count(&admin).await;
     assert_eq!(before, after, "nothing was written");
 
     // Authenticate without method or with half a scope.
@@ -446,13 +407,7 @@ async fn domains_projects_and_catalog_round_trip() {
         ))
         .await
         .unwrap();
-    let cat = s
-        .catalog()
-        .get_catalog(auth(pb::GetCatalogRequest {}, &admin))
-        .await
-        .unwrap()
-        .into_inner()
-        .catalog;
+    let cat = s.catalog_of(&admin).await;
     let compute = cat.iter().find(|c| c.name == "compute").unwrap();
     assert_eq!(compute.endpoints[0].region, "RegionOne");
     s.catalog()
@@ -465,12 +420,6 @@ async fn domains_projects_and_catalog_round_trip() {
         ))
         .await
         .unwrap();
-    let cat = s
-        .catalog()
-        .get_catalog(auth(pb::GetCatalogRequest {}, &admin))
-        .await
-        .unwrap()
-        .into_inner()
-        .catalog;
+    let cat = s.catalog_of(&admin).await;
     assert!(cat.iter().all(|c| c.name != "compute"));
 }

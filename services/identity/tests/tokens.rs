@@ -75,11 +75,7 @@ async fn disabled_user_and_project_are_refused_and_their_tokens_revoked() {
     let (project, user) = s
         .user_with_role(&admin, "erin", "pw-erin", "proj-e", "member")
         .await;
-    let before = s
-        .login("erin", "pw-erin", Some(project_scope("proj-e")))
-        .await
-        .unwrap()
-        .token;
+    let before = s.project_token("erin", "pw-erin", "proj-e").await;
 
     s.resources()
         .update_project(auth(
@@ -128,11 +124,7 @@ async fn disabled_user_and_project_are_refused_and_their_tokens_revoked() {
 #[tokio::test]
 async fn revoked_expired_and_tampered_tokens_are_refused() {
     let s = Server::start_with(|c| c.token_ttl_secs = 1).await;
-    let admin = s
-        .login("admin", ADMIN_PASSWORD, Some(project_scope("admin")))
-        .await
-        .unwrap()
-        .token;
+    let admin = s.project_token("admin", ADMIN_PASSWORD, "admin").await;
     let victim = s.login("admin", ADMIN_PASSWORD, None).await.unwrap().token;
 
     // Tampered: change one character inside the signed body.
@@ -304,11 +296,7 @@ async fn removing_a_role_assignment_revokes_tokens_on_that_project() {
     let (project, user) = s
         .user_with_role(&admin, "hal", "pw-hal", "proj-h", "member")
         .await;
-    let t = s
-        .login("hal", "pw-hal", Some(project_scope("proj-h")))
-        .await
-        .unwrap()
-        .token;
+    let t = s.project_token("hal", "pw-hal", "proj-h").await;
     let unscoped = s.login("hal", "pw-hal", None).await.unwrap().token;
     s.roles()
         .unassign_role(auth(
@@ -415,11 +403,7 @@ async fn key_rotation_keeps_secondary_keys_verifying_and_drops_removed_ones() {
     let (_, _) = s
         .user_with_role(&admin2, "jo", "pw-jo", "proj-j", "member")
         .await;
-    let jo = s
-        .login("jo", "pw-jo", Some(project_scope("proj-j")))
-        .await
-        .unwrap()
-        .token;
+    let jo = s.project_token("jo", "pw-jo", "proj-j").await;
     assert_code(
         s.tokens()
             .rotate_keys(auth(pb::RotateKeysRequest {}, &jo))

@@ -213,13 +213,7 @@ async fn deletes_resolve_authorize_and_act_in_one_call() {
     }
     // By name, in one call; the user's tokens die with it.
     s.users()
-        .delete_user(auth(
-            pb::DeleteRequest {
-                name: "vic".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
+        .delete_user(auth(delete_by_name("vic"), &admin))
         .await
         .unwrap();
     assert_status(
@@ -229,25 +223,13 @@ async fn deletes_resolve_authorize_and_act_in_one_call() {
     );
     assert_status(
         s.users()
-            .delete_user(auth(
-                pb::DeleteRequest {
-                    name: "vic".into(),
-                    ..Default::default()
-                },
-                &admin,
-            ))
+            .delete_user(auth(delete_by_name("vic"), &admin))
             .await,
         Code::NotFound,
         "user vic not found",
     );
     s.resources()
-        .delete_project(auth(
-            pb::DeleteRequest {
-                name: "proj-v".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
+        .delete_project(auth(delete_by_name("proj-v"), &admin))
         .await
         .unwrap();
     assert_status(

@@ -230,6 +230,15 @@ impl Server {
             .len()
     }
 
+    pub async fn catalog_of(&self, token: &str) -> Vec<pb::CatalogService> {
+        self.catalog()
+            .get_catalog(auth(pb::GetCatalogRequest {}, token))
+            .await
+            .unwrap()
+            .into_inner()
+            .catalog
+    }
+
     /// `ValidateToken` of `token`, as the bearer of `as_token`, from outside the mesh.
     pub async fn validate(
         &self,
@@ -282,6 +291,13 @@ pub fn mesh<T>(mut r: Request<T>) -> Request<T> {
 
 pub fn by_name(name: &str) -> pb::GetRequest {
     pb::GetRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+pub fn delete_by_name(name: &str) -> pb::DeleteRequest {
+    pb::DeleteRequest {
         name: name.into(),
         ..Default::default()
     }
