@@ -1,1 +1,119 @@
-//! `scheduler` — being written (wave 2); see docs/architecture.md.
+//! The Cirrus scheduler, a nova-scheduler equivalent. compute-api calls
+//! `SelectDestinations` for a new server; the scheduler reads the server and
+//! the hosts from the `compute` schema, keeps the hosts every [`filters`]
+//! pass (enabled, up, RAM / vCPU / disk with allocation ratios, availability
+//! zone, image properties, server group (anti-)affinity), orders them with
+//! the weighers, and claims the best one with a generation-checked update
+//! (Placement's rule: a claim applies only to the usage it was decided on),
+//! so that any number of scheduler replicas never over-commit a host. It
+//! then records the host and two alternates on the server and casts `build`
+//! to `compute.<host>`.
+//!
+//! - [`service`]: one placement; [`filters`]: filters and weighers (pure);
+//! - [`grpc`]: the `scheduler.v1` adapter.
+//!
+//! The SQL is compute-api's ([`compute_api::repo`]): one schema, one set of
+//! queries. The scheduler runs no migrations; compute-api owns them.
+
+pub mod filters;
+pub mod grpc;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use proto::scheduler::v1 as pb;
+use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use service::Scheduler;
+
+/// The scheduler's configuration (see `runtime::config` for how it loads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// The compute schema (compute-api's).
+    pub database: DatabaseConfig,
+    /// This workload's sidecar outbound listener: when set, the queue is
+    /// reached through it by name and `queue_url` is unused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound: Option<SocketAddr>,
+    pub queue_url: String,
+    /// A host whose agent has not heartbeated for this long is not chosen.
+    pub host_down_after_secs: u64,
+    /// How many alternates to record for rescheduling.
+    pub alternates: usize,
+    pub weights: filters::Weights,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::loopback(ports::SCHEDULER.0, ports::SCHEDULER.1),
+            database: DatabaseConfig::local("compute"),
+            sidecar_outbound: None,
+            queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
+            host_down_after_secs: 60,
+            alternates: 2,
+            weights: filters::Weights::default(),
+        }
+    }
+}
+
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "scheduler";
+    const ABOUT: &'static str = "Cirrus scheduler (nova-scheduler)";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
+        if self.host_down_after_secs == 0 || self.host_down_after_secs > 3600 {
+            return Err(ConfigError(
+                "host_down_after_secs must be between 1 and 3600".into(),
+            ));
+        }
+        if self.alternates > 10 {
+            return Err(ConfigError("alternates must be at most 10".into()));
+        }
+        if self.sidecar_outbound.is_none() && self.queue_url.is_empty() {
+            return Err(ConfigError(
+                "queue_url is required without sidecar_outbound".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> anyhow::Result<()> {
+        run(self, listener, shutdown).await
+    }
+}
+
+pub const SERVICE_NAMES: [&str; 1] = ["scheduler.v1.Scheduler"];
+
+/// Connects and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    runtime::process::Service::validate(&config)?;
+    let scheduler = Scheduler::start(config).await?;
+    let routes =
+        tonic::service::Routes::new(pb::scheduler_server::SchedulerServer::new(grpc::Api {
+            scheduler,
+        }));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "scheduler serving");
+    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! The `scheduler.v1` adapter: validates the request and maps the answer.
+
+use proto::scheduler::v1 as pb;
+use runtime::types::parse_id;
+use tonic::{Request, Response, Status};
+
+use crate::service::Scheduler;
+
+#[derive(Clone)]
+pub struct Api {
+    pub scheduler: Scheduler,
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_server::Scheduler for Api {
+    async fn select_destinations(
+        &self,
+        r: Request<pb::SelectDestinationsRequest>,
+    ) -> Result<Response<pb::Destinations>, Status> {
+        let q = r.into_inner();
+        let id = parse_id("server_id", &q.server_id)?;
+        if q.ignore_hosts.len() > 1000 {
+            return Err(runtime::Error::invalid("ignore_hosts", "at most 1000").into());
+        }
+        let d = self
+            .scheduler
+            .select(id, &q.ignore_hosts, q.dry_run)
+            .await?;
+        Ok(Response::new(pb::Destinations {
+            host: d.host,
+            alternates: d.alternates,
+            considered: d.considered,
+            passed: d.passed,
+        }))
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    runtime::process::service_main::<scheduler::Config>()
+}

@@ -1,0 +1,240 @@
+//! One placement: read the server and the candidate hosts, filter, weigh,
+//! then claim on the best host with a generation-checked update (a host
+//! changed since we read it is re-read and re-checked, never over-committed),
+//! record the host and alternates on the server in the same transaction, and
+//! cast `build` to the host's topic.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use compute_api::model::{Cast, NO_VALID_HOST, Server, host_topic, task, vm};
+use compute_api::repo;
+use deadpool_postgres::Pool;
+use runtime::error::{Error, Result};
+use uuid::Uuid;
+
+use crate::Config;
+use crate::filters::{self, Request};
+
+/// Re-reads of one host whose generation moved under us before moving on.
+const CLAIM_RETRIES: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destinations {
+    pub host: String,
+    pub alternates: Vec<String>,
+    pub considered: u32,
+    pub passed: u32,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    config: Config,
+    queue: queue_client::Client,
+}
+
+impl Scheduler {
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let pool = runtime::db::pool(
+            &config.database.url,
+            &config.database.schema,
+            config.database.pool_size,
+        )?;
+        let queue = match config.sidecar_outbound {
+            Some(out) => queue_client::Client::via_sidecar(out)?,
+            None => queue_client::Client::connect_lazy(&config.queue_url)?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                queue,
+            }),
+        })
+    }
+
+    fn down_after(&self) -> f64 {
+        self.inner.config.host_down_after_secs as f64
+    }
+
+    pub async fn select(&self, id: Uuid, ignore: &[String], dry_run: bool) -> Result<Destinations> {
+        let started = Instant::now();
+        let db = self.inner.pool.get().await?;
+        let server = repo::get_server(&db, id)
+            .await?
+            .ok_or_else(|| Error::not_found("server", id))?;
+        if server.vm_state != vm::BUILDING || server.task_state.as_deref() != Some(task::SCHEDULING)
+        {
+            return Err(Error::precondition(format!(
+                "server {id} is {} (task {}), not waiting for a host",
+                server.vm_state,
+                server.task_state.as_deref().unwrap_or("none")
+            )));
+        }
+        let policy = match server.server_group_id {
+            Some(g) => repo::get_group(&db, g).await?.map(|g| g.policy),
+            None => None,
+        };
+        let members = match server.server_group_id {
+            Some(g) => repo::group_hosts(&db, g, id).await?,
+            None => vec![],
+        };
+        let hosts = repo::candidate_hosts(&db, self.down_after()).await?;
+        drop(db);
+
+        let mut ignore_set: HashSet<&str> = ignore.iter().map(String::as_str).collect();
+        ignore_set.extend(server.tried_hosts.iter().map(String::as_str));
+        let req = Request {
+            server: &server,
+            resources: server.resources(),
+            ignore: ignore_set,
+            group: policy
+                .as_deref()
+                .map(|p| (p, members.into_iter().collect())),
+        };
+        let mut passing: Vec<_> = hosts
+            .iter()
+            .filter(|h| filters::check(h, &req).is_ok())
+            .collect();
+        filters::weigh(&mut passing, &req, &self.inner.config.weights);
+        let considered = hosts.len() as u32;
+        let passed = passing.len() as u32;
+
+        let mut chosen = None;
+        for (i, h) in passing.iter().enumerate() {
+            if self.try_claim(&server, &req, &h.name, h.generation).await? {
+                chosen = Some(i);
+                break;
+            }
+        }
+        metrics::histogram!("scheduler_decision_seconds").record(started.elapsed().as_secs_f64());
+        let Some(i) = chosen else {
+            self.no_valid_host(&server).await?;
+            return Err(Error::exhausted(NO_VALID_HOST));
+        };
+        let host = passing[i].name.clone();
+        let alternates: Vec<String> = passing
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .take(self.inner.config.alternates)
+            .map(|(_, h)| h.name.clone())
+            .collect();
+        {
+            let db = self.inner.pool.get().await?;
+            repo::set_alternates(&db, id, &alternates).await?;
+        }
+        if !dry_run {
+            let cast = Cast::Build {
+                server_id: id,
+                attempt: server.attempt + 1,
+            };
+            if let Err(s) = self.inner.queue.cast_json(&host_topic(&host), &cast).await {
+                self.fail(&server, 500, "could not reach the chosen host's queue")
+                    .await?;
+                return Err(Error::unavailable(format!("queue: {s}")));
+            }
+        }
+        tracing::debug!(server = %id, %host, ?alternates, considered, passed, "placed");
+        Ok(Destinations {
+            host,
+            alternates,
+            considered,
+            passed,
+        })
+    }
+
+    /// Claims on `host` at `generation`; when another claim moved it, re-reads
+    /// the host and tries again while it still passes the filters.
+    async fn try_claim(
+        &self,
+        server: &Server,
+        req: &Request<'_>,
+        host: &str,
+        mut generation: i64,
+    ) -> Result<bool> {
+        for _ in 0..CLAIM_RETRIES {
+            let mut db = self.inner.pool.get().await?;
+            let tx = db.transaction().await?;
+            if let Some(g) = server.server_group_id {
+                // Members of one group are placed one at a time, so that the
+                // (anti-)affinity checked here is the one that commits.
+                repo::lock_group(&tx, g).await?;
+                let members: HashSet<String> = repo::group_hosts(&tx, g, server.id)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let fresh = Request {
+                    group: req.group.as_ref().map(|(p, _)| (*p, members)),
+                    ..req.clone()
+                };
+                let Some(h) = repo::get_host(&tx, host, self.down_after()).await? else {
+                    return Ok(false);
+                };
+                if filters::check(&h, &fresh).is_err() {
+                    return Ok(false);
+                }
+                generation = h.generation;
+            }
+            if repo::claim(&tx, server.id, host, generation, req.resources).await? {
+                if repo::place_server(&tx, server.id, host, &[])
+                    .await?
+                    .is_none()
+                {
+                    // Deleted (or timed out) while we chose: the claim rolls back.
+                    return Err(Error::precondition(format!(
+                        "server {} is no longer waiting for a host",
+                        server.id
+                    )));
+                }
+                tx.commit().await?;
+                return Ok(true);
+            }
+            drop(tx);
+            let db = self.inner.pool.get().await?;
+            let Some(h) = repo::get_host(&db, host, self.down_after()).await? else {
+                return Ok(false);
+            };
+            if filters::check(&h, req).is_err() {
+                return Ok(false);
+            }
+            generation = h.generation;
+            metrics::counter!("scheduler_claim_conflicts_total").increment(1);
+        }
+        Ok(false)
+    }
+
+    async fn no_valid_host(&self, server: &Server) -> Result<()> {
+        tracing::info!(server = %server.id, "no valid host");
+        self.fail(server, 500, NO_VALID_HOST).await
+    }
+
+    async fn fail(&self, server: &Server, code: i32, message: &str) -> Result<()> {
+        let mut db = self.inner.pool.get().await?;
+        let tx = db.transaction().await?;
+        repo::release_claim(&tx, server.id).await?;
+        repo::change_server(
+            &tx,
+            server.id,
+            &repo::Change {
+                vm_state: Some(vm::ERROR),
+                task_state: Some(None),
+                fault: Some(Some((code, message))),
+                ..Default::default()
+            },
+            &repo::Guard {
+                vm_states: Some(&[vm::BUILDING]),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
