@@ -515,3 +515,61 @@ impl Guest {
         sh(&a)
     }
 }
+
+impl Cloud {
+    pub async fn group(&self, who: &Caller, name: &str) -> pb::SecurityGroup {
+        self.client()
+            .create_security_group(req(
+                pb::CreateSecurityGroupRequest {
+                    name: name.into(),
+                    description: String::new(),
+                },
+                who,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn rule(
+        &self,
+        who: &Caller,
+        group: &str,
+        direction: pb::Direction,
+        protocol: pb::Protocol,
+        ports: (u32, u32),
+        remote_group: &str,
+    ) -> Result<pb::SecurityGroupRule, tonic::Status> {
+        self.client()
+            .create_security_group_rule(req(
+                pb::CreateSecurityGroupRuleRequest {
+                    security_group_id: group.into(),
+                    direction: direction as i32,
+                    protocol: protocol as i32,
+                    port_range_min: ports.0,
+                    port_range_max: ports.1,
+                    remote_group_id: remote_group.into(),
+                    ..Default::default()
+                },
+                who,
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// Retries `check` (each try bounded by its own timeout) until it gives
+/// `want`, at most `tries` times; for dataplane changes that follow an API
+/// call by one agent reconcile.
+pub async fn eventually<F, Fut>(tries: u32, mut check: F, want: bool) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..tries {
+        if check().await == want {
+            return true;
+        }
+    }
+    false
+}
