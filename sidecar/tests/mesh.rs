@@ -584,3 +584,284 @@ async fn an_outside_client_uses_the_public_endpoint_with_a_token_but_not_interna
     let (ok, out) = grpcurl(&args).await;
     assert!(ok, "{out}");
 }
+
+// ------------------------------------------------------- issue 12, 13 and 14
+
+const BAD_PATH: &str = "not a gRPC method path: expected /<package>.<Service>/<Method>";
+
+#[tokio::test]
+async fn a_path_that_is_no_method_is_refused_before_the_policy_and_never_forwarded() {
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut spec = SidecarSpec::new("echo", echo.addr, "http://127.0.0.1:1".into());
+    spec.policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy/open.toml");
+    let side = Sidecar::start(&pki, spec).await;
+    let ch = pki.channel("compute-api", side.internal, "echo");
+
+    // The open rule works for the real method (and the echo sees its path)...
+    let ok = raw_call(ch.clone(), "/grpc.health.v1.Health/Check", None, frame(&[])).await;
+    assert_eq!(ok.code(), Code::Ok, "{ok:?}");
+    assert_eq!(
+        *echo.paths.lock().unwrap(),
+        ["/grpc.health.v1.Health/Check"]
+    );
+
+    // ...but no crafted path rides on it: each is refused by the sidecar itself.
+    for path in [
+        "/grpc.health.v1.Health/../../identity.v1.Users/ListUsers",
+        "/grpc.health.v1.Health/Check/../../../identity.v1.Users/ListUsers",
+        "/grpc.health.v1.Health/%2e%2e/identity.v1.Users/ListUsers",
+        "/grpc.health.v1.Health/Check?x=/identity.v1.Users/ListUsers",
+        "/grpc.health.v1.Health//Check",
+    ] {
+        let s = raw_call(ch.clone(), path, None, frame(&[])).await;
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unimplemented, BAD_PATH),
+            "{path}"
+        );
+    }
+    // The public listener the same, and the service never saw any of them.
+    let public = public_channel(&pki, side.public.unwrap(), "echo");
+    let s = raw_call(
+        public,
+        "/grpc.health.v1.Health/../../identity.v1.Users/ListUsers",
+        None,
+        frame(&[]),
+    )
+    .await;
+    assert_eq!((s.code(), s.message()), (Code::Unimplemented, BAD_PATH));
+    assert_eq!(
+        *echo.paths.lock().unwrap(),
+        ["/grpc.health.v1.Health/Check"]
+    );
+    side.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_header_block_costs_its_own_request_not_the_connection() {
+    let w = world(3600).await;
+    let token = w.identity.member_token("hal", "proj-hal").await;
+    w.ready(&token).await;
+    let (ch, connections) = counted_channel(&w.pki, "compute-api", w.echo_sidecar.internal, "echo");
+    let mut c = HealthClient::new(ch);
+    c.check(auth(HealthCheckRequest::default(), &token))
+        .await
+        .unwrap();
+    // A 64 KiB bearer token: over the 16 KiB header limit.
+    let huge = format!("{token}{}", "A".repeat(64 * 1024));
+    runtime::testing::assert_status(
+        c.check(auth(HealthCheckRequest::default(), &huge)).await,
+        Code::ResourceExhausted,
+        "request headers larger than 16384 bytes",
+    );
+    // The same connection still carries calls: nothing was torn down.
+    c.check(auth(HealthCheckRequest::default(), &token))
+        .await
+        .unwrap();
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection for all three calls"
+    );
+}
+
+#[tokio::test]
+async fn token_refusals_tell_mesh_peers_why_and_public_callers_one_constant() {
+    let w = world(3600).await;
+    let token = w.identity.member_token("ida", "proj-ida").await;
+    w.ready(&token).await;
+    let rogue = token::SigningKey::generate().unwrap();
+    let forged = rogue
+        .sign(&w.identity.identity.verify(&token).unwrap())
+        .unwrap();
+    let mut bytes = token.clone().into_bytes();
+    let i = "v4.public.".len() + 8;
+    bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+    let tampered = String::from_utf8(bytes).unwrap();
+
+    let roles = |ch| pb::roles_client::RolesClient::new(ch);
+    let mut mesh = roles(
+        w.pki
+            .channel("compute-api", w.id_sidecar.internal, "identity"),
+    );
+    let mut public = roles(public_channel(
+        &w.pki,
+        w.id_sidecar.public.unwrap(),
+        "identity",
+    ));
+    // Both sides accept the real token.
+    mesh.list_roles(auth(pb::ListRequest {}, &token))
+        .await
+        .unwrap();
+    public
+        .list_roles(auth(pb::ListRequest {}, &token))
+        .await
+        .unwrap();
+
+    use runtime::error::UNAUTHENTICATED_MESSAGE as CONSTANT;
+    use runtime::testing::assert_status;
+    assert_status(
+        mesh.list_roles(auth(pb::ListRequest {}, &forged)).await,
+        Code::Unauthenticated,
+        "token signed by an unknown key",
+    );
+    assert_status(
+        public.list_roles(auth(pb::ListRequest {}, &forged)).await,
+        Code::Unauthenticated,
+        CONSTANT,
+    );
+    let mesh_tampered = mesh.list_roles(auth(pb::ListRequest {}, &tampered)).await;
+    let e = assert_code(mesh_tampered, Code::Unauthenticated);
+    assert!(
+        ["token signature is invalid", "malformed token"].contains(&e.message()),
+        "{e:?}"
+    );
+    assert_status(
+        public.list_roles(auth(pb::ListRequest {}, &tampered)).await,
+        Code::Unauthenticated,
+        CONSTANT,
+    );
+    assert_status(
+        mesh.list_roles(pb::ListRequest {}).await,
+        Code::Unauthenticated,
+        "a valid bearer token is required",
+    );
+    assert_status(
+        public.list_roles(pb::ListRequest {}).await,
+        Code::Unauthenticated,
+        CONSTANT,
+    );
+}
+
+#[tokio::test]
+async fn garbage_request_bytes_through_the_sidecar_are_invalid_argument() {
+    let w = world(3600).await;
+    let token = w.identity.admin_token().await;
+    w.ready(&token).await;
+    let ch = w
+        .pki
+        .channel("compute-api", w.id_sidecar.internal, "identity");
+    let authenticate = "/identity.v1.Tokens/Authenticate";
+
+    // Well framed, but the message does not decode: the service's codec says so.
+    let s = raw_call(ch.clone(), authenticate, None, frame(&[0xff; 12])).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("the message does not decode"),
+        "{s:?}"
+    );
+    // Invalid UTF-8 in a string field (user_name, inside password credentials).
+    let bad_utf8 = [0x0a, 0x04, 0x0a, 0x02, 0xc3, 0x28];
+    let s = raw_call(ch.clone(), authenticate, None, frame(&bad_utf8)).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // Not gRPC framing at all, or cut short: the sidecar answers itself.
+    let s = raw_call(ch.clone(), authenticate, None, b"hello, identity".to_vec()).await;
+    assert_eq!(
+        (s.code(), s.message()),
+        (
+            Code::InvalidArgument,
+            "request body is not gRPC framing: bad compressed flag"
+        )
+    );
+    let mut cut = frame(&[0x0a; 40]);
+    cut.truncate(20);
+    let s = raw_call(ch.clone(), authenticate, None, cut).await;
+    assert_eq!(
+        (s.code(), s.message()),
+        (
+            Code::InvalidArgument,
+            "request body ends inside a gRPC message"
+        )
+    );
+    // And a good call on the same channel still works.
+    let s = raw_call(ch, "/identity.v1.Roles/ListRoles", Some(&token), frame(&[])).await;
+    assert_eq!(s.code(), Code::Ok, "{s:?}");
+}
+
+/// Kills the child process when the test ends, however it ends.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_reads_the_server_table_and_answers_healthcheck_over_mtls() {
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = sidecar::Config {
+        service: "echo".into(),
+        server: runtime::config::ServerConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            metrics_listen: None,
+        },
+        upstream: echo.addr,
+        cert: pki.path("echo.crt"),
+        key: pki.path("echo.key"),
+        bundle: pki.path("bundle.pem"),
+        identity_url: "http://127.0.0.1:1".into(),
+        policy: echo_policy(),
+        ..sidecar::Config::default()
+    };
+    // The config as `cirrus up` writes it: the typed struct, serialised.
+    let path = pki.path("echo-sidecar.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_sidecar");
+    let healthcheck = || {
+        std::process::Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .arg("healthcheck")
+            .output()
+            .unwrap()
+    };
+    let before = healthcheck();
+    assert!(!before.status.success(), "nothing listens yet");
+
+    let _serving = Child(
+        std::process::Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut last = None;
+    let healthy = eventually(Duration::from_secs(10), || {
+        let out = healthcheck();
+        let ok = out.status.success();
+        last = Some(out);
+        async move { ok }
+    })
+    .await;
+    assert!(healthy, "healthcheck never passed: {last:?}");
+
+    // A key that moved into [server] is refused with one line and status 2.
+    let old = pki.path("old.toml");
+    std::fs::write(
+        &old,
+        format!("internal_listen = \"127.0.0.1:{port}\"\nservice = \"echo\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&old)
+        .arg("healthcheck")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("internal_listen") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

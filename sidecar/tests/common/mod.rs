@@ -81,6 +81,83 @@ impl Pki {
     }
 }
 
+/// A server-TLS channel (no client certificate) to a public listener, as a user's tool has.
+pub fn public_channel(pki: &Pki, addr: SocketAddr, service: &str) -> Channel {
+    let tls = sidecar::tls::client_config(&pki.path("bundle.pem"), None).unwrap();
+    let conn = MeshConnector::with_config(tls);
+    conn.expect(&addr.to_string(), service);
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector_lazy(conn)
+}
+
+/// An mTLS channel as [`Pki::channel`], counting the TCP connections it opens.
+pub fn counted_channel(
+    pki: &Pki,
+    name: &str,
+    addr: SocketAddr,
+    service: &str,
+) -> (Channel, Arc<std::sync::atomic::AtomicUsize>) {
+    use tower::ServiceExt;
+    let conn = MeshConnector::new(Tls::load(pki.files(name)).unwrap());
+    conn.expect(&addr.to_string(), service);
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    let counting = tower::service_fn(move |uri: http::Uri| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        conn.clone().oneshot(uri)
+    });
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector_lazy(counting);
+    (ch, count)
+}
+
+/// One gRPC call by hand over `channel`: `path` exactly as given (no
+/// normalisation), `body` as the raw request bytes. Returns the status.
+pub async fn raw_call(
+    channel: Channel,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> tonic::Status {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://svc{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(tonic::body::Body::new(
+            http_body_util::Full::new(bytes::Bytes::from(body)).map_err(|e| match e {}),
+        ))
+        .unwrap();
+    assert_eq!(
+        req.uri().path_and_query().map(|p| p.as_str()),
+        Some(path),
+        "the client keeps the path as given"
+    );
+    let rsp = channel.oneshot(req).await.unwrap();
+    if let Some(s) = tonic::Status::from_header_map(rsp.headers()) {
+        return s;
+    }
+    let collected = rsp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).unwrap_or_else(|| tonic::Status::ok(""))
+}
+
+/// A gRPC message frame: flag 0, big-endian length, the bytes.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
 pub struct IdentityServer {
     pub addr: SocketAddr,
     pub identity: Identity,
@@ -387,10 +464,13 @@ where
     }
 }
 
-/// A gRPC health server that records the headers of every request it gets.
+/// A gRPC health server that records the headers of every request it gets
+/// (at the health service) and the path of every request (at the HTTP level,
+/// before any routing).
 pub struct Echo {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<tonic::metadata::MetadataMap>>>,
+    pub paths: Arc<Mutex<Vec<String>>>,
 }
 
 impl Echo {
@@ -405,11 +485,19 @@ impl Echo {
                 record.lock().unwrap().push(req.metadata().clone());
                 Ok(req)
             });
+        let paths: Arc<Mutex<Vec<String>>> = Arc::default();
+        let at_http = paths.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tower::util::MapRequestLayer::new(
+                    move |r: http::Request<tonic::body::Body>| {
+                        at_http.lock().unwrap().push(r.uri().path().to_string());
+                        r
+                    },
+                ))
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        Self { addr, seen }
+        Self { addr, seen, paths }
     }
 }
