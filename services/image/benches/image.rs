@@ -78,10 +78,15 @@ async fn mesh(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let id_addr = listener.local_addr()?;
     let id = identity::Identity::start(identity::Config {
-        listen: id_addr,
-        metrics_listen: None,
-        database_url: db_url.into(),
-        db_pool_size: 4,
+        server: runtime::config::ServerConfig {
+            listen: id_addr,
+            metrics_listen: None,
+        },
+        database: runtime::config::DatabaseConfig {
+            url: db_url.into(),
+            pool_size: 4,
+            ..runtime::config::DatabaseConfig::local("identity")
+        },
         key_dir: dir.join("keys"),
         ..identity::Config::default()
     })

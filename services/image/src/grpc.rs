@@ -5,11 +5,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use futures_util::{Stream, StreamExt};
 use proto::image::v1 as pb;
 use time::OffsetDateTime;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{Bytes, Service, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
@@ -33,6 +38,81 @@ type R<T> = Result<Response<T>, Status>;
 #[derive(Clone)]
 pub struct Api {
     pub images: Images,
+}
+
+// ------------------------------------------------------- request bodies
+
+/// Whether a request's body ended with a transport error, as seen below
+/// tonic: tonic's `Streaming` reports a client's RST_STREAM(CANCEL) as the
+/// clean end of a client stream, which must never finish an upload.
+#[derive(Debug, Clone, Default)]
+pub struct BodyEnd(Arc<AtomicBool>);
+
+impl BodyEnd {
+    /// No transport error so far.
+    pub fn clean(&self) -> bool {
+        !self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A request body that records, in its [`BodyEnd`], an error from below.
+struct Watched {
+    inner: tonic::body::Body,
+    end: BodyEnd,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.end.0.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps a gRPC service so that every request carries a [`BodyEnd`] in its
+/// extensions, kept by a watcher around its body.
+#[derive(Debug, Clone)]
+pub struct WatchBodies<S>(pub S);
+
+impl<S: NamedService> NamedService for WatchBodies<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for WatchBodies<S>
+where
+    S: Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> S::Future {
+        let end = BodyEnd::default();
+        let (mut parts, inner) = req.into_parts();
+        parts.extensions.insert(end.clone());
+        let body = tonic::body::Body::new(Watched { inner, end });
+        self.0.call(http::Request::from_parts(parts, body))
+    }
 }
 
 // ------------------------------------------------------------- validation
@@ -346,6 +426,7 @@ impl pb::images_server::Images for Api {
 
     async fn upload(&self, r: Request<Streaming<pb::UploadRequest>>) -> R<pb::Image> {
         let c = caller(&r)?;
+        let body = r.extensions().get::<BodyEnd>().cloned().unwrap_or_default();
         let mut stream = r.into_inner();
         let first = stream
             .message()
@@ -366,7 +447,9 @@ impl pb::images_server::Images for Api {
             ))),
         });
         let data = Box::pin(first_data.chain(rest));
-        let image = self.images.upload(c, image_id, data).await?;
+        let (attendance, attendant) = crate::service::attendance();
+        let upload = self.images.upload(c, image_id, data, attendance);
+        let image = attendant.attend(upload, || body.clean()).await?;
         Ok(Response::new(image_pb(image)))
     }
 

@@ -128,7 +128,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let api = grpc::Api { images };
-    let routes = tonic::service::Routes::new(pb::images_server::ImagesServer::new(api));
+    // Every request body is watched, so that an upload knows whether its
+    // stream ended cleanly (see `grpc::BodyEnd`).
+    let routes =
+        tonic::service::Routes::new(grpc::WatchBodies(pb::images_server::ImagesServer::new(api)));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "image serving");
     let options = runtime::serve::ServeOptions {

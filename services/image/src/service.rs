@@ -4,11 +4,16 @@
 //!
 //! Uploads run in a task of their own, so that a client that drops its
 //! stream (which drops the request handler) still leaves the image QUEUED
-//! and its partial bytes removed. Bytes move between the network and the
-//! store through bounded channels and blocking threads: memory is bounded
-//! by a few chunks per transfer, whatever the image size.
+//! and its partial bytes removed. The task is tied to its request by an
+//! [`Attendance`]: it gives up as soon as the request is gone, and it
+//! finishes an upload only when the request confirms, after the last byte,
+//! that its stream ended cleanly (see [`Attendant::attend`]). Bytes move
+//! between the network and the store through bounded channels and blocking
+//! threads: memory is bounded by a few chunks per transfer, whatever the
+//! image size.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +22,7 @@ use deadpool_postgres::Pool;
 use futures_util::{Stream, StreamExt};
 use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::Config;
@@ -108,10 +113,80 @@ impl From<Error> for Failed {
     }
 }
 
+/// What a client whose upload stream did not end cleanly is told (if it
+/// still listens) and the log records.
+fn stream_failed() -> Error {
+    Error::Aborted(
+        "the upload stream ended without finishing (cancelled, reset or past its deadline): \
+         the image is queued again"
+            .into(),
+    )
+}
+
 struct Written {
     writer: Box<dyn StoreWriter>,
     size: u64,
     sha256: String,
+}
+
+/// The upload task's end of its link to the request that feeds it.
+pub struct Attendance {
+    asks: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+/// The request's end: it answers the task's one question, "did your stream
+/// end cleanly?", while it is still being served.
+pub struct Attendant {
+    asks: mpsc::Receiver<oneshot::Sender<()>>,
+}
+
+/// A linked pair: give the [`Attendance`] to [`Images::upload`] and drive
+/// the upload with [`Attendant::attend`].
+pub fn attendance() -> (Attendance, Attendant) {
+    let (tx, rx) = mpsc::channel(1);
+    (Attendance { asks: tx }, Attendant { asks: rx })
+}
+
+impl Attendance {
+    /// Resolves when the request is gone (reset, past its deadline, its
+    /// connection closed): nothing it sent may be kept.
+    async fn gone(&self) {
+        self.asks.closed().await
+    }
+
+    /// Asked once the data has ended: true only if the request is still
+    /// served and its stream ended cleanly.
+    async fn confirm(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(tx).await.is_ok() && rx.await.is_ok()
+    }
+}
+
+impl Attendant {
+    /// Runs `work` (the upload) and answers its confirmation request.
+    /// `clean` says whether the request's body ended without a transport
+    /// error (gRPC libraries report a client's RST_STREAM(CANCEL) as a
+    /// normal end of the stream, so the adapter watches the body itself).
+    ///
+    /// Before answering, the handler returns to the HTTP/2 server once:
+    /// hyper checks for a RST_STREAM each time a handler is pending, and
+    /// drops the handler if the client reset the stream. A reset is
+    /// recorded on the stream before its body reports the end, so a reset
+    /// stream is always caught here, and its upload is never finished.
+    pub async fn attend<T>(mut self, work: impl Future<Output = T>, clean: impl Fn() -> bool) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                Some(reply) = self.asks.recv() => {
+                    tokio::task::yield_now().await;
+                    if clean() {
+                        let _ = reply.send(());
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn join_err(e: tokio::task::JoinError) -> Error {
@@ -518,19 +593,35 @@ impl Images {
     // ----------------------------------------------------------- transfer
 
     /// Stores the bytes of a QUEUED image from `data`. `data` yields
-    /// `Err(Error::Aborted)` when the client goes away. Runs to its end even
-    /// if the caller stops waiting for it.
-    pub async fn upload<S>(&self, caller: Caller, id: Uuid, data: S) -> Result<Image>
+    /// `Err(Error::Aborted)` when the client's stream fails. Runs to its end
+    /// even if the caller stops waiting for it, but finishes the upload
+    /// (makes the image ACTIVE) only if `attendance` confirms, after the
+    /// last byte, that the request's stream ended cleanly; a request that
+    /// goes away before stops the upload at once. Either way a failed
+    /// upload leaves the image QUEUED and keeps none of its bytes.
+    pub async fn upload<S>(
+        &self,
+        caller: Caller,
+        id: Uuid,
+        data: S,
+        attendance: Attendance,
+    ) -> Result<Image>
     where
         S: Stream<Item = Result<Bytes>> + Send + Unpin + 'static,
     {
         let this = self.clone();
-        tokio::spawn(async move { this.upload_task(caller, id, data).await })
+        tokio::spawn(async move { this.upload_task(caller, id, data, attendance).await })
             .await
             .map_err(join_err)?
     }
 
-    async fn upload_task<S>(&self, caller: Caller, id: Uuid, data: S) -> Result<Image>
+    async fn upload_task<S>(
+        &self,
+        caller: Caller,
+        id: Uuid,
+        data: S,
+        attendance: Attendance,
+    ) -> Result<Image>
     where
         S: Stream<Item = Result<Bytes>> + Send + Unpin,
     {
@@ -552,7 +643,7 @@ impl Images {
             (image, limits, used)
         };
         tracing::info!(image = %id, owner = %image.owner, "upload started");
-        let outcome = match self.receive(&image, limits, used, data).await {
+        let outcome = match self.receive(&image, limits, used, data, &attendance).await {
             Ok(written) => self.complete(&image, limits, written).await,
             Err(f) => Err(f),
         };
@@ -584,6 +675,7 @@ impl Images {
         limits: Limits,
         used: u64,
         mut data: S,
+        attendance: &Attendance,
     ) -> Result<Written, Failed>
     where
         S: Stream<Item = Result<Bytes>> + Send + Unpin,
@@ -612,7 +704,9 @@ impl Images {
             }
             hex::encode(hasher.finalize())
         });
-        let result = self.pump(image, limits, used, &mut data, wtx, htx).await;
+        let result = self
+            .pump(image, (limits, used), &mut data, attendance, wtx, htx)
+            .await;
         // The senders are gone (pump took them): the store threads finish.
         let sha256 = hasher.await.map_err(join_err)?;
         let written = writer
@@ -637,9 +731,9 @@ impl Images {
     async fn pump<S>(
         &self,
         image: &Image,
-        limits: Limits,
-        used: u64,
+        (limits, used): (Limits, u64),
         data: &mut S,
+        attendance: &Attendance,
         to_store: mpsc::Sender<Bytes>,
         to_hasher: mpsc::Sender<Bytes>,
     ) -> Result<(), Failed>
@@ -655,11 +749,18 @@ impl Images {
         };
         let mut received = 0u64;
         loop {
-            let next = tokio::time::timeout(idle, data.next())
-                .await
-                .map_err(|_| Error::Aborted(format!("no upload data for {} s", idle.as_secs())))?;
+            let next = tokio::select! {
+                biased;
+                next = tokio::time::timeout(idle, data.next()) => next.map_err(|_| {
+                    Error::Aborted(format!("no upload data for {} s", idle.as_secs()))
+                })?,
+                () = attendance.gone() => return Err(Failed::Requeue(stream_failed())),
+            };
             let chunk = match next {
-                None => break,
+                // Only a clean end of the request's stream ends the data;
+                // any other end leaves the image queued.
+                None if attendance.confirm().await => break,
+                None => return Err(Failed::Requeue(stream_failed())),
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => return Err(Failed::Requeue(e)),
             };
