@@ -6,29 +6,35 @@ pub const MAX_NAME: usize = 200;
 pub const DLQ_SUFFIX: &str = ".dlq";
 
 /// Checks a topic or group name: 1 to 200 of `[A-Za-z0-9._-]`, starting
-/// with a letter or digit, without `..` and not ending in `.`.
-pub fn check_name(what: &str, s: &str) -> Result<(), String> {
+/// with a letter or digit, without `..` and not ending in `.`. The error is
+/// the reason alone (`must not be empty`), for the caller to name the field.
+pub fn check(s: &str) -> Result<(), String> {
     if s.is_empty() {
-        return Err(format!("{what} must not be empty"));
+        return Err("must not be empty".into());
     }
     if s.len() > MAX_NAME {
-        return Err(format!("{what} is longer than {MAX_NAME} characters"));
+        return Err(format!("is longer than {MAX_NAME} characters"));
     }
     if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!("{what} must start with a letter or a digit"));
+        return Err("must start with a letter or a digit".into());
     }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "{what} may hold only letters, digits, '.', '_' and '-', not {c:?}"
+            "may hold only letters, digits, '.', '_' and '-', not {c:?}"
         ));
     }
     if s.contains("..") || s.ends_with('.') {
-        return Err(format!("{what} must not contain '..' or end with '.'"));
+        return Err("must not contain '..' or end with '.'".into());
     }
     Ok(())
+}
+
+/// [`check`], with the reason prefixed by `what` (`topic must not be empty`).
+pub fn check_name(what: &str, s: &str) -> Result<(), String> {
+    check(s).map_err(|reason| format!("{what} {reason}"))
 }
 
 /// Whether `topic` is a dead-letter topic (`<topic>.dlq`).
@@ -47,6 +53,7 @@ pub fn compute_topic(host: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -68,6 +75,10 @@ mod tests {
         ] {
             assert!(check_name("topic", bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            check_name("topic", "a..b").unwrap_err(),
+            "topic must not contain '..' or end with '.'"
+        );
     }
 
     #[test]

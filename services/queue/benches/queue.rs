@@ -98,16 +98,19 @@ impl Cirrus {
             .expect("a Postgres at 127.0.0.1:5432");
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("queue.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-                 database_url = \"{}\"\ndb_pool_size = 16\n\
-                 trust_direct_callers = true\n",
-                db.url
-            ),
-        )
-        .unwrap();
+        let config = queue::Config {
+            server: runtime::config::ServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            },
+            database: runtime::config::DatabaseConfig {
+                url: db.url.clone(),
+                ..queue::Config::default().database
+            },
+            trust_direct_callers: true,
+            ..Default::default()
+        };
+        std::fs::write(&cfg, toml::to_string(&config).unwrap()).unwrap();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue"))
             .args(["--config", cfg.to_str().unwrap(), "serve"])
             .env("RUST_LOG", "warn")

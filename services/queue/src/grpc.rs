@@ -1,5 +1,7 @@
-//! The gRPC adapter: validates every field of every request, turns wire
-//! types into domain types, calls [`Queue`], and maps the answers back.
+//! The gRPC adapter, the only place that knows tonic: validates every field
+//! of every request into a typed value (`TryFrom` the wire message, into the
+//! types of [`crate::model`]), calls [`Queue`], and maps the answers back.
+//! Errors reach the wire through runtime's one `From<Error> for Status`.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -8,20 +10,19 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use proto::queue::v1 as pb;
 use runtime::caller::Caller;
+use runtime::error::Error;
+use runtime::types::short;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::error::Error;
 use crate::model::*;
 use crate::policy::Principal;
 use crate::service::Queue;
 
 type R<T> = Result<Response<T>, Status>;
 
-/// Most messages in one Publish.
-pub const MAX_BATCH: usize = 1000;
 /// Most headers on one message, and their size.
 const MAX_HEADERS: usize = 64;
 const MAX_HEADER_BYTES: usize = 8192;
@@ -30,6 +31,7 @@ const MAX_CREDITS: u32 = 10_000;
 const MIN_LEASE_MS: u32 = 100;
 const MAX_LEASE_MS: u32 = 3_600_000;
 const MAX_DELAY_MS: u32 = 86_400_000;
+const MAX_SECS: u64 = 365 * 86_400;
 /// How long a new stream may take to send its `open`.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,60 +41,92 @@ pub struct Api {
     pub closed: watch::Receiver<bool>,
 }
 
-fn invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg.into())
+fn who<T>(q: &Queue, req: &Request<T>) -> Result<Principal, Error> {
+    q.principal(&Caller::from_metadata(req.metadata()))
 }
 
-fn name(what: &str, s: &str) -> Result<String, Status> {
-    check_name(what, s).map_err(invalid)?;
-    Ok(s.to_string())
-}
-
-fn who<T>(q: &Queue, req: &Request<T>) -> Result<Principal, Status> {
-    Ok(q.principal(&Caller::from_metadata(req.metadata()))?)
-}
-
-fn message(q: &Queue, i: usize, m: pb::Message) -> Result<NewMessage, Status> {
-    let max = q.config().max_payload_bytes;
-    if m.payload.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "message {i}: payload of {} bytes is over the limit of {max} bytes",
-            m.payload.len()
-        )));
-    }
+/// One message of a publish, `i` its place in the batch.
+fn message(i: usize, m: pb::Message) -> Result<NewMessage, Error> {
     if m.headers.len() > MAX_HEADERS {
-        return Err(invalid(format!(
-            "message {i}: more than {MAX_HEADERS} headers"
-        )));
+        return Err(Error::invalid(
+            "messages",
+            format!("[{i}] has more than {MAX_HEADERS} headers"),
+        ));
     }
     let header_bytes: usize = m.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     if header_bytes > MAX_HEADER_BYTES {
-        return Err(Status::resource_exhausted(format!(
-            "message {i}: headers over {MAX_HEADER_BYTES} bytes"
+        return Err(Error::exhausted(format!(
+            "messages: [{i}] has headers over {MAX_HEADER_BYTES} bytes"
         )));
     }
     if m.headers.keys().any(|k| k.is_empty()) {
-        return Err(invalid(format!("message {i}: empty header name")));
+        return Err(Error::invalid(
+            "messages",
+            format!("[{i}] has an empty header name"),
+        ));
     }
-    let short = |field: &str, s: Option<String>| -> Result<Option<String>, Status> {
+    let short_text = |field: &str, s: Option<String>| -> Result<Option<String>, Error> {
+        let bad = |why: &str| Error::invalid("messages", format!("[{i}].{field} {why}"));
         match s {
             None => Ok(None),
-            Some(s) if s.is_empty() => Err(invalid(format!("message {i}: empty {field}"))),
-            Some(s) if s.len() > MAX_KEY => Err(invalid(format!(
-                "message {i}: {field} longer than {MAX_KEY} bytes"
-            ))),
-            Some(s) if s.chars().any(char::is_control) => Err(invalid(format!(
-                "message {i}: {field} contains control characters"
-            ))),
+            Some(s) if s.is_empty() => Err(bad("must not be empty")),
+            Some(s) if s.len() > MAX_KEY => Err(bad(&format!("is longer than {MAX_KEY} bytes"))),
+            Some(s) if s.chars().any(char::is_control) => Err(bad("contains control characters")),
             Some(s) => Ok(Some(s)),
         }
     };
     Ok(NewMessage {
         payload: m.payload,
         headers: m.headers.into_iter().collect::<BTreeMap<_, _>>(),
-        key: short("key", m.key)?,
-        idempotency_id: short("idempotency_id", m.idempotency_id)?,
+        key: short_text("key", m.key)?,
+        idempotency_id: short_text("idempotency_id", m.idempotency_id)?,
     })
+}
+
+impl TryFrom<pb::PublishRequest> for Publish {
+    type Error = Error;
+    fn try_from(r: pb::PublishRequest) -> Result<Self, Error> {
+        let topic = QueueName::parse("topic", &r.topic)?;
+        if r.messages.is_empty() {
+            return Err(Error::invalid("messages", "must not be empty"));
+        }
+        if r.messages.len() > MAX_BATCH {
+            return Err(Error::exhausted(format!(
+                "more than {MAX_BATCH} messages in one publish"
+            )));
+        }
+        let messages = r
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| message(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Publish { topic, messages })
+    }
+}
+
+impl TryFrom<pb::CreateTopicRequest> for CreateTopic {
+    type Error = Error;
+    fn try_from(r: pb::CreateTopicRequest) -> Result<Self, Error> {
+        let name = QueueName::parse("name", &r.name)?;
+        let s = r.settings.unwrap_or_default();
+        if s.retention_secs > MAX_SECS {
+            return Err(Error::invalid("retention_secs", "must be at most a year"));
+        }
+        if s.ttl_secs > MAX_SECS {
+            return Err(Error::invalid("ttl_secs", "must be at most a year"));
+        }
+        if s.max_attempts > 1000 {
+            return Err(Error::invalid("max_attempts", "must be at most 1000"));
+        }
+        let nonzero = |v: u64| (v > 0).then(|| Duration::from_secs(v));
+        Ok(CreateTopic {
+            name,
+            retention: nonzero(s.retention_secs),
+            ttl: nonzero(s.ttl_secs),
+            max_attempts: (s.max_attempts > 0).then_some(s.max_attempts),
+        })
+    }
 }
 
 fn ms(t: time::OffsetDateTime) -> i64 {
@@ -112,89 +146,90 @@ fn topic_pb(t: Topic) -> pb::Topic {
     }
 }
 
-fn ids(list: Vec<String>) -> Result<Vec<Uuid>, Status> {
+fn ids(list: Vec<String>) -> Result<Vec<Uuid>, Error> {
     if list.is_empty() {
-        return Err(invalid("delivery_ids must not be empty"));
+        return Err(Error::invalid("delivery_ids", "must not be empty"));
     }
     if list.len() > MAX_CREDITS as usize {
-        return Err(invalid("too many delivery_ids in one message"));
+        return Err(Error::invalid(
+            "delivery_ids",
+            format!("must hold at most {MAX_CREDITS} ids"),
+        ));
     }
     list.iter()
         .map(|s| {
             Uuid::parse_str(s).map_err(|_| {
-                invalid(format!(
-                    "delivery id {:?} is malformed",
-                    s.chars().take(40).collect::<String>()
-                ))
+                Error::invalid("delivery_ids", format!("{:?} is not a valid id", short(s)))
             })
         })
         .collect()
 }
 
-fn client_msg(r: pb::SubscribeRequest) -> Result<ClientMsg, Status> {
-    use pb::subscribe_request::Request as Q;
-    match r.request {
-        None => Err(invalid("empty subscribe request")),
-        Some(Q::Open(_)) => Err(invalid("the stream is already open")),
-        Some(Q::Ack(a)) => Ok(ClientMsg::Ack(ids(a.delivery_ids)?)),
-        Some(Q::Nack(n)) => {
-            if n.requeue_delay_ms > MAX_DELAY_MS {
-                return Err(invalid(format!(
-                    "requeue_delay_ms must be at most {MAX_DELAY_MS}"
-                )));
+fn lease_ms(field: &'static str, ms: u32) -> Result<Duration, Error> {
+    if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&ms) {
+        return Err(Error::invalid(
+            field,
+            format!("must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"),
+        ));
+    }
+    Ok(Duration::from_millis(ms.into()))
+}
+
+fn credits(n: u32) -> Result<u32, Error> {
+    if n == 0 || n > MAX_CREDITS {
+        return Err(Error::invalid(
+            "credits",
+            format!("must be between 1 and {MAX_CREDITS}"),
+        ));
+    }
+    Ok(n)
+}
+
+impl TryFrom<pb::SubscribeRequest> for ClientMsg {
+    type Error = Error;
+    fn try_from(r: pb::SubscribeRequest) -> Result<Self, Error> {
+        use pb::subscribe_request::Request as Q;
+        match r.request {
+            None => Err(Error::invalid("request", "must not be empty")),
+            Some(Q::Open(_)) => Err(Error::invalid("open", "the stream is already open")),
+            Some(Q::Ack(a)) => Ok(ClientMsg::Ack(ids(a.delivery_ids)?)),
+            Some(Q::Nack(n)) => {
+                if n.requeue_delay_ms > MAX_DELAY_MS {
+                    return Err(Error::invalid(
+                        "requeue_delay_ms",
+                        format!("must be at most {MAX_DELAY_MS}"),
+                    ));
+                }
+                Ok(ClientMsg::Nack(
+                    ids(n.delivery_ids)?,
+                    Duration::from_millis(n.requeue_delay_ms.into()),
+                ))
             }
-            Ok(ClientMsg::Nack(
-                ids(n.delivery_ids)?,
-                Duration::from_millis(n.requeue_delay_ms.into()),
-            ))
-        }
-        Some(Q::Extend(x)) => {
-            if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&x.lease_ms) {
-                return Err(invalid(format!(
-                    "lease_ms must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"
-                )));
-            }
-            Ok(ClientMsg::Extend(
+            Some(Q::Extend(x)) => Ok(ClientMsg::Extend(
                 ids(x.delivery_ids)?,
-                Duration::from_millis(x.lease_ms.into()),
-            ))
-        }
-        Some(Q::Credit(c)) => {
-            if c.credits == 0 || c.credits > MAX_CREDITS {
-                return Err(invalid(format!(
-                    "credits must be between 1 and {MAX_CREDITS}"
-                )));
-            }
-            Ok(ClientMsg::Credit(c.credits))
+                lease_ms("lease_ms", x.lease_ms)?,
+            )),
+            Some(Q::Credit(c)) => Ok(ClientMsg::Credit(credits(c.credits)?)),
         }
     }
 }
 
-fn open_msg(o: pb::Open) -> Result<Open, Status> {
-    let topic = name("topic", &o.topic)?;
-    let group = name("group", &o.group)?;
-    if o.credits == 0 || o.credits > MAX_CREDITS {
-        return Err(invalid(format!(
-            "credits must be between 1 and {MAX_CREDITS}"
-        )));
+impl TryFrom<pb::Open> for Open {
+    type Error = Error;
+    fn try_from(o: pb::Open) -> Result<Self, Error> {
+        let start = match pb::StartPosition::try_from(o.start) {
+            Ok(pb::StartPosition::Earliest) => Start::Earliest,
+            Ok(pb::StartPosition::Latest) => Start::Latest,
+            Err(_) => return Err(Error::invalid("start", "is not a known start position")),
+        };
+        Ok(Open {
+            topic: QueueName::parse("topic", &o.topic)?,
+            group: QueueName::parse("group", &o.group)?,
+            credits: credits(o.credits)?,
+            lease: lease_ms("lease_ms", o.lease_ms)?,
+            start,
+        })
     }
-    if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&o.lease_ms) {
-        return Err(invalid(format!(
-            "lease_ms must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"
-        )));
-    }
-    let start = match pb::StartPosition::try_from(o.start) {
-        Ok(pb::StartPosition::Earliest) => Start::Earliest,
-        Ok(pb::StartPosition::Latest) => Start::Latest,
-        Err(_) => return Err(invalid("unknown start position")),
-    };
-    Ok(Open {
-        topic,
-        group,
-        credits: o.credits,
-        lease: Duration::from_millis(o.lease_ms.into()),
-        start,
-    })
 }
 
 fn server_msg(m: ServerMsg) -> pb::SubscribeResponse {
@@ -245,23 +280,8 @@ fn server_msg(m: ServerMsg) -> pb::SubscribeResponse {
 impl pb::queue_server::Queue for Api {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> R<pb::PublishResponse> {
         let who = who(&self.queue, &req)?;
-        let r = req.into_inner();
-        let topic = name("topic", &r.topic)?;
-        if r.messages.is_empty() {
-            return Err(invalid("messages must not be empty"));
-        }
-        if r.messages.len() > MAX_BATCH {
-            return Err(Status::resource_exhausted(format!(
-                "more than {MAX_BATCH} messages in one publish"
-            )));
-        }
-        let messages = r
-            .messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| message(&self.queue, i, m))
-            .collect::<Result<Vec<_>, _>>()?;
-        let published = self.queue.publish(&who, &topic, messages).await?;
+        let publish = Publish::try_from(req.into_inner())?;
+        let published = self.queue.publish(&who, publish).await?;
         Ok(Response::new(pb::PublishResponse {
             messages: published
                 .into_iter()
@@ -284,17 +304,20 @@ impl pb::queue_server::Queue for Api {
         let mut input = req.into_inner();
         let first = tokio::time::timeout(OPEN_TIMEOUT, input.message())
             .await
-            .map_err(|_| invalid("the stream must start with open within 10 s"))??;
+            .map_err(|_| Error::invalid("open", "the stream must start with open within 10 s"))??;
         let open = match first.and_then(|f| f.request) {
-            Some(pb::subscribe_request::Request::Open(o)) => open_msg(o)?,
-            _ => return Err(invalid("the stream must start with open")),
+            Some(pb::subscribe_request::Request::Open(o)) => Open::try_from(o)?,
+            _ => return Err(Error::invalid("open", "the stream must start with open").into()),
         };
         let session = self.queue.open(&who, open).await?;
-        let (tx, rx) = mpsc::channel::<crate::error::Result<ServerMsg>>(64);
+        let (tx, rx) = mpsc::channel::<runtime::error::Result<ServerMsg>>(64);
         let input = input.map(|m| match m {
-            Ok(m) => client_msg(m).map_err(|s| Error::InvalidArgument(s.message().to_string())),
+            Ok(m) => ClientMsg::try_from(m),
             // The client went away or broke the stream: nothing to answer.
-            Err(s) => Err(Error::Unavailable(s.message().to_string())),
+            Err(s) => Err(Error::aborted(format!(
+                "the consumer's stream broke: {}",
+                s.code()
+            ))),
         });
         tokio::spawn(session.run(Box::pin(input), tx, self.closed.clone()));
         let out = ReceiverStream::new(rx).map(|m| m.map(server_msg).map_err(Status::from));
@@ -306,29 +329,8 @@ impl pb::queue_server::Queue for Api {
 impl pb::topics_server::Topics for Api {
     async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> R<pb::Topic> {
         let who = who(&self.queue, &req)?;
-        let r = req.into_inner();
-        let topic = name("name", &r.name)?;
-        let s = r.settings.unwrap_or_default();
-        if s.retention_secs > 365 * 86_400 {
-            return Err(invalid("retention_secs must be at most a year"));
-        }
-        if s.ttl_secs > 365 * 86_400 {
-            return Err(invalid("ttl_secs must be at most a year"));
-        }
-        if s.max_attempts > 1000 {
-            return Err(invalid("max_attempts must be at most 1000"));
-        }
-        let nonzero = |v: u64| (v > 0).then(|| Duration::from_secs(v));
-        let t = self
-            .queue
-            .create_topic(
-                &who,
-                &topic,
-                nonzero(s.retention_secs),
-                nonzero(s.ttl_secs),
-                (s.max_attempts > 0).then_some(s.max_attempts),
-            )
-            .await?;
+        let create = CreateTopic::try_from(req.into_inner())?;
+        let t = self.queue.create_topic(&who, create).await?;
         Ok(Response::new(topic_pb(t)))
     }
 
@@ -337,7 +339,7 @@ impl pb::topics_server::Topics for Api {
         req: Request<pb::DeleteTopicRequest>,
     ) -> R<pb::DeleteTopicResponse> {
         let who = who(&self.queue, &req)?;
-        let topic = name("name", &req.get_ref().name)?;
+        let topic = QueueName::parse("name", &req.get_ref().name)?;
         self.queue.delete_topic(&who, &topic).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
@@ -352,7 +354,7 @@ impl pb::topics_server::Topics for Api {
 
     async fn get_topic_stats(&self, req: Request<pb::GetTopicStatsRequest>) -> R<pb::TopicStats> {
         let who = who(&self.queue, &req)?;
-        let topic = name("name", &req.get_ref().name)?;
+        let topic = QueueName::parse("name", &req.get_ref().name)?;
         let s = self.queue.stats(&who, &topic).await?;
         let sum = |f: fn(&GroupStats) -> u64| s.groups.iter().map(f).sum::<u64>();
         Ok(Response::new(pb::TopicStats {

@@ -16,7 +16,6 @@
 //!
 //! [`run`] serves it all on a listener until shutdown.
 
-pub mod error;
 pub mod grpc;
 pub mod model;
 pub mod policy;
@@ -25,9 +24,10 @@ pub mod service;
 pub mod wake;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::pin::Pin;
 
 use proto::queue::v1 as pb;
+use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -41,18 +41,15 @@ pub mod migrations {
     pub use self::migrations::runner;
 }
 
-/// The queue service's configuration (see `runtime::config` for how it loads).
+/// The queue service's configuration (see `runtime::config` for how it loads):
+/// the shared `[server]` and `[database]` tables, then the queue's own keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the gRPC API listens.
-    pub listen: SocketAddr,
-    /// Where Prometheus `/metrics` is served; none to serve no metrics.
-    pub metrics_listen: Option<SocketAddr>,
-    /// A Postgres URL; the service works in `schema` only.
-    pub database_url: String,
-    pub schema: String,
-    pub db_pool_size: usize,
+    /// `[server]`: where the gRPC API and `/metrics` listen.
+    pub server: ServerConfig,
+    /// `[database]`: the Postgres URL, the schema (`queue`) and the pool size.
+    pub database: DatabaseConfig,
     /// The largest payload accepted, in bytes.
     pub max_payload_bytes: usize,
     /// How long an idempotency id is remembered.
@@ -64,7 +61,8 @@ pub struct Config {
     pub committers: usize,
     pub commit_batch_messages: usize,
     /// A consumer looks for work at least this often (nack delays, ended
-    /// leases, missed notifications).
+    /// leases, missed notifications). A consumer whose lease ended unsettled
+    /// may take that message back only after twice this (the others first).
     pub poll_interval_ms: u64,
     /// How often TTL, retention and the dedupe window are enforced.
     pub sweep_interval_secs: u64,
@@ -79,12 +77,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let (port, metrics) = ports::QUEUE;
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9160))),
-            database_url: "postgres://postgres@127.0.0.1:5432/cirrus".into(),
-            schema: "queue".into(),
-            db_pool_size: 16,
+            server: ServerConfig::loopback(port, metrics),
+            database: DatabaseConfig::local("queue"),
             max_payload_bytes: 1024 * 1024,
             dedupe_window_secs: 600,
             default_retention_secs: 86_400,
@@ -100,21 +96,25 @@ impl Default for Config {
     }
 }
 
-impl Config {
-    /// Checks what serde cannot, before anything binds or connects.
-    pub fn validate(&self) -> Result<(), runtime::config::ConfigError> {
-        let bad = |m: &str| Err(runtime::config::ConfigError(m.to_string()));
-        if self.database_url.is_empty() {
-            return bad("database_url is required");
-        }
-        if self.db_pool_size < 2 {
-            return bad("db_pool_size must be at least 2");
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "queue";
+    const ABOUT: &'static str = "Cirrus queue service (RabbitMQ + oslo.messaging)";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_string()));
+        self.database.validate()?;
+        if self.database.pool_size < 2 {
+            return bad("database.pool_size must be at least 2");
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > 16 * 1024 * 1024 {
             return bad("max_payload_bytes must be between 1 and 16777216");
         }
-        if self.committers == 0 || self.committers >= self.db_pool_size {
-            return bad("committers must be at least 1 and below db_pool_size");
+        if self.committers == 0 || self.committers >= self.database.pool_size {
+            return bad("committers must be at least 1 and below database.pool_size");
         }
         if self.commit_batch_messages == 0 || self.commit_batch_messages > 10_000 {
             return bad("commit_batch_messages must be between 1 and 10000");
@@ -136,6 +136,16 @@ impl Config {
         }
         Ok(())
     }
+
+    async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> anyhow::Result<()> {
+        // One plain line on stdout, for scripts and tests that bind port 0.
+        println!("queue listening on {}", listener.local_addr()?);
+        run(self, listener, shutdown).await
+    }
 }
 
 /// Every gRPC service name this server reports in `grpc.health.v1`.
@@ -147,7 +157,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    config.validate()?;
+    runtime::process::Service::validate(&config)?;
     let queue = Queue::start(config).await?;
     serve(queue, listener, shutdown).await
 }
@@ -178,4 +188,53 @@ pub async fn serve(
     runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("queue stopped");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use runtime::process::Service;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.toml");
+        std::fs::write(&path, text).unwrap();
+        runtime::config::load::<Config>(Some(&path)).and_then(|c| c.validate().map(|()| c))
+    }
+
+    #[test]
+    fn config_nests_server_and_database_and_refuses_the_old_keys() {
+        let c = Config::default();
+        assert_eq!(c.server.listen.port(), ports::QUEUE.0);
+        assert_ne!(
+            ports::QUEUE,
+            ports::IMAGE,
+            "queue and image must not collide"
+        );
+        assert_eq!(c.database.schema, "queue");
+
+        let c = load(
+            "committers = 2\n[server]\nlisten = \"127.0.0.1:0\"\n\
+             [database]\nurl = \"postgres://q@127.0.0.1:5432/other\"\npool_size = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.database.url, "postgres://q@127.0.0.1:5432/other");
+        assert_eq!((c.database.pool_size, c.committers), (4, 2));
+        assert_eq!(
+            c.server.metrics_listen,
+            Config::default().server.metrics_listen
+        );
+
+        // The keys that moved are refused by name, in one line.
+        let e = load("database_url = \"postgres://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("database_url") && !e.contains('\n'), "{e}");
+        let e = load("[database]\npool_size = 4\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid configuration: committers must be at least 1 and below database.pool_size"
+        );
+    }
 }

@@ -6,7 +6,60 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub use queue_client::names::{DLQ_SUFFIX, MAX_NAME, check_name, is_dead_letter};
+use runtime::error::Error;
+
+pub use queue_client::names::{DLQ_SUFFIX, MAX_NAME, is_dead_letter};
+
+/// A topic or group name, checked by the queue's rule
+/// ([`queue_client::names::check`]: the client checks the same way). Topic
+/// names are never looked up by id, so unlike `runtime::types::Name` they
+/// may take any shape the rule allows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(String);
+
+impl QueueName {
+    pub fn parse(field: &'static str, s: &str) -> Result<Self, Error> {
+        queue_client::names::check(s).map_err(|reason| Error::invalid(field, reason))?;
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for QueueName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated `CreateTopic`: unset settings take the configured defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateTopic {
+    pub name: QueueName,
+    pub retention: Option<Duration>,
+    pub ttl: Option<Duration>,
+    pub max_attempts: Option<u32>,
+}
+
+/// A validated `Publish`: 1 to [`MAX_BATCH`] well-formed messages. The
+/// payload limit is the service's configuration, checked by the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: QueueName,
+    pub messages: Vec<NewMessage>,
+}
+
+/// Most messages in one Publish.
+pub const MAX_BATCH: usize = 1000;
 
 /// A topic as the service knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +105,8 @@ pub enum Start {
 /// What a consumer asks for when it opens its stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
-    pub topic: String,
-    pub group: String,
+    pub topic: QueueName,
+    pub group: QueueName,
     pub credits: u32,
     pub lease: Duration,
     pub start: Start,

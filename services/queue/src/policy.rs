@@ -13,8 +13,8 @@
 
 use runtime::caller::Caller;
 
-use crate::error::{Error, Result};
 use crate::model::DLQ_SUFFIX;
+use runtime::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -85,8 +85,8 @@ pub fn principal(c: &Caller, trust_domain: &str, trust_direct: bool) -> Result<P
         return if trust_direct {
             Ok(Principal::Admin)
         } else {
-            Err(Error::Unauthenticated(
-                "no verified caller: call the queue through its sidecar".into(),
+            Err(Error::unauthenticated(
+                "no verified caller: call the queue through its sidecar",
             ))
         };
     };
@@ -118,7 +118,7 @@ fn denied(action: Action, topic: &str) -> Error {
         Action::Delete => "delete",
         Action::Read => "read",
     };
-    Error::PermissionDenied(format!("the caller may not {verb} topic {topic:?}"))
+    Error::forbidden(format!("the caller may not {verb} topic {topic:?}"))
 }
 
 /// Matches `topic` against a pattern; returns the `{host}` capture if any.

@@ -1,6 +1,8 @@
 //! Every SQL statement of the queue, parameterised and prepared once per
-//! connection. Publishing, claiming, settling and dead-lettering each run
-//! in one transaction.
+//! connection, each function over `&impl GenericClient` (a pooled client or
+//! a transaction: the caller decides). Publishing, claiming, settling and
+//! dead-lettering each run in one transaction; the ones documented "inside
+//! the caller's transaction" must be given one.
 //!
 //! Fan-out: a message row is stored once; each group of its topic gets a
 //! delivery row. A publish holds a shared advisory lock on its topics and a
@@ -11,13 +13,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use deadpool_postgres::{GenericClient, Transaction};
+use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::error::{Error, Result, constraint};
 use crate::model::*;
+use runtime::error::{Error, Result, constraint};
+use tokio_postgres::error::SqlState;
 
 /// The first key of the queue's advisory locks (the second is a topic id).
 const LOCK_CLASS: i32 = 0x5155; // "QU"
@@ -48,10 +51,20 @@ const TOPIC_COLUMNS: &str = "t.id, t.name, t.retention_secs, t.ttl_secs, t.max_a
      t.dead_letter_id, d.name AS dead_letter_name, t.created_at \
      FROM topics t LEFT JOIN topics d ON d.id = t.dead_letter_id";
 
+/// A foreign key to `topics` that no longer holds: the topic was deleted
+/// while we wrote. The caller names the topic.
+fn topic_gone(e: tokio_postgres::Error) -> Error {
+    if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
+        Error::not_found("topic", "(deleted)")
+    } else {
+        e.into()
+    }
+}
+
 // ------------------------------------------------------------------- topics
 
 /// Creates a topic and its dead-letter topic `<name>.dlq`.
-pub async fn create_topic(tx: &Transaction<'_>, name: &str, s: &TopicSettings) -> Result<Topic> {
+pub async fn create_topic(tx: &impl GenericClient, name: &str, s: &TopicSettings) -> Result<Topic> {
     let ttl = s.ttl.map_or(0, |t| t.as_secs() as i64);
     let retention = s.retention.as_secs() as i64;
     let dlq_name = format!("{name}{DLQ_SUFFIX}");
@@ -62,7 +75,7 @@ pub async fn create_topic(tx: &Transaction<'_>, name: &str, s: &TopicSettings) -
             &[&dlq_name, &retention],
         )
         .await
-        .map_err(|e| constraint(e, &format!("topic {name:?}")))?
+        .map_err(|e| constraint(e, "topic", &format!("{name:?}")))?
         .get(0);
     tx.execute(
         "INSERT INTO topics (name, retention_secs, ttl_secs, max_attempts, dead_letter_id) \
@@ -70,10 +83,10 @@ pub async fn create_topic(tx: &Transaction<'_>, name: &str, s: &TopicSettings) -
         &[&name, &retention, &ttl, &(s.max_attempts as i32), &dlq],
     )
     .await
-    .map_err(|e| constraint(e, &format!("topic {name:?}")))?;
+    .map_err(|e| constraint(e, "topic", &format!("{name:?}")))?;
     get_topic(tx, name)
         .await?
-        .ok_or_else(|| Error::Internal("created topic vanished".into()))
+        .ok_or_else(|| Error::internal("created topic vanished"))
 }
 
 pub async fn get_topic(c: &impl GenericClient, name: &str) -> Result<Option<Topic>> {
@@ -91,7 +104,7 @@ pub async fn list_topics(c: &impl GenericClient) -> Result<Vec<Topic>> {
 }
 
 /// Deletes a topic with its dead-letter topic, messages, groups and deliveries.
-pub async fn delete_topic(tx: &Transaction<'_>, t: &Topic) -> Result<()> {
+pub async fn delete_topic(tx: &impl GenericClient, t: &Topic) -> Result<()> {
     let ids: Vec<i32> = std::iter::once(t.id).chain(t.dead_letter_id).collect();
     // Exclusive: no publish is half-way through these topics.
     tx.execute(
@@ -116,7 +129,7 @@ pub async fn delete_topic(tx: &Transaction<'_>, t: &Topic) -> Result<()> {
 /// Finds or creates the group; a new group gets a delivery for every retained
 /// message when it starts at the earliest. Returns (group id, created).
 pub async fn open_group(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     topic_id: i32,
     name: &str,
     start: Start,
@@ -143,7 +156,7 @@ pub async fn open_group(
             &[&topic_id, &name],
         )
         .await
-        .map_err(|e| constraint(e, "topic"))?;
+        .map_err(topic_gone)?;
     let Some(row) = row else {
         // Another replica made it first.
         let id = tx
@@ -189,19 +202,19 @@ const INSERT_SQL: &str = "WITH m AS ( \
 
 /// Inserts messages with their deliveries for every group of their topics,
 /// inside the caller's transaction. Call [`notify`] after the commit.
-pub async fn insert_messages(tx: &Transaction<'_>, msgs: &[Insert<'_>]) -> Result<()> {
+pub async fn insert_messages(tx: &impl GenericClient, msgs: &[Insert<'_>]) -> Result<()> {
     let lock = tx.prepare_cached(LOCK_SQL).await?;
     let insert = tx.prepare_cached(INSERT_SQL).await?;
-    insert_pipelined(&**tx, &lock, &insert, msgs, false).await
+    insert_pipelined(tx, &lock, &insert, msgs, false).await
 }
 
 /// Publishes `msgs` in one round trip on a connection outside any
 /// transaction: `BEGIN`, lock, insert, `COMMIT` are pipelined. On error the
 /// transaction is rolled back before returning. Call [`notify`] after.
-pub async fn publish_in_one_trip(c: &deadpool_postgres::Client, msgs: &[Insert<'_>]) -> Result<()> {
+pub async fn publish_in_one_trip(c: &impl GenericClient, msgs: &[Insert<'_>]) -> Result<()> {
     let lock = c.prepare_cached(LOCK_SQL).await?;
     let insert = c.prepare_cached(INSERT_SQL).await?;
-    let r = insert_pipelined(&***c, &lock, &insert, msgs, true).await;
+    let r = insert_pipelined(c, &lock, &insert, msgs, true).await;
     if r.is_err() {
         let _ = c.batch_execute("ROLLBACK").await;
     }
@@ -223,7 +236,7 @@ pub async fn notify(c: &impl GenericClient, topics: &[i32]) -> Result<()> {
 }
 
 async fn insert_pipelined(
-    tx: &impl tokio_postgres::GenericClient,
+    tx: &impl GenericClient,
     lock: &tokio_postgres::Statement,
     insert: &tokio_postgres::Statement,
     msgs: &[Insert<'_>],
@@ -265,7 +278,7 @@ async fn insert_pipelined(
         tx.execute(insert, &insert_params),
         commit,
     )
-    .map_err(|e| constraint(e, "topic"))?;
+    .map_err(topic_gone)?;
     Ok(())
 }
 
@@ -275,7 +288,7 @@ async fn insert_pipelined(
 /// last few, which means a redelivery, which at-least-once allows. Publishes
 /// never go this way.
 async fn relaxed(
-    c: &deadpool_postgres::Client,
+    c: &impl GenericClient,
     st: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<Row>> {
@@ -297,7 +310,7 @@ async fn relaxed(
 /// `window`, the message id stored under it. The others are claimed for the
 /// given new message ids.
 pub async fn dedupe(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     entries: &[(i32, &str, Uuid)],
     window: Duration,
 ) -> Result<HashMap<(i32, String), Uuid>> {
@@ -321,7 +334,7 @@ pub async fn dedupe(
     let claimed: std::collections::HashSet<(i32, String)> = tx
         .query(&claim, &[&topics, &idems, &ids, &millis(window)])
         .await
-        .map_err(|e| constraint(e, "topic"))?
+        .map_err(topic_gone)?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
@@ -376,7 +389,7 @@ pub fn headers_to_json(h: &BTreeMap<String, String>) -> serde_json::Value {
 /// deliveries to send and those past `max_attempts`, which the caller moves
 /// to the dead-letter topic with [`dead_letter`].
 pub async fn claim(
-    c: &deadpool_postgres::Client,
+    c: &impl GenericClient,
     group_id: i32,
     topic: &Topic,
     consumer: Uuid,
@@ -440,7 +453,7 @@ pub async fn claim(
 /// as new messages that say where they came from. Should we crash first,
 /// the lease ends and the next claim finds them past `max_attempts` again.
 pub async fn dead_letter(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     group_id: i32,
     group_name: &str,
     topic: &Topic,
@@ -499,7 +512,7 @@ pub async fn dead_letter(
 /// the plan on the primary key, and is exact because a token names one lease
 /// of one row.
 pub async fn ack(
-    c: &deadpool_postgres::Client,
+    c: &impl GenericClient,
     group_id: i32,
     leases: &[(i64, Uuid)],
 ) -> Result<Vec<i64>> {
@@ -525,7 +538,7 @@ fn split(leases: &[(i64, Uuid)]) -> (Vec<i64>, Vec<Uuid>) {
 
 /// Nacks: ends the leases now; the messages come back after `delay`.
 pub async fn nack(
-    c: &deadpool_postgres::Client,
+    c: &impl GenericClient,
     group_id: i32,
     leases: &[(i64, Uuid)],
     delay: Duration,
@@ -551,7 +564,7 @@ pub async fn nack(
 
 /// Extends current leases to `lease` from now. Returns (seq, new end).
 pub async fn extend(
-    c: &deadpool_postgres::Client,
+    c: &impl GenericClient,
     group_id: i32,
     leases: &[(i64, Uuid)],
     lease: Duration,

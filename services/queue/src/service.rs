@@ -13,11 +13,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::Config;
-use crate::error::{Error, Result};
 use crate::model::*;
 use crate::policy::{self, Action, Principal};
 use crate::repo;
 use crate::wake::Wakers;
+use runtime::error::{Error, Result};
 
 /// How long a topic looked up by name is trusted before it is read again.
 const TOPIC_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -65,11 +65,15 @@ impl Drop for Inner {
 impl Queue {
     /// Connects, migrates, and starts the committers, the listener and the sweeper.
     pub async fn start(config: Config) -> Result<Self> {
-        let pool = runtime::db::pool(&config.database_url, &config.schema, config.db_pool_size)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        runtime::db::migrate(&pool, &config.schema, crate::migrations::runner())
+        let pool = runtime::db::pool(
+            &config.database.url,
+            &config.database.schema,
+            config.database.pool_size,
+        )
+        .map_err(Error::from)?;
+        runtime::db::migrate(&pool, &config.database.schema, crate::migrations::runner())
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(Error::from)?;
         let wakers = Wakers::default();
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (notify_tx, notify_rx) = mpsc::channel(1024);
@@ -98,7 +102,7 @@ impl Queue {
         }
         // The listener connects with the pool's search path set by URL options.
         tasks.push(tokio::spawn(crate::wake::listen(
-            config.database_url.clone(),
+            config.database.url.clone(),
             wakers,
         )));
         tasks.push(tokio::spawn(sweeper(q.inner.pool.clone(), config.clone())));
@@ -133,7 +137,7 @@ impl Queue {
         let client = self.inner.pool.get().await?;
         let t = repo::get_topic(&client, name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+            .ok_or_else(|| Error::not_found("topic", format!("{name:?}")))?;
         let mut cache = self.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= TOPIC_CACHE_MAX {
             cache.clear();
@@ -148,19 +152,20 @@ impl Queue {
         cache.remove(&format!("{name}{DLQ_SUFFIX}"));
     }
 
-    pub async fn create_topic(
-        &self,
-        who: &Principal,
-        name: &str,
-        retention: Option<Duration>,
-        ttl: Option<Duration>,
-        max_attempts: Option<u32>,
-    ) -> Result<Topic> {
+    pub async fn create_topic(&self, who: &Principal, create: CreateTopic) -> Result<Topic> {
+        let CreateTopic {
+            name,
+            retention,
+            ttl,
+            max_attempts,
+        } = create;
+        let name = name.as_str();
         policy::authorize(who, Action::Create, name)?;
         if is_dead_letter(name) {
-            return Err(Error::InvalidArgument(format!(
-                "topic names ending in {DLQ_SUFFIX:?} are reserved for dead-letter topics"
-            )));
+            return Err(Error::invalid(
+                "name",
+                format!("names ending in {DLQ_SUFFIX:?} are reserved for dead-letter topics"),
+            ));
         }
         let c = &self.inner.config;
         let settings = TopicSettings {
@@ -179,15 +184,15 @@ impl Queue {
     pub async fn delete_topic(&self, who: &Principal, name: &str) -> Result<()> {
         policy::authorize(who, Action::Delete, name)?;
         if is_dead_letter(name) {
-            return Err(Error::FailedPrecondition(
-                "a dead-letter topic goes with its topic: delete that one".into(),
+            return Err(Error::precondition(
+                "a dead-letter topic goes with its topic: delete that one",
             ));
         }
         let mut client = self.inner.pool.get().await?;
         let tx = client.transaction().await?;
         let t = repo::get_topic(&tx, name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+            .ok_or_else(|| Error::not_found("topic", format!("{name:?}")))?;
         repo::delete_topic(&tx, &t).await?;
         tx.commit().await?;
         self.forget_topic(name);
@@ -205,7 +210,7 @@ impl Queue {
         let client = self.inner.pool.get().await?;
         let t = repo::get_topic(&client, name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("topic {name:?}")))?;
+            .ok_or_else(|| Error::not_found("topic", format!("{name:?}")))?;
         repo::stats(&client, &t).await
     }
 
@@ -213,16 +218,24 @@ impl Queue {
 
     /// Stores the messages durably (group-committed with concurrent
     /// publishes) and answers only after the commit.
-    pub async fn publish(
-        &self,
-        who: &Principal,
-        topic: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<Published>> {
+    pub async fn publish(&self, who: &Principal, publish: Publish) -> Result<Vec<Published>> {
+        let Publish { topic, messages } = publish;
+        let topic = topic.as_str();
         policy::authorize(who, Action::Publish, topic)?;
+        let max = self.inner.config.max_payload_bytes;
+        if let Some((i, m)) = messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.payload.len() > max)
+        {
+            return Err(Error::exhausted(format!(
+                "messages: [{i}] has a payload of {} bytes, over the limit of {max} bytes",
+                m.payload.len()
+            )));
+        }
         if is_dead_letter(topic) {
-            return Err(Error::PermissionDenied(
-                "only the queue itself publishes to dead-letter topics".into(),
+            return Err(Error::forbidden(
+                "only the queue itself publishes to dead-letter topics",
             ));
         }
         let topic = self.topic(topic).await?;
@@ -236,13 +249,13 @@ impl Queue {
                 reply,
             })
             .await
-            .map_err(|_| Error::Unavailable("the queue is shutting down".into()))?;
+            .map_err(|_| Error::unavailable("the queue is shutting down"))?;
         let result = answer
             .await
-            .map_err(|_| Error::Unavailable("the publish was interrupted".into()))?;
-        if matches!(result, Err(Error::NotFound(_))) {
+            .map_err(|_| Error::unavailable("the publish was interrupted"))?;
+        if matches!(result, Err(Error::NotFound { .. })) {
             self.forget_topic(&name);
-            return Err(Error::NotFound(format!("topic {name:?}")));
+            return Err(Error::not_found("topic", format!("{name:?}")));
         }
         result
     }
@@ -258,16 +271,16 @@ impl Queue {
             .subscriptions
             .clone()
             .try_acquire_owned()
-            .map_err(|_| {
-                Error::ResourceExhausted("too many subscriptions on this replica".into())
-            })?;
+            .map_err(|_| Error::exhausted("too many subscriptions on this replica"))?;
         let topic = self.topic(&open.topic).await?;
         let mut client = self.inner.pool.get().await?;
         let tx = client.transaction().await?;
         let (group_id, created) = repo::open_group(&tx, topic.id, &open.group, open.start)
             .await
             .map_err(|e| match e {
-                Error::NotFound(_) => Error::NotFound(format!("topic {:?}", open.topic)),
+                Error::NotFound { .. } => {
+                    Error::not_found("topic", format!("{:?}", open.topic.as_str()))
+                }
                 e => e,
             })?;
         tx.commit().await?;
@@ -276,7 +289,7 @@ impl Queue {
             id: Uuid::new_v4(),
             queue: self.clone(),
             topic,
-            group: open.group,
+            group: open.group.as_str().to_string(),
             group_id,
             created,
             window: open.credits,
@@ -391,9 +404,13 @@ async fn notifier(pool: Pool, mut rx: mpsc::Receiver<Vec<i32>>) {
 
 fn clone_error(e: &Error) -> Error {
     match e {
-        Error::NotFound(m) => Error::NotFound(m.clone()),
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        e => Error::Internal(e.to_string()),
+        Error::NotFound { kind, key } => Error::not_found(kind, key),
+        Error::Unavailable { internal } => Error::unavailable(internal.clone()),
+        e => Error::internal(
+            e.internal_detail()
+                .unwrap_or("a batch commit failed")
+                .to_string(),
+        ),
     }
 }
 
@@ -642,7 +659,7 @@ impl Session {
                     }
                 }
                 () = wait_closed(&mut closed) => {
-                    let _ = out.send(Err(Error::Unavailable("the queue replica is shutting down".into()))).await;
+                    let _ = out.send(Err(Error::unavailable("the queue replica is shutting down"))).await;
                     alive = false;
                 }
             }

@@ -10,42 +10,56 @@ use std::time::Duration;
 use common::*;
 use pb::subscribe_request::Request as Q;
 use proto::queue::v1 as pb;
+use runtime::testing::{assert_status, wait_for};
 use tonic::Code;
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_stores_nothing() {
     let s = Server::start().await;
     s.create_topic("orders", 0).await;
-    for bad in ["", "a b", "x..y", ".x", "ü"] {
-        assert_code(
+    for (bad, why) in [
+        ("", "must not be empty"),
+        (
+            "a b",
+            "may hold only letters, digits, '.', '_' and '-', not ' '",
+        ),
+        ("x..y", "must not contain '..' or end with '.'"),
+        (".x", "must start with a letter or a digit"),
+        ("ü", "must start with a letter or a digit"),
+    ] {
+        assert_status(
             publish(&s.channel, bad, vec![msg("p")]).await,
             Code::InvalidArgument,
+            &format!("topic: {why}"),
         );
     }
-    assert_code(
+    assert_status(
         publish(&s.channel, "orders", vec![]).await,
         Code::InvalidArgument,
+        "messages: must not be empty",
     );
     let big = pb::Message {
         payload: vec![0; 1024 * 1024 + 1],
         ..Default::default()
     };
-    let st = assert_code(
+    assert_status(
         publish(&s.channel, "orders", vec![msg("ok"), big]).await,
         Code::ResourceExhausted,
+        "messages: [1] has a payload of 1048577 bytes, over the limit of 1048576 bytes",
     );
-    assert!(st.message().contains("payload"), "{st:?}");
     let empty_key = pb::Message {
         key: Some(String::new()),
         ..msg("k")
     };
-    assert_code(
+    assert_status(
         publish(&s.channel, "orders", vec![empty_key]).await,
         Code::InvalidArgument,
+        "messages: [0].key must not be empty",
     );
-    assert_code(
+    assert_status(
         publish(&s.channel, "nope", vec![msg("p")]).await,
         Code::NotFound,
+        r#"topic "nope" not found"#,
     );
     // Nothing of the refused batches was stored.
     assert_eq!(s.stats("orders").await.messages, 0);
@@ -58,55 +72,101 @@ async fn bad_input_gets_clear_errors_and_stores_nothing() {
             settings: None,
         })
         .await;
-    assert_code(dup, Code::AlreadyExists);
+    assert_status(dup, Code::AlreadyExists, r#"topic "orders" already exists"#);
     let reserved = t
         .create_topic(pb::CreateTopicRequest {
             name: "x.dlq".into(),
             settings: None,
         })
         .await;
-    assert_code(reserved, Code::InvalidArgument);
-    assert_code(
+    assert_status(
+        reserved,
+        Code::InvalidArgument,
+        r#"name: names ending in ".dlq" are reserved for dead-letter topics"#,
+    );
+    assert_status(
         t.delete_topic(pb::DeleteTopicRequest {
             name: "nope".into(),
         })
         .await,
         Code::NotFound,
+        r#"topic "nope" not found"#,
     );
-    assert_code(
+    assert_status(
         publish(&s.channel, "orders.dlq", vec![msg("p")]).await,
         Code::PermissionDenied,
+        "only the queue itself publishes to dead-letter topics",
     );
 
     // Subscribing: unknown topic, bad open, missing open.
-    assert_code(
+    assert_status(
         Raw::open(&s.channel, "nope", "g", 1, 1000).await,
         Code::NotFound,
+        r#"topic "nope" not found"#,
     );
-    assert_code(
+    assert_status(
         Raw::open(&s.channel, "orders", "", 1, 1000).await,
         Code::InvalidArgument,
+        "group: must not be empty",
     );
-    assert_code(
+    assert_status(
         Raw::open(&s.channel, "orders", "g", 0, 1000).await,
         Code::InvalidArgument,
+        "credits: must be between 1 and 10000",
     );
-    assert_code(
+    assert_status(
         Raw::open(&s.channel, "orders", "g", 1, 5).await,
         Code::InvalidArgument,
+        "lease_ms: must be between 100 and 3600000",
     );
     let not_open = pb::SubscribeRequest {
         request: Some(Q::Credit(pb::Credit { credits: 1 })),
     };
-    assert_code(
+    assert_status(
         Raw::open_with(&s.channel, not_open, |_| {}).await,
         Code::InvalidArgument,
+        "open: the stream must start with open",
     );
 
     // A second open on an open stream ends it with INVALID_ARGUMENT.
     let mut c = s.consumer("orders", "g", 1, 1000).await;
     c.send(Q::Open(pb::Open::default())).await;
-    assert_eq!(c.error().await.code(), Code::InvalidArgument);
+    let e = c.error().await;
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "open: the stream is already open")
+    );
+    s.stop().await;
+}
+
+/// A fault of the database reaches the client as exactly `internal error`;
+/// what went wrong (here a missing table) stays in the log.
+#[tokio::test]
+async fn a_database_failure_reads_internal_error() {
+    let s = Server::start().await;
+    s.create_topic("orders", 0).await;
+    let db = runtime::db::connect(&s.db.as_ref().unwrap().url)
+        .await
+        .unwrap();
+    db.batch_execute("ALTER TABLE queue.topics RENAME TO topics_gone")
+        .await
+        .unwrap();
+    assert_status(
+        s.topics()
+            .list_topics(pb::ListTopicsRequest::default())
+            .await,
+        Code::Internal,
+        "internal error",
+    );
+    assert_status(
+        s.topics()
+            .get_topic_stats(pb::GetTopicStatsRequest {
+                name: "orders".into(),
+            })
+            .await,
+        Code::Internal,
+        "internal error",
+    );
     s.stop().await;
 }
 
@@ -366,16 +426,22 @@ async fn topics_are_listed_with_stats_and_deleted_with_their_dead_letters() {
     let mut c = s.consumer("compute.h1", "agent", 5, 30_000).await;
     s.publish("compute.h1", &["a", "b"]).await;
     c.next().await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let st = s.stats("compute.h1").await;
+    let st = wait_for("one message in flight", WAIT, || async {
+        let st = s.stats("compute.h1").await;
+        match st.in_flight >= 1 {
+            true => Ok(st),
+            false => Err(format!("{st:?}")),
+        }
+    })
+    .await;
     assert_eq!((st.messages, st.depth + st.in_flight), (2, 2));
-    assert!(st.in_flight >= 1);
-    assert_code(
+    assert_status(
         t.delete_topic(pb::DeleteTopicRequest {
             name: "compute.h1.dlq".into(),
         })
         .await,
         Code::FailedPrecondition,
+        "a dead-letter topic goes with its topic: delete that one",
     );
     t.delete_topic(pb::DeleteTopicRequest {
         name: "compute.h1".into(),
@@ -390,9 +456,10 @@ async fn topics_are_listed_with_stats_and_deleted_with_their_dead_letters() {
             .topics
             .is_empty()
     );
-    assert_code(
+    assert_status(
         publish(&s.channel, "compute.h1", vec![msg("x")]).await,
         Code::NotFound,
+        r#"topic "compute.h1" not found"#,
     );
     s.stop().await;
 }
@@ -423,11 +490,12 @@ async fn topic_policy_follows_the_callers_spiffe_id() {
     let h1 = "spiffe://cirrus.local/svc/compute-agent/host/h1";
     let h2 = "spiffe://cirrus.local/svc/compute-agent/host/h2";
     s.queue().publish(with(sched, "compute.h1")).await.unwrap();
-    assert_code(
+    assert_status(
         s.queue().publish(with(h1, "compute.h1")).await,
         Code::PermissionDenied,
+        r#"the caller may not publish to topic "compute.h1""#,
     );
-    assert_code(
+    assert_status(
         Raw::open_with(
             &s.channel,
             open_req("compute.h1", "agent", 1, 1000),
@@ -435,6 +503,7 @@ async fn topic_policy_follows_the_callers_spiffe_id() {
         )
         .await,
         Code::PermissionDenied,
+        r#"the caller may not consume from topic "compute.h1""#,
     );
     let mut agent = Raw::open_with(
         &s.channel,
@@ -447,9 +516,10 @@ async fn topic_policy_follows_the_callers_spiffe_id() {
 
     // Without a sidecar's header, and without trusting direct callers: refused.
     let strict = Server::start_with(|c| c.trust_direct_callers = false).await;
-    assert_code(
+    assert_status(
         publish(&strict.channel, "compute.h1", vec![msg("x")]).await,
         Code::Unauthenticated,
+        "authentication failed",
     );
     strict.stop().await;
     s.stop().await;

@@ -10,22 +10,29 @@ use std::time::Duration;
 
 use proto::queue::v1 as pb;
 use queue::{Config, Queue};
+use runtime::config::{DatabaseConfig, ServerConfig};
 use runtime::db::TestDatabase;
+use runtime::testing::Served;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn test_config(url: &str) -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: url.to_string(),
-        db_pool_size: 4,
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+        },
+        database: DatabaseConfig {
+            url: url.to_string(),
+            pool_size: 4,
+            ..Config::default().database
+        },
         committers: 1,
         poll_interval_ms: 100,
         sweep_interval_secs: 1,
@@ -34,11 +41,11 @@ pub fn test_config(url: &str) -> Config {
     }
 }
 
+/// A queue served in-process by `runtime::testing::Served`, with its database.
 pub struct Server {
     pub addr: SocketAddr,
     pub channel: Channel,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    served: Served,
     pub db: Option<Arc<TestDatabase>>,
 }
 
@@ -53,45 +60,29 @@ impl Server {
                 .await
                 .expect("test database (is Postgres running?)"),
         );
-        let mut s = Self::replica(&db, tweak).await;
-        s.db = Some(db);
-        s
+        Self::replica(&db, tweak).await
     }
 
     /// Another replica on the same database.
     pub async fn replica(db: &Arc<TestDatabase>, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(&db.url);
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let q = Queue::start(config).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            queue::serve(q, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let served = Served::spawn(|listener, shutdown| queue::serve(q, listener, shutdown)).await;
         Self {
-            addr,
-            channel,
-            stop: Some(stop),
-            task: Some(task),
+            addr: served.addr,
+            channel: served.channel.clone(),
+            served,
             db: Some(db.clone()),
         }
     }
 
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
-        }
+    /// Drains the server (consumer streams end) and waits for it.
+    pub async fn stop(self) {
+        tokio::time::timeout(WAIT, self.served.stop())
+            .await
+            .expect("the queue did not stop within the wait")
+            .unwrap();
     }
 
     pub fn client(&self) -> queue::client::Client {
@@ -306,17 +297,6 @@ impl Raw {
     }
 }
 
-#[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) -> tonic::Status {
-    match r {
-        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "status: {s:?}");
-            s
-        }
-    }
-}
-
 /// The `queue` binary as a child process, for kill -9.
 pub struct Proc {
     pub child: tokio::process::Child,
@@ -328,15 +308,12 @@ impl Proc {
     /// (port 0 for any), and waits for its "listening on" line.
     pub async fn spawn(dir: &Path, db_url: &str, listen: &str) -> Self {
         let cfg = dir.join("queue.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"{listen}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-                 database_url = \"{db_url}\"\ndb_pool_size = 4\n\
-                 committers = 1\npoll_interval_ms = 100\ntrust_direct_callers = true\n"
-            ),
-        )
-        .unwrap();
+        let mut config = test_config(db_url);
+        config.server = ServerConfig {
+            listen: listen.parse().unwrap(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        };
+        std::fs::write(&cfg, toml::to_string(&config).unwrap()).unwrap();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue"))
             .arg("--config")
             .arg(&cfg)

@@ -376,22 +376,14 @@ async fn a_lone_hung_consumer_still_gets_its_redeliveries() {
     assert_eq!((first.attempt, second.attempt), (1, 2));
     assert_eq!(first.message_id, second.message_id);
     // Past max_attempts (2) it goes to the dead-letter topic.
-    runtime_wait(|| async { s.stats("solo.dlq").await.messages == 1 }).await;
+    runtime::testing::wait_for("the message in the dead-letter topic", WAIT, || async {
+        let dlq = s.stats("solo.dlq").await;
+        match dlq.messages {
+            1 => Ok(()),
+            _ => Err(format!("{dlq:?}")),
+        }
+    })
+    .await;
     assert_eq!(s.stats("solo").await.groups[0].dead_lettered, 1);
     s.stop().await;
-}
-
-async fn runtime_wait<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within the wait"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
