@@ -1,21 +1,33 @@
-//! `cirrus`: the Cirrus command line. `cirrus up` runs the cloud on this
-//! machine (see [`up`]); the other commands talk to it in OpenStack client's
-//! noun-verb shape (see [`commands`]), with credentials from a profile file
-//! or `CIRRUS_*` environment variables (see [`profile`]).
+//! `cirrus`: the Cirrus command line, shaped as omicron's `omdb`. This file
+//! parses and dispatches; [`session`] holds the profile, the channel and the
+//! token cache; [`output`] is the one printer (`-f table|value|json|shell|yaml`,
+//! `-c COLUMN`) every noun uses; each noun group is its own module
+//! (`token`, `key`, `user`, `project`, `domain`, `role`, `catalog` for
+//! services, endpoints and the catalog, `policy`); [`up`] is the dev
+//! launcher (`cirrus up`, `down`, `status`) with its table of services.
+//! A new noun (server, network, volume) is a new module and one line in
+//! [`Cmd`].
 
-mod commands;
+mod catalog;
+mod common;
+mod domain;
+mod key;
 mod output;
 mod policy;
-mod profile;
+mod project;
+mod role;
+mod session;
+mod token;
 mod up;
+mod user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::commands::*;
-use crate::output::Format;
+use crate::output::Printer;
+use crate::session::Ctx;
 
 #[derive(Parser)]
 #[command(
@@ -28,9 +40,8 @@ struct Cli {
     /// Profile file with url and credentials (default ~/.config/cirrus/profile.toml).
     #[arg(long, global = true, env = "CIRRUS_PROFILE")]
     profile: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, short = 'f', global = true, value_enum, default_value_t = Format::Table)]
-    format: Format,
+    #[command(flatten)]
+    out: Printer,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -40,38 +51,31 @@ enum Cmd {
     /// Start the cloud on this machine (Postgres, migrations, bootstrap, every service).
     Up(up::UpArgs),
     /// Stop a cloud started with `cirrus up`.
-    Down {
-        #[arg(long, default_value = ".state", env = "CIRRUS_STATE_DIR")]
-        state_dir: PathBuf,
-    },
+    Down(up::StateArgs),
+    /// Every process of a cloud started with `cirrus up`: state, restarts, log.
+    Status(up::StateArgs),
     /// Check the credentials and cache a token for the next commands.
     Login,
     #[command(subcommand)]
-    Token(TokenCmd),
+    Token(token::TokenCmd),
     #[command(subcommand)]
-    Key(KeyCmd),
+    Key(key::KeyCmd),
     #[command(subcommand)]
-    User(UserCmd),
+    User(user::UserCmd),
     #[command(subcommand)]
-    Project(ProjectCmd),
+    Project(project::ProjectCmd),
     #[command(subcommand)]
-    Domain(DomainCmd),
+    Domain(domain::DomainCmd),
     #[command(subcommand)]
-    Role(RoleCmd),
+    Role(role::RoleCmd),
     #[command(subcommand)]
-    Service(ServiceCmd),
+    Service(catalog::ServiceCmd),
     #[command(subcommand)]
-    Endpoint(EndpointCmd),
+    Endpoint(catalog::EndpointCmd),
     /// Show the service catalog.
     Catalog,
     #[command(subcommand)]
-    Policy(PolicyCmd),
-}
-
-#[derive(Subcommand)]
-enum PolicyCmd {
-    /// May this caller call that method, and why (exit 1 when denied).
-    Check(policy::CheckArgs),
+    Policy(policy::PolicyCmd),
 }
 
 fn main() -> ExitCode {
@@ -84,12 +88,38 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cirrus: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let path = cli.profile.clone().or_else(session::default_path);
+    let ctx = Ctx {
+        profile_path: path.as_deref(),
+        out: &cli.out,
+    };
+    match cli.command {
+        Cmd::Up(args) => up::up(args).await?,
+        Cmd::Down(args) => up::down(&args.state_dir).await?,
+        Cmd::Status(args) => up::status(&args.state_dir, &ctx)?,
+        Cmd::Login => token::login_cmd(&ctx).await?,
+        Cmd::Token(c) => token::run(c, &ctx).await?,
+        Cmd::Key(c) => key::run(c, &ctx).await?,
+        Cmd::User(c) => user::run(c, &ctx).await?,
+        Cmd::Project(c) => project::run(c, &ctx).await?,
+        Cmd::Domain(c) => domain::run(c, &ctx).await?,
+        Cmd::Role(c) => role::run(c, &ctx).await?,
+        Cmd::Service(c) => catalog::service(c, &ctx).await?,
+        Cmd::Endpoint(c) => catalog::endpoint(c, &ctx).await?,
+        Cmd::Catalog => catalog::catalog(&ctx).await?,
+        // Exit 1 when denied, as `test` does: scripts can branch on it.
+        Cmd::Policy(c) => return Ok(ExitCode::from(u8::from(!policy::run(c)?))),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One readable line: a gRPC status as `CODE: message`, anything else with its causes.
@@ -113,49 +143,6 @@ fn screaming(camel: &str) -> String {
     out
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let f = cli.format;
-    let path = cli.profile.clone().or_else(profile::default_path);
-    let path = path.as_deref();
-    let profile = || profile::Profile::load(path);
-    match cli.command {
-        Cmd::Up(args) => up::up(args).await,
-        Cmd::Down { state_dir } => up::down(&state_dir).await,
-        Cmd::Login => {
-            let p = profile()?;
-            let issued = login(&p, path).await?;
-            let c = issued.claims.unwrap_or_default();
-            let scope = if c.project_name.is_empty() {
-                "unscoped".to_string()
-            } else {
-                format!("project {}", c.project_name)
-            };
-            println!(
-                "Logged in as {} ({scope}), roles {}.",
-                c.user_name,
-                c.roles.join(",")
-            );
-            Ok(())
-        }
-        Cmd::Token(c) => token(c, &profile()?, path, f).await,
-        Cmd::Key(c) => key(c, &profile()?, path, f).await,
-        Cmd::User(c) => user(c, &profile()?, path, f).await,
-        Cmd::Project(c) => project(c, &profile()?, path, f).await,
-        Cmd::Domain(c) => domain(c, &profile()?, path, f).await,
-        Cmd::Role(c) => role(c, &profile()?, path, f).await,
-        Cmd::Service(c) => service(c, &profile()?, path, f).await,
-        Cmd::Endpoint(c) => endpoint(c, &profile()?, path, f).await,
-        Cmd::Catalog => catalog(&profile()?, path, f).await,
-        Cmd::Policy(PolicyCmd::Check(a)) => {
-            if policy::check(a)? {
-                Ok(())
-            } else {
-                std::process::exit(1)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +151,11 @@ mod tests {
     fn codes_print_as_grpc_names() {
         assert_eq!(screaming("PermissionDenied"), "PERMISSION_DENIED");
         assert_eq!(screaming("Unauthenticated"), "UNAUTHENTICATED");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

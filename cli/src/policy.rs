@@ -4,9 +4,22 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use sidecar::policy::{EXTERNAL, Policy, Subject};
 use token::{Claims, Scope};
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// May this caller call that method, and why (exit 1 when denied).
+    Check(CheckArgs),
+}
+
+/// Runs a policy command; `false` when the answer is a denial.
+pub fn run(cmd: PolicyCmd) -> anyhow::Result<bool> {
+    match cmd {
+        PolicyCmd::Check(a) => check(a),
+    }
+}
 
 #[derive(Args)]
 pub struct CheckArgs {
@@ -38,7 +51,7 @@ pub struct CheckArgs {
     peer: String,
 }
 
-pub fn check(a: CheckArgs) -> anyhow::Result<bool> {
+fn check(a: CheckArgs) -> anyhow::Result<bool> {
     let service = match a.service {
         Some(s) => s,
         None => a.method.split('.').next().unwrap_or_default().to_string(),

@@ -91,3 +91,180 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default())
 }
+
+/// Ports one service of `cirrus up` takes (its port plan: base + 10 * slot).
+pub const PORTS_PER_SERVICE: u16 = 10;
+/// The services `cirrus up` runs, in slot order.
+pub const SERVICES: [&str; 3] = ["identity", "queue", "image"];
+
+/// A cloud started with `cirrus up --detach` in a state directory of its
+/// own, on ports of its own; stopped (and its own database dropped, when it
+/// made one) when dropped, so that a failing test leaves nothing running.
+pub struct Cloud {
+    pub state: tempfile::TempDir,
+    pub base: u16,
+    env: Vec<(String, String)>,
+}
+
+impl Cloud {
+    /// A state directory and a free port range; nothing started yet.
+    pub fn new(env: &[(&str, &str)]) -> Self {
+        Self {
+            state: tempfile::tempdir().expect("a state directory"),
+            base: free_port_range(PORTS_PER_SERVICE * SERVICES.len() as u16),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// A new cloud, up; panics with what `cirrus up` said when it fails.
+    pub async fn up(env: &[(&str, &str)]) -> Self {
+        let c = Self::new(env);
+        let o = c.start().await;
+        assert!(
+            o.status.success() && stdout(&o).contains("Cirrus is up"),
+            "cirrus up failed: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        c
+    }
+
+    /// Runs `cirrus up --detach` for this state directory and ports.
+    pub async fn start(&self) -> Output {
+        let base = self.base.to_string();
+        let args = [
+            "up",
+            "--detach",
+            "--state-dir",
+            self.dir(),
+            "--port-base",
+            &base,
+        ];
+        run("cirrus", &args, &self.env_refs()).await
+    }
+
+    pub fn dir(&self) -> &str {
+        self.state.path().to_str().expect("a UTF-8 temp path")
+    }
+
+    fn env_refs(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    /// The admin's profile (public endpoint, TLS with the cluster CA).
+    pub fn profile(&self) -> String {
+        format!("{}/admin.toml", self.dir())
+    }
+
+    /// The ports of service `name`: (service, internal, public, metrics).
+    pub fn ports(&self, name: &str) -> (u16, u16, u16, u16) {
+        let slot = SERVICES
+            .iter()
+            .position(|s| *s == name)
+            .expect("a service of cirrus up");
+        let b = self.base + PORTS_PER_SERVICE * slot as u16;
+        (b, b + 1, b + 2, b + 4)
+    }
+
+    /// `cirrus ARGS` as this cloud's admin.
+    pub async fn admin(&self, args: &[&str]) -> Output {
+        let profile = self.profile();
+        run("cirrus", args, &[("CIRRUS_PROFILE", profile.as_str())]).await
+    }
+
+    /// `cirrus ARGS` as the admin, which must succeed; its stdout.
+    pub async fn admin_ok(&self, args: &[&str]) -> String {
+        let o = self.admin(args).await;
+        assert!(
+            o.status.success(),
+            "cirrus {args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// `cirrus status -f json` as parsed JSON (an array of processes).
+    pub async fn status(&self) -> serde_json::Value {
+        let o = run(
+            "cirrus",
+            &["status", "--state-dir", self.dir(), "-f", "json"],
+            &[],
+        )
+        .await;
+        assert!(o.status.success(), "cirrus status: {}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).expect("status as JSON")
+    }
+
+    /// `cirrus down`, which must succeed.
+    pub async fn down(&self) {
+        let o = run("cirrus", &["down", "--state-dir", self.dir()], &[]).await;
+        assert!(o.status.success(), "cirrus down: {}", stderr(&o));
+    }
+
+    /// The database `cirrus up` made for this state directory (none with `CIRRUS_DATABASE_URL`).
+    pub fn own_database(&self) -> Option<String> {
+        if self.env.iter().any(|(k, _)| k == "CIRRUS_DATABASE_URL") {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.state.path().join("cluster.toml")).ok()?;
+        let line = text.lines().find(|l| l.starts_with("database = "))?;
+        Some(
+            line.trim_start_matches("database = ")
+                .trim_matches('"')
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(bin_dir().join("cirrus"))
+            .args(["down", "--state-dir", self.dir()])
+            .stdout(std::process::Stdio::null())
+            .status();
+        let Some(name) = self.own_database() else {
+            return;
+        };
+        // Drop may run inside a runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let c = runtime::db::connect(runtime::db::TestDatabase::DEFAULT_ADMIN_URL)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .map_err(std::io::Error::other)
+            })
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it answers `Some`, for at most `limit`; panics with
+/// `what` and the last thing seen otherwise.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) if std::time::Instant::now() > deadline => {
+                panic!("{what} within {limit:?}; last seen: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
