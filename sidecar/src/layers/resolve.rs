@@ -94,6 +94,51 @@ mod tests {
     use super::*;
     use crate::layers::test_support::req;
 
+    #[tokio::test]
+    async fn a_name_the_catalog_cannot_resolve_is_unroutable_and_goes_nowhere() {
+        use tower::ServiceExt;
+        // Identity is unreachable: no catalog, so no endpoint for anyone.
+        let identity = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let catalog = Catalog::new(identity, "spiffe://cirrus.local/svc/test".into());
+        let (_dir, files) = test_tls();
+        let tls = crate::tls::Tls::load(files).unwrap();
+        let reached = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = reached.clone();
+        let inner = tower::service_fn(move |_: Req| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, Refusal>(crate::layers::test_support::ok()) }
+        });
+        let svc = layer(catalog, MeshConnector::new(tls)).layer(inner);
+        let e = svc.oneshot(req("/a.B/C")).await.unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Unroutable(m) if m.starts_with("cannot read the catalog")),
+            "{e:?}"
+        );
+        assert!(!reached.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// A throw-away CA and workload certificate on disk.
+    fn test_tls() -> (tempfile::TempDir, crate::tls::Files) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let ca = certs::Authority::create("test CA", time::Duration::hours(1)).unwrap();
+        ca.save(&dir).unwrap();
+        let pair = ca
+            .issue(
+                &certs::service_id("test", None).unwrap(),
+                &["test".into()],
+                time::Duration::hours(1),
+            )
+            .unwrap();
+        certs::write_pair(&dir, "test", &pair).unwrap();
+        let files = crate::tls::Files {
+            cert: dir.join("test.crt"),
+            key: dir.join("test.key"),
+            bundle: dir.join("bundle.pem"),
+        };
+        (tmp, files)
+    }
+
     #[test]
     fn the_service_name_comes_from_the_uri_or_the_host_header() {
         assert_eq!(service_of(&req("/a.B/C")).as_deref(), Some("svc"));
