@@ -82,8 +82,11 @@ impl Default for Config {
     }
 }
 
-/// `identity bootstrap`: what `keystone-manage bootstrap` takes.
+// `identity bootstrap`: what `keystone-manage bootstrap` takes.
 #[derive(clap::Args)]
+#[command(
+    about = "Create (idempotently) the default domain, roles, admin project and user, and the catalog entries"
+)]
 struct BootstrapArgs {
     #[arg(long, default_value = "admin")]
     admin_user: String,
@@ -137,9 +140,7 @@ impl runtime::process::Service for Config {
 
     fn commands() -> Vec<clap::Command> {
         use clap::Args;
-        vec![BootstrapArgs::augment_args(clap::Command::new("bootstrap").about(
-            "Create (idempotently) the default domain, roles, admin project and user, and the catalog entries",
-        ))]
+        vec![BootstrapArgs::augment_args(clap::Command::new("bootstrap"))]
     }
 
     async fn command(self, name: &str, args: &clap::ArgMatches) -> anyhow::Result<()> {

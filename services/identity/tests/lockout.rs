@@ -44,6 +44,19 @@ async fn locked_unknown_and_wrong_password_are_one_answer() {
     assert_eq!(locked, one);
     assert_eq!(locked_wrong, one);
 
+    // A mesh peer (the dashboard, through its sidecar) reads no more.
+    for (user, password) in [("nobody", "x"), ("dave", "pw-dave"), ("olga", "bad")] {
+        assert_status(
+            s.tokens()
+                .authenticate(mesh(tonic::Request::new(password_request(
+                    user, password, None,
+                ))))
+                .await,
+            Code::Unauthenticated,
+            AUTH_FAILED,
+        );
+    }
+
     // The lock is the admin's to see, not the caller's.
     let dave = s.user(&admin, "dave").await;
     assert!(dave.locked_until.is_some(), "{dave:?}");

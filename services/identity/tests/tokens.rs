@@ -178,6 +178,13 @@ async fn revoked_expired_and_tampered_tokens_are_refused() {
         Code::Unauthenticated,
         AUTH_FAILED,
     );
+    assert_status(
+        s.tokens()
+            .authenticate(mesh(tonic::Request::new(token_request(&victim, None))))
+            .await,
+        Code::Unauthenticated,
+        "authentication failed: token has been revoked",
+    );
 
     // Expired (one-second lifetime): wait for it, bounded.
     let (public, seen_by_mesh) = wait_for(
