@@ -1,1 +1,286 @@
-//! `compute-agent` — being written (wave 2); see docs/architecture.md.
+//! The Cirrus compute agent, a nova-compute equivalent: one per host. It
+//! holds no database credentials — everything it reads or records goes
+//! through conductor, whose answers are limited to servers on this host —
+//! and links no Postgres client.
+//!
+//! - [`agent`]: the host loop: heal at start (Nova's `_init_instance`),
+//!   heartbeat with the host's resources, consume `compute.<host>` and run
+//!   each cast (build, delete, the power actions);
+//! - [`saga`]: the build as a table of steps, each with its undo;
+//! - [`libvirt`]: the hypervisor through the `virt` crate (isolated there),
+//!   `test:///default` (many simulated hosts on one machine) or
+//!   `qemu:///system`, by configuration;
+//! - [`conductor`]: the calls to conductor, with this host's SPIFFE id.
+//!
+//! For tests, [`Faults`] injects a failure (or a hang) at a named build step
+//! and can run every step twice; it is off unless configured.
+
+pub mod agent;
+pub mod conductor;
+pub mod libvirt;
+pub mod saga;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use runtime::config::{ConfigError, ServerConfig, ports};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use agent::Agent;
+
+/// Fault injection, for tests only (all off by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Fail every build at this step (a name of the build table: claim,
+    /// image, ports, volumes, config_drive, define_paused, wait_vif_plugged,
+    /// resume).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_at: Option<String>,
+    /// Whether the injected failure is reschedulable (another host may succeed).
+    pub reschedulable: bool,
+    /// Hang every build at this step (to kill the agent mid-build, or to let
+    /// the build time out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hang_at: Option<String>,
+    /// Run every step twice, and unwind twice (idempotence checks).
+    pub repeat_steps: bool,
+}
+
+/// The agent's configuration (see `runtime::config` for how it loads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Serves only health and reflection (and answers `healthcheck`).
+    pub server: ServerConfig,
+    /// This host's name: its topic is `compute.<host>`, its SPIFFE id
+    /// `spiffe://<trust_domain>/svc/compute-agent/host/<host>`.
+    pub host: String,
+    pub trust_domain: String,
+    /// `test:///default` (libvirt's in-memory test driver) or `qemu:///system`.
+    pub libvirt_uri: String,
+    /// The domain type in the XML: `test` for the test driver, `qemu` or `kvm`.
+    pub domain_type: String,
+    /// Where server disks and config drives live.
+    pub state_dir: PathBuf,
+    /// This workload's sidecar outbound listener: when set, conductor and the
+    /// queue are reached through it by name and the URLs below are unused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound: Option<SocketAddr>,
+    pub conductor_url: String,
+    pub queue_url: String,
+    pub heartbeat_interval_ms: u64,
+    pub availability_zone: String,
+    /// The host's size; the node's own (libvirt's node info) when unset.
+    /// Simulated hosts on the test driver set them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u64>,
+    pub disk_gb: u64,
+    pub cpu_allocation_ratio: f64,
+    pub ram_allocation_ratio: f64,
+    pub disk_allocation_ratio: f64,
+    pub max_concurrent_builds: usize,
+    pub faults: Faults,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::loopback(ports::COMPUTE_AGENT.0, ports::COMPUTE_AGENT.1),
+            host: "host1".into(),
+            trust_domain: "cirrus.local".into(),
+            libvirt_uri: "test:///default".into(),
+            domain_type: "test".into(),
+            state_dir: PathBuf::from(".state/compute-agent"),
+            sidecar_outbound: None,
+            conductor_url: format!("http://127.0.0.1:{}", ports::CONDUCTOR.0),
+            queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
+            heartbeat_interval_ms: 10_000,
+            availability_zone: "nova".into(),
+            vcpus: None,
+            ram_mb: None,
+            disk_gb: 100,
+            cpu_allocation_ratio: 16.0,
+            ram_allocation_ratio: 1.5,
+            disk_allocation_ratio: 1.0,
+            max_concurrent_builds: 10,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/svc/compute-agent/host/{}",
+            self.trust_domain, self.host
+        )
+    }
+}
+
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "compute-agent";
+    const ABOUT: &'static str = "Cirrus compute agent (nova-compute)";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        let host_ok = !self.host.is_empty()
+            && self.host.len() <= 63
+            && self
+                .host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !host_ok {
+            return bad("host must be 1 to 63 of A-Z a-z 0-9 - _".into());
+        }
+        if self.libvirt_uri.is_empty() || self.domain_type.is_empty() {
+            return bad("libvirt_uri and domain_type are required".into());
+        }
+        if !(10..=600_000).contains(&self.heartbeat_interval_ms) {
+            return bad("heartbeat_interval_ms must be between 10 and 600000".into());
+        }
+        if self.max_concurrent_builds == 0 || self.max_concurrent_builds > 1000 {
+            return bad("max_concurrent_builds must be between 1 and 1000".into());
+        }
+        let names = saga::step_names();
+        for (field, v) in [
+            ("faults.fail_at", &self.faults.fail_at),
+            ("faults.hang_at", &self.faults.hang_at),
+        ] {
+            if let Some(step) = v
+                && !names.contains(&step.as_str())
+            {
+                return bad(format!(
+                    "{field} must name a build step: {}",
+                    names.join(", ")
+                ));
+            }
+        }
+        if self.sidecar_outbound.is_none()
+            && (self.conductor_url.is_empty() || self.queue_url.is_empty())
+        {
+            return bad("conductor_url and queue_url are required without sidecar_outbound".into());
+        }
+        Ok(())
+    }
+
+    async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> anyhow::Result<()> {
+        run(self, listener, shutdown).await
+    }
+}
+
+pub const SERVICE_NAMES: [&str; 0] = [];
+
+/// How long a delivery is this agent's before the queue gives it to another
+/// consumer of the topic (a restarted agent).
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Heals, then heartbeats and consumes the host's topic until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    runtime::process::Service::validate(&config)?;
+    if !config.faults.eq(&Faults::default()) {
+        tracing::warn!(faults = ?config.faults, "fault injection is on");
+    }
+    let uri = config.libvirt_uri.clone();
+    let dtype = config.domain_type.clone();
+    let libvirt = tokio::task::spawn_blocking(move || libvirt::Libvirt::open(&uri, &dtype))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open libvirt {}: {e}", config.libvirt_uri))?;
+    tokio::fs::create_dir_all(config.state_dir.join("servers")).await?;
+    let channel = match config.sidecar_outbound {
+        Some(out) => runtime::serve::via_sidecar(out, "conductor").map_err(anyhow::Error::msg)?,
+        None => tonic::transport::Endpoint::from_shared(config.conductor_url.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    };
+    let conductor = conductor::Conductor::new(channel, &config.spiffe_id())?;
+    let queue = match config.sidecar_outbound {
+        Some(out) => queue_client::Client::via_sidecar(out)?,
+        None => queue_client::Client::connect_lazy(&config.queue_url)?,
+    };
+    let topic = queue_client::names::compute_topic(&config.host);
+    queue
+        .ensure_topic(&topic, Default::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot create topic {topic}: {}", s.message()))?;
+    let credits = config.max_concurrent_builds as u32 * 2;
+    let agent = Agent::new(config, libvirt, conductor);
+
+    // Heal before the first heartbeat makes the host a candidate again.
+    let healed = agent
+        .heal()
+        .await
+        .map_err(|s| anyhow::anyhow!("healing failed: {}", s.message()))?;
+    agent
+        .heartbeat()
+        .await
+        .map_err(|s| anyhow::anyhow!("first heartbeat failed: {}", s.message()))?;
+    tracing::info!(host = %agent.config().host, healed, "compute agent up");
+    let beats = tokio::spawn(agent.clone().heartbeat_forever());
+
+    let mut sub = queue.subscribe_with(
+        &topic,
+        "compute-agent",
+        queue_client::SubscribeOptions {
+            credits,
+            lease: LEASE,
+            ..Default::default()
+        },
+    );
+    let worker = agent.clone();
+    let consumer = tokio::spawn(async move {
+        while let Some(d) = sub.next().await {
+            let d = match d {
+                Ok(d) => d,
+                Err(s) => {
+                    tracing::error!(status = %s, "the host topic refused us");
+                    return;
+                }
+            };
+            let agent = worker.clone();
+            tokio::spawn(async move {
+                let cast: agent::Cast = match d.json() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "undecodable cast; dropped");
+                        let _ = d.ack().await;
+                        return;
+                    }
+                };
+                match agent.handle(cast).await {
+                    Ok(()) => {
+                        let _ = d.ack().await;
+                    }
+                    Err(s) => {
+                        tracing::warn!(status = %s, "cast failed; it will be redelivered");
+                        let _ = d.nack(Duration::from_secs(1)).await;
+                    }
+                }
+            });
+        }
+    });
+
+    let routes = tonic::service::Routes::default();
+    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    consumer.abort();
+    beats.abort();
+    result?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    runtime::process::service_main::<compute_agent::Config>()
+}

@@ -1,0 +1,345 @@
+//! A whole compute control plane for one test, every part real: its own
+//! Postgres database, the queue service, compute-api, one or more
+//! schedulers, conductor, and compute agents on libvirt's `test:///default`
+//! driver — each served on an ephemeral loopback port. Tests act as the
+//! sidecars: they set the trusted `x-cirrus-*` headers of the caller they
+//! play (agents send their own SPIFFE id, as they do without a sidecar).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use compute_agent::libvirt::Libvirt;
+use proto::compute::v1 as pb;
+use proto::compute::v1::hosts_client::HostsClient;
+use proto::compute::v1::servers_client::ServersClient;
+use runtime::caller::Caller;
+use runtime::config::{DatabaseConfig, ServerConfig};
+use runtime::db::TestDatabase;
+use runtime::testing::{Served, admin, req, wait_for};
+use tonic::transport::Channel;
+
+#[allow(unused_imports)]
+pub use runtime::testing::{member_a, member_b, reader_a};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Options {
+    pub schedulers: usize,
+    pub build_timeout_secs: u64,
+    pub host_down_after_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            schedulers: 1,
+            build_timeout_secs: 120,
+            host_down_after_secs: 3,
+        }
+    }
+}
+
+pub struct Cloud {
+    pub db: TestDatabase,
+    pub queue: Served,
+    pub api: Served,
+    pub schedulers: Vec<Served>,
+    pub conductor: Served,
+    pub agents: HashMap<String, Served>,
+    pub state: tempfile::TempDir,
+    pub options: Options,
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+    }
+}
+
+async fn healthy(s: &Served, what: &str) {
+    let addr = s.addr;
+    wait_for(what, WAIT, || async move {
+        runtime::serve::healthcheck(addr).await
+    })
+    .await;
+}
+
+impl Cloud {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        let db = TestDatabase::create().await.expect("test database");
+        let database = |schema: &str| DatabaseConfig {
+            url: db.url.clone(),
+            schema: schema.into(),
+            pool_size: 8,
+        };
+        let queue_cfg = queue::Config {
+            server: server_config(),
+            database: database("queue"),
+            committers: 2,
+            poll_interval_ms: 50,
+            trust_direct_callers: true,
+            ..Default::default()
+        };
+        let queue = Served::spawn(|l, s| queue::run(queue_cfg, l, s)).await;
+        healthy(&queue, "the queue").await;
+        let queue_url = format!("http://{}", queue.addr);
+
+        // Schedulers first (they connect lazily), so compute-api knows one.
+        let mut schedulers = Vec::new();
+        for _ in 0..options.schedulers.max(1) {
+            let cfg = scheduler::Config {
+                server: server_config(),
+                database: database("compute"),
+                queue_url: queue_url.clone(),
+                host_down_after_secs: options.host_down_after_secs,
+                ..Default::default()
+            };
+            schedulers.push(Served::spawn(|l, s| scheduler::run(cfg, l, s)).await);
+        }
+        let api_cfg = compute_api::Config {
+            server: server_config(),
+            database: database("compute"),
+            scheduler_url: format!("http://{}", schedulers[0].addr),
+            queue_url: queue_url.clone(),
+            host_down_after_secs: options.host_down_after_secs,
+            ..Default::default()
+        };
+        let api = Served::spawn(|l, s| compute_api::run(api_cfg, l, s)).await;
+        healthy(&api, "compute-api (and its migrations)").await;
+        let conductor_cfg = conductor::Config {
+            server: server_config(),
+            database: database("compute"),
+            queue_url,
+            build_timeout_secs: options.build_timeout_secs,
+            sweep_interval_ms: 100,
+            host_down_after_secs: options.host_down_after_secs,
+            ..Default::default()
+        };
+        let conductor = Served::spawn(|l, s| conductor::run(conductor_cfg, l, s)).await;
+        healthy(&conductor, "conductor").await;
+        for s in &schedulers {
+            healthy(s, "a scheduler").await;
+        }
+        Self {
+            db,
+            queue,
+            api,
+            schedulers,
+            conductor,
+            agents: HashMap::new(),
+            state: tempfile::tempdir().unwrap(),
+            options,
+        }
+    }
+
+    /// An agent's config for `host`: 4 vCPUs, 4 GiB, 40 GB, no overcommit.
+    pub fn agent_config(&self, host: &str) -> compute_agent::Config {
+        compute_agent::Config {
+            server: server_config(),
+            host: host.into(),
+            state_dir: self.state_dir(host),
+            conductor_url: format!("http://{}", self.conductor.addr),
+            queue_url: format!("http://{}", self.queue.addr),
+            heartbeat_interval_ms: 200,
+            vcpus: Some(4),
+            ram_mb: Some(4096),
+            disk_gb: 40,
+            cpu_allocation_ratio: 1.0,
+            ram_allocation_ratio: 1.0,
+            disk_allocation_ratio: 1.0,
+            ..Default::default()
+        }
+    }
+
+    pub fn state_dir(&self, host: &str) -> PathBuf {
+        self.state.path().join(host)
+    }
+
+    /// Starts an agent and waits until its host is up.
+    pub async fn start_agent_with(&mut self, cfg: compute_agent::Config) {
+        let host = cfg.host.clone();
+        let agent = Served::spawn(|l, s| compute_agent::run(cfg, l, s)).await;
+        self.agents.insert(host.clone(), agent);
+        let hosts = self.hosts();
+        let h = host.clone();
+        wait_for(&format!("host {host} up"), WAIT, || {
+            let mut hosts = hosts.clone();
+            let h = h.clone();
+            async move {
+                match hosts.get_host(req(pb::HostRef { name: h }, &admin())).await {
+                    Ok(r) if r.get_ref().up => Ok(()),
+                    Ok(r) => Err(format!("{:?}", r.into_inner())),
+                    Err(s) => Err(s.to_string()),
+                }
+            }
+        })
+        .await;
+    }
+
+    pub async fn start_agent(&mut self, host: &str) {
+        let cfg = self.agent_config(host);
+        self.start_agent_with(cfg).await;
+    }
+
+    /// Stops an agent abruptly: its task is aborted with whatever it was
+    /// doing (no unwinding runs), as a kill -9 would; the hypervisor (the
+    /// test driver, in this process) keeps its domains.
+    pub fn kill_agent(&mut self, host: &str) {
+        drop(self.agents.remove(host));
+    }
+
+    pub fn servers(&self) -> ServersClient<Channel> {
+        ServersClient::new(self.api.channel.clone())
+    }
+
+    pub fn hosts(&self) -> HostsClient<Channel> {
+        HostsClient::new(self.api.channel.clone())
+    }
+
+    pub async fn create(&self, who: &Caller, name: &str, flavor: &str) -> pb::Server {
+        self.servers()
+            .create_server(req(
+                pb::CreateServerRequest {
+                    name: name.into(),
+                    flavor: flavor.into(),
+                    image_id: IMAGE.into(),
+                    ..Default::default()
+                },
+                who,
+            ))
+            .await
+            .expect("create server")
+            .into_inner()
+    }
+
+    /// Waits until the server is in `vm_state` with no task; returns it as an admin sees it.
+    pub async fn wait_vm(&self, id: &str, vm_state: &str) -> pb::Server {
+        let servers = self.servers();
+        wait_for(&format!("server {id} {vm_state}"), WAIT, || {
+            let mut c = servers.clone();
+            let id = id.to_string();
+            async move {
+                match c.get_server(req(pb::ServerRef { id }, &admin())).await {
+                    Ok(r)
+                        if r.get_ref().vm_state == vm_state
+                            && r.get_ref().task_state.is_empty() =>
+                    {
+                        Ok(r.into_inner())
+                    }
+                    Ok(r) => Err(format!(
+                        "{}/{} fault {:?}",
+                        r.get_ref().vm_state,
+                        r.get_ref().task_state,
+                        r.get_ref().fault
+                    )),
+                    Err(s) if s.code() == tonic::Code::NotFound && vm_state == "deleted" => {
+                        Ok(pb::Server {
+                            vm_state: "deleted".into(),
+                            ..Default::default()
+                        })
+                    }
+                    Err(s) => Err(s.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn sql(&self) -> runtime::db::tokio_postgres::Client {
+        let c = runtime::db::connect(&self.db.url).await.unwrap();
+        c.batch_execute("SET search_path = compute").await.unwrap();
+        c
+    }
+
+    /// (claims, vCPUs, RAM, disk) in use over every host.
+    pub async fn usage(&self) -> (i64, i64, i64, i64) {
+        let c = self.sql().await;
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM claims), COALESCE(sum(vcpus_used),0)::bigint, \
+                 COALESCE(sum(ram_mb_used),0)::bigint, COALESCE(sum(disk_gb_used),0)::bigint FROM hosts",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    }
+
+    /// Whether the test driver holds a domain for the server.
+    pub async fn domain_exists(&self, id: &str) -> bool {
+        let id = uuid::Uuid::parse_str(id).unwrap();
+        tokio::task::spawn_blocking(move || {
+            Libvirt::open("test:///default", "test")
+                .unwrap()
+                .exists(id)
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Files left for the server in the agent's state directory.
+    pub fn leftovers(&self, host: &str, id: &str) -> Vec<String> {
+        let dir = self.state_dir(host).join("servers").join(id);
+        let mut out = Vec::new();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            out.push(d.display().to_string());
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().display().to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every state the server passes through from now on, until `until`.
+    pub async fn watch(&self, who: &Caller, id: &str) -> tonic::Streaming<pb::Server> {
+        self.servers()
+            .watch_server(req(pb::ServerRef { id: id.into() }, who))
+            .await
+            .expect("watch")
+            .into_inner()
+    }
+}
+
+/// An image id (the test driver boots nothing; compute-api has no image
+/// service configured in these tests).
+pub const IMAGE: &str = "11111111-1111-4111-8111-111111111111";
+
+/// Reads a watch until the server reaches `vm_state` with no task; the
+/// (vm_state, task_state) pairs seen.
+pub async fn watch_until(
+    stream: &mut tonic::Streaming<pb::Server>,
+    vm_state: &str,
+) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    let done = tokio::time::timeout(WAIT, async {
+        while let Some(s) = stream.message().await.expect("watch stream") {
+            seen.push((s.vm_state.clone(), s.task_state.clone()));
+            if s.vm_state == vm_state && s.task_state.is_empty() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(done, Ok(true)),
+        "watch did not reach {vm_state}; saw {seen:?}"
+    );
+    seen
+}
