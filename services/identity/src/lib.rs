@@ -235,3 +235,63 @@ pub async fn serve(
     tracing::info!("identity stopped");
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.toml");
+        std::fs::write(&path, text).unwrap();
+        runtime::config::load::<Config>(Some(&path))
+    }
+
+    #[test]
+    fn the_shared_tables_load_and_the_old_flat_keys_are_refused_by_name() {
+        let c = load(
+            "token_ttl_secs = 600\n[server]\nlisten = \"127.0.0.1:7000\"\n\
+             [database]\nurl = \"postgres://db/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.token_ttl_secs, 600);
+        assert_eq!(c.server.listen.port(), 7000);
+        // What the file leaves out keeps its default, table by table.
+        assert_eq!(
+            c.server.metrics_listen,
+            Config::default().server.metrics_listen
+        );
+        assert_eq!(c.database.url, "postgres://db/x");
+        assert_eq!(c.database.schema, "identity");
+        assert_eq!(c.server.listen.ip().to_string(), "127.0.0.1");
+        assert_eq!(Config::default().server.listen.port(), ports::IDENTITY.0);
+
+        for old in [
+            "listen",
+            "metrics_listen",
+            "database_url",
+            "schema",
+            "db_pool_size",
+        ] {
+            let e = load(&format!("{old} = \"x\"\n")).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown field: found `{old}`")), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        use runtime::process::Service;
+        let bad = |f: fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.token_ttl_secs = 0).contains("token_ttl_secs"));
+        assert!(bad(|c| c.max_active_keys = 2).contains("max_active_keys"));
+        assert!(bad(|c| c.database.pool_size = 0).contains("database.pool_size"));
+        assert!(bad(|c| c.database.url.clear()).contains("database.url"));
+        assert!(Config::default().validate().is_ok());
+    }
+}
