@@ -352,11 +352,7 @@ impl Net {
         }
         self.charge(&tx, &project, "networks", 1).await?;
         tx.commit().await?;
-        self.get_network_by_id(id).await
-    }
-
-    async fn get_network_by_id(&self, id: Uuid) -> Result<Network> {
-        repo::get_network(&self.conn().await?, id)
+        repo::get_network(&conn, id)
             .await?
             .ok_or_else(|| Error::not_found("network", id))
     }
@@ -390,7 +386,9 @@ impl Net {
         .await?;
         repo::notify(&conn).await?;
         self.changes.bump();
-        self.get_network_by_id(n.id).await
+        repo::get_network(&conn, n.id)
+            .await?
+            .ok_or_else(|| Error::not_found("network", n.id))
     }
 
     pub async fn delete_network(&self, who: &Actor, key: &NameOrId) -> Result<()> {
@@ -453,7 +451,7 @@ impl Net {
         self.charge(&tx, &n.project_id, "subnets", 1).await?;
         tx.commit().await?;
         self.changes.bump();
-        repo::get_subnet(&self.conn().await?, s.id)
+        repo::get_subnet(&conn, s.id)
             .await?
             .ok_or_else(|| Error::not_found("subnet", s.id))
     }
@@ -744,13 +742,17 @@ impl Net {
             }
             wants.push((s.clone(), f.ip));
         }
+        // Never hold a pooled connection while asking for another.
         let groups = if req.security_groups.is_empty() {
+            drop(conn);
             vec![self.default_group(&project).await?]
         } else {
-            self.resolve_groups(&conn, &project, &req.security_groups)
-                .await?
+            let g = self
+                .resolve_groups(&conn, &project, &req.security_groups)
+                .await?;
+            drop(conn);
+            g
         };
-        drop(conn);
 
         let id = Uuid::new_v4();
         let mut conn = self.conn().await?;
@@ -789,7 +791,7 @@ impl Net {
         repo::set_port_groups(&tx, id, &groups).await?;
         self.charge(&tx, &project, "ports", 1).await?;
         tx.commit().await?;
-        repo::get_port(&self.conn().await?, id)
+        repo::get_port(&conn, id)
             .await?
             .ok_or_else(|| Error::not_found("port", id))
     }
@@ -860,7 +862,7 @@ impl Net {
         repo::notify(&tx).await?;
         tx.commit().await?;
         self.changes.bump();
-        self.get_port(who, p.id).await
+        self.visible_port(&conn, who, p.id).await
     }
 
     pub async fn delete_port(&self, who: &Actor, id: Uuid) -> Result<()> {
@@ -926,7 +928,7 @@ impl Net {
         repo::notify(&tx).await?;
         tx.commit().await?;
         self.changes.bump();
-        self.get_port(who, id).await
+        self.visible_port(&conn, who, id).await
     }
 
     pub async fn unbind_port(&self, who: &Actor, id: Uuid) -> Result<Port> {
@@ -949,7 +951,7 @@ impl Net {
         repo::notify(&tx).await?;
         tx.commit().await?;
         self.changes.bump();
-        self.get_port(who, id).await
+        self.visible_port(&conn, who, id).await
     }
 
     /// The ports of `device_id` the caller may see (for `WatchPorts`).
@@ -1015,7 +1017,7 @@ impl Net {
         }
         self.charge(&tx, &project, "security_groups", 1).await?;
         tx.commit().await?;
-        repo::get_group(&self.conn().await?, g.id)
+        repo::get_group(&conn, g.id)
             .await?
             .ok_or_else(|| Error::not_found("security group", g.id))
     }
@@ -1166,6 +1168,7 @@ impl Net {
             repo::set_quota(&tx, &project, r, *l).await?;
         }
         tx.commit().await?;
+        drop(conn);
         self.get_quota(who, Some(project)).await
     }
 
@@ -1353,7 +1356,7 @@ impl Net {
         repo::notify(&tx).await?;
         tx.commit().await?;
         self.changes.bump();
-        repo::get_port(&self.conn().await?, id)
+        repo::get_port(&conn, id)
             .await?
             .ok_or_else(|| Error::not_found("port", id))
     }

@@ -45,18 +45,17 @@ impl Cloud {
         let db = TestDatabase::create()
             .await
             .expect("test database (is Postgres running?)");
-        let mut served = Vec::new();
-        for _ in 0..replicas {
-            let mut c = config(&db);
-            tweak(&mut c);
-            served.push(Served::spawn(move |l, s| network::run(c, l, s)).await);
-        }
-        let cloud = Cloud {
-            replicas: served,
+        let mut cloud = Cloud {
+            replicas: Vec::new(),
             db,
         };
-        // Serving (migrations done) before a test talks to it.
+        // One after the other: each serving (migrations done) before the next starts.
         for i in 0..replicas {
+            let mut c = config(&cloud.db);
+            tweak(&mut c);
+            cloud
+                .replicas
+                .push(Served::spawn(move |l, s| network::run(c, l, s)).await);
             let c = cloud.client_of(i);
             wait_for("network serving", Duration::from_secs(30), || {
                 let mut c = c.clone();
@@ -351,6 +350,7 @@ impl Host {
         .unwrap();
         sh(&["chmod", "+x", &script.display().to_string()]);
         Guest {
+            servers: std::sync::Mutex::new(Vec::new()),
             ns,
             host_if,
             script: script.display().to_string(),
@@ -420,9 +420,24 @@ pub fn sh(args: &[&str]) -> String {
 
 pub struct Guest {
     pub ns: String,
+    servers: std::sync::Mutex<Vec<std::process::Child>>,
     pub host_if: String,
     script: String,
     lease_out: String,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        for mut c in self
+            .servers
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Guest {
@@ -477,7 +492,7 @@ impl Guest {
     /// A TCP server on `port` accepting forever (killed with the namespace).
     pub fn listen(&self, port: u16) {
         let p = port.to_string();
-        StdCommand::new("ip")
+        let child = StdCommand::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -494,6 +509,7 @@ impl Guest {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        self.servers.lock().unwrap().push(child);
     }
 
     pub async fn run(&self, args: &[&str]) -> bool {
