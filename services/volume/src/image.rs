@@ -146,8 +146,12 @@ impl Images {
         })
     }
 
-    /// Downloads the image's bytes into `dest` (made anew); returns how many.
-    pub async fn download(&self, creds: &Credentials, id: Uuid, dest: &Path) -> Result<u64> {
+    /// The image's bytes as a stream of chunks (at most 1 MiB each).
+    async fn stream(
+        &self,
+        creds: &Credentials,
+        id: Uuid,
+    ) -> Result<tonic::Streaming<pb::DownloadResponse>> {
         let req = self.request(
             pb::DownloadRequest {
                 image_id: id.to_string(),
@@ -156,11 +160,30 @@ impl Images {
             },
             creds,
         );
-        let mut stream = tokio::time::timeout(self.timeout, self.client.clone().download(req))
+        Ok(
+            tokio::time::timeout(self.timeout, self.client.clone().download(req))
+                .await
+                .map_err(|_| Error::unavailable("the image service did not answer a download"))?
+                .map_err(|s| from_status(s, id))?
+                .into_inner(),
+        )
+    }
+
+    async fn next(
+        &self,
+        stream: &mut tonic::Streaming<pb::DownloadResponse>,
+        id: Uuid,
+    ) -> Result<Option<prost::bytes::Bytes>> {
+        Ok(tokio::time::timeout(self.timeout, stream.message())
             .await
-            .map_err(|_| Error::unavailable("the image service did not answer a download"))?
+            .map_err(|_| Error::unavailable("the image download stalled"))?
             .map_err(|s| from_status(s, id))?
-            .into_inner();
+            .map(|m| m.data))
+    }
+
+    /// Downloads the image's bytes into `dest` (made anew); returns how many.
+    pub async fn download(&self, creds: &Credentials, id: Uuid, dest: &Path) -> Result<u64> {
+        let mut stream = self.stream(creds, id).await?;
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -169,14 +192,9 @@ impl Images {
             .map_err(|e| Error::internal(format!("staging {}: {e}", dest.display())))?;
         let mut file = tokio::io::BufWriter::with_capacity(4 * 1024 * 1024, file);
         let mut total = 0u64;
-        loop {
-            let next = tokio::time::timeout(self.timeout, stream.message())
-                .await
-                .map_err(|_| Error::unavailable("the image download stalled"))?
-                .map_err(|s| from_status(s, id))?;
-            let Some(chunk) = next else { break };
-            total += chunk.data.len() as u64;
-            file.write_all(&chunk.data)
+        while let Some(chunk) = self.next(&mut stream, id).await? {
+            total += chunk.len() as u64;
+            file.write_all(&chunk)
                 .await
                 .map_err(|e| Error::internal(format!("writing {}: {e}", dest.display())))?;
         }
@@ -185,6 +203,42 @@ impl Images {
             .map_err(|e| Error::internal(format!("writing {}: {e}", dest.display())))?;
         Ok(total)
     }
+
+    /// Sends the image's bytes to `to` as they arrive, then
+    /// [`Chunk::End`] once exactly `expected` bytes came. On any failure no
+    /// `End` is sent, so the receiver keeps nothing.
+    pub async fn download_to(
+        &self,
+        creds: &Credentials,
+        id: Uuid,
+        expected: u64,
+        to: tokio::sync::mpsc::Sender<Chunk>,
+    ) -> Result<u64> {
+        let mut stream = self.stream(creds, id).await?;
+        let mut total = 0u64;
+        while let Some(chunk) = self.next(&mut stream, id).await? {
+            total += chunk.len() as u64;
+            if to.send(Chunk::Data(chunk)).await.is_err() {
+                // The store stopped: its own error says why.
+                return Err(Error::aborted("the volume store stopped reading"));
+            }
+        }
+        if total != expected {
+            return Err(Error::precondition(format!(
+                "image {id} sent {total} bytes, {expected} were recorded"
+            )));
+        }
+        let _ = to.send(Chunk::End).await;
+        Ok(total)
+    }
+}
+
+/// A piece of a streamed import.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(prost::bytes::Bytes),
+    /// Every byte came: the import may be kept.
+    End,
 }
 
 /// The image service's answer, as this service's caller should see it.

@@ -17,7 +17,38 @@ use runtime::error::{Error, Result};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::image::Chunk;
 use crate::model::{ConnectionInfo, Connector, Format, Transport};
+use tokio::sync::mpsc;
+
+/// Blocks of zeroes this long are skipped, not written: files stay sparse.
+const ZERO_BLOCK: usize = 64 * 1024;
+
+/// Writes `data` at `offset` of `f`, skipping blocks of zeroes (the file is
+/// new and sized, so they read back as zeroes) and merging the runs between
+/// them into single writes.
+fn write_sparse(f: &std::fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut run: Option<usize> = None;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + ZERO_BLOCK).min(data.len());
+        let zero = data[at..end].iter().all(|b| *b == 0);
+        match (zero, run) {
+            (true, Some(start)) => {
+                f.write_all_at(&data[start..at], offset + start as u64)?;
+                run = None;
+            }
+            (false, None) => run = Some(at),
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        f.write_all_at(&data[start..], offset + start as u64)?;
+    }
+    Ok(())
+}
 
 /// A store backend for volume and snapshot bytes.
 #[tonic::async_trait]
@@ -35,6 +66,11 @@ pub trait Store: Send + Sync + 'static {
         src: &Path,
         src_format: Format,
     ) -> Result<()>;
+    /// A raw volume of `size` bytes written from a raw image's bytes as
+    /// they arrive (no staging copy, no second pass), kept only once
+    /// [`Chunk::End`] comes; bytes that are not raw (another format's
+    /// header) or that do not fit are `Precondition`.
+    async fn import_raw(&self, id: Uuid, size: u64, chunks: mpsc::Receiver<Chunk>) -> Result<()>;
     /// A volume of `size` bytes holding the bytes of snapshot `snapshot`.
     async fn restore(&self, id: Uuid, format: Format, size: u64, snapshot: Uuid) -> Result<()>;
     /// A qcow2 copy of the volume `volume`, kept as snapshot `snapshot`.
@@ -335,6 +371,54 @@ impl Store for FsStore {
         self.make_empty(&tmp.path, format, size).await?;
         self.convert_into(src, src_format, &tmp.path, format)
             .await?;
+        self.publish(tmp, self.volume_path(id)).await
+    }
+
+    async fn import_raw(
+        &self,
+        id: Uuid,
+        size: u64,
+        mut chunks: mpsc::Receiver<Chunk>,
+    ) -> Result<()> {
+        let tmp = self.temp(id, "part");
+        let tmp = tokio::task::spawn_blocking(move || -> Result<Staged> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp.path)
+                .map_err(|e| io("cannot create", &tmp.path, e))?;
+            f.set_len(size)
+                .map_err(|e| io("cannot size", &tmp.path, e))?;
+            let mut offset = 0u64;
+            loop {
+                match chunks.blocking_recv() {
+                    Some(Chunk::Data(b)) => {
+                        if offset + b.len() as u64 > size {
+                            return Err(Error::precondition(format!(
+                                "the image is larger than the volume ({size} bytes)"
+                            )));
+                        }
+                        write_sparse(&f, offset, &b)
+                            .map_err(|e| io("cannot write", &tmp.path, e))?;
+                        offset += b.len() as u64;
+                    }
+                    Some(Chunk::End) => break,
+                    None => return Err(Error::aborted("the image download stopped")),
+                }
+            }
+            Ok(tmp)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("store task: {e}")))??;
+        // The bytes must be raw: a "raw" image holding another format's
+        // header would be read as that format by anything that probes.
+        let probed = self.info(&tmp.path, None).await?;
+        if probed.format != "raw" {
+            return Err(Error::precondition(format!(
+                "the image's bytes are {}, not raw as it claims",
+                probed.format
+            )));
+        }
         self.publish(tmp, self.volume_path(id)).await
     }
 
