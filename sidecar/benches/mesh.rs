@@ -5,6 +5,11 @@
 //! real `sidecar` processes with real mTLS and token checks. Printed beside
 //! Linkerd's and Istio's published figures and the targets.
 //!
+//! The same calls also go through the anchor, a pair of nginx proxies doing
+//! gRPC with mTLS (`../shared/anchors/nginx-grpc-mtls/`), when nginx is
+//! installed. CPU per request per proxy is each pair's CPU time (utime +
+//! stime from `/proc`, masters and workers) over the requests completed, halved.
+//!
 //! `BENCH_SECS` sets the length of each measurement (default 8).
 
 use std::path::Path;
@@ -142,6 +147,91 @@ async fn max_rate(client: HealthClient<Channel>, token: Arc<str>, conc: usize, s
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Runs `f`, returning its result and the CPU seconds `pids` spent meanwhile.
+async fn measured<T, F, Fut>(pids: &[u32], f: F) -> (T, f64)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let cpu = || pids.iter().map(|p| proc_stat(*p).1).sum::<f64>();
+    let before = cpu();
+    let out = f().await;
+    (out, cpu() - before)
+}
+
+/// The nginx anchor pair, stopped on drop.
+struct NginxPair {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl NginxPair {
+    fn start(dir: &Path, backend: std::net::SocketAddr) -> Option<Self> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/anchors/nginx-grpc-mtls/run.sh");
+        if !script.is_file() || Command::new("nginx").arg("-v").output().is_err() {
+            eprintln!("nginx or its anchor script is missing: the nginx pair is not measured");
+            return None;
+        }
+        let (out_port, in_port) = (free_port(), free_port());
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(backend.to_string())
+            .arg(dir)
+            .env("OUT_PORT", out_port.to_string())
+            .env("IN_PORT", in_port.to_string())
+            .output()
+            .expect("run.sh");
+        if !out.status.success() {
+            eprintln!(
+                "the nginx pair did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Self {
+            dir: dir.to_path_buf(),
+            port: out_port,
+        })
+    }
+
+    /// Masters and workers of both nginx instances.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for name in ["inbound.pid", "outbound.pid"] {
+            let Some(master) = std::fs::read_to_string(self.dir.join(name))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            pids.push(master);
+            let children =
+                std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+                    .unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        pids
+    }
+}
+
+impl Drop for NginxPair {
+    fn drop(&mut self) {
+        for name in ["inbound.pid", "outbound.pid"] {
+            if let Some(master) = std::fs::read_to_string(self.dir.join(name))
+                .ok()
+                .map(|s| s.trim().to_string())
+            {
+                let _ = Command::new("kill").arg(&master).status();
+            }
+        }
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(bench());
@@ -269,10 +359,22 @@ async fn bench() {
             common("compute-api")
         ),
     );
+    // BENCH_WRAP runs the sidecars under a profiler, e.g.
+    // `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`.
+    let wrap: Vec<String> = std::env::var("BENCH_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
     let spawn = |conf: &Path| {
+        let mut cmd = match wrap.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(env!("CARGO_BIN_EXE_sidecar"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_sidecar")),
+        };
         Proc(
-            Command::new(env!("CARGO_BIN_EXE_sidecar"))
-                .arg("--config")
+            cmd.arg("--config")
                 .arg(conf)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -331,25 +433,74 @@ async fn bench() {
             break;
         }
         assert!(
-            ready.elapsed() < Duration::from_secs(20),
+            ready.elapsed() < Duration::from_secs(if wrap.is_empty() { 20 } else { 180 }),
             "the sidecar pair never became ready"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Warm up both paths.
+    // BENCH_PROFILE=N: N sequential calls through the pair and stop (for a profiler).
+    if let Some(n) = std::env::var("BENCH_PROFILE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let mut c = via.clone();
+        for _ in 0..n {
+            c.check(with_token(HealthCheckRequest::default(), &token))
+                .await
+                .expect("call through the pair");
+        }
+        // SIGTERM lets the profiled sidecars write their output.
+        for p in [&inbound, &outbound] {
+            let _ = Command::new("kill").arg(p.0.id().to_string()).status();
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        println!("{n} calls through the pair");
+        return;
+    }
+
+    // The anchor: a pair of nginx proxies doing gRPC with mTLS between them
+    // (../shared/anchors/nginx-grpc-mtls), in front of the same server.
+    let nginx = NginxPair::start(&dir.join("nginx"), echo_addr);
+    let via_nginx = nginx.as_ref().map(|n| {
+        HealthClient::new(
+            Channel::from_shared(format!("http://127.0.0.1:{}", n.port))
+                .expect("url")
+                .connect_lazy(),
+        )
+    });
+
+    // Warm up every path.
     let _ = max_rate(direct.clone(), token.clone(), 8, 1.0).await;
     let _ = max_rate(via.clone(), token.clone(), 8, 1.0).await;
+    if let Some(n) = &via_nginx {
+        let _ = max_rate(n.clone(), token.clone(), 8, 1.0).await;
+    }
 
+    let cirrus_pids = [inbound.0.id(), outbound.0.id()];
     let d = fixed_rate(direct.clone(), token.clone(), 1000, secs).await;
-    let before = (proc_stat(inbound.0.id()), proc_stat(outbound.0.id()));
-    let t0 = Instant::now();
-    let v = fixed_rate(via.clone(), token.clone(), 1000, secs).await;
-    let elapsed = t0.elapsed().as_secs_f64();
-    let after = (proc_stat(inbound.0.id()), proc_stat(outbound.0.id()));
-    let cpu_in = (after.0.1 - before.0.1) / elapsed;
-    let cpu_out = (after.1.1 - before.1.1) / elapsed;
+    let (v, cirrus_cpu) = measured(&cirrus_pids, || {
+        fixed_rate(via.clone(), token.clone(), 1000, secs)
+    })
+    .await;
+    let rss = (proc_stat(inbound.0.id()).0, proc_stat(outbound.0.id()).0);
+    let nginx_fixed = match (&via_nginx, &nginx) {
+        (Some(c), Some(n)) => {
+            let pids = n.pids();
+            Some(measured(&pids, || fixed_rate(c.clone(), token.clone(), 1000, secs)).await)
+        }
+        _ => None,
+    };
+
     let direct_max = max_rate(direct, token.clone(), 32, secs).await;
-    let via_max = max_rate(via, token, 32, secs).await;
+    let (via_max, cirrus_max_cpu) =
+        measured(&cirrus_pids, || max_rate(via, token.clone(), 32, secs)).await;
+    let nginx_max = match (&via_nginx, &nginx) {
+        (Some(c), Some(n)) => {
+            let pids = n.pids();
+            Some(measured(&pids, || max_rate(c.clone(), token.clone(), 32, secs)).await)
+        }
+        _ => None,
+    };
 
     println!(
         "Cirrus sidecar benchmark: unary grpc.health.v1.Health/Check, {secs} s per row, everything on this machine's {} cores",
@@ -358,33 +509,62 @@ async fn bench() {
             .unwrap_or(0)
     );
     println!(
-        "pair = client → outbound sidecar → (mTLS) → inbound sidecar (token + policy check) → server; sidecars are separate processes\n"
+        "pair = client → outbound proxy → (mTLS) → inbound proxy → server; Cirrus's inbound also checks the token and the policy\n"
     );
-    println!("| measure | direct | through the pair | added by the pair | anchor | target |");
-    println!("|---|---|---|---|---|---|");
+    // CPU µs per request per proxy: the pair's CPU time over the completed requests, halved.
+    let per_req = |cpu: f64, n: f64| 1e6 * cpu / n.max(1.0) / 2.0;
+    let fixed_n = (1000.0 * secs) as usize as f64;
+    println!("| measure | direct | nginx pair | Cirrus pair | target (Cirrus) |");
+    println!("|---|---|---|---|---|");
+    let ng = |f: &dyn Fn(&(Vec<Duration>, f64)) -> String| {
+        nginx_fixed
+            .as_ref()
+            .map_or("not run (no nginx)".to_string(), f)
+    };
     println!(
-        "| p50 at 1,000 req/s (ms) | {:.3} | {:.3} | {:.3} | Linkerd2-proxy: < 1 ms per proxy at p50 | ≤ 0.3 ms added |",
+        "| p50 at 1,000 req/s (ms) | {:.3} | {} | {:.3} (+{:.3}) | ≤ +0.3 ms |",
         pct(&d, 0.5),
+        ng(&|(l, _)| format!("{:.3} (+{:.3})", pct(l, 0.5), pct(l, 0.5) - pct(&d, 0.5))),
         pct(&v, 0.5),
         pct(&v, 0.5) - pct(&d, 0.5)
     );
     println!(
-        "| p99 at 1,000 req/s (ms) | {:.3} | {:.3} | {:.3} | Istio/Envoy pair: +2.76 ms at p90 | ≤ 1 ms added |",
+        "| p99 at 1,000 req/s (ms) | {:.3} | {} | {:.3} (+{:.3}) | ≤ +1 ms |",
         pct(&d, 0.99),
+        ng(&|(l, _)| format!("{:.3} (+{:.3})", pct(l, 0.99), pct(l, 0.99) - pct(&d, 0.99))),
         pct(&v, 0.99),
         pct(&v, 0.99) - pct(&d, 0.99)
     );
     println!(
-        "| max throughput, 32 callers (req/s) | {direct_max:.0} | {via_max:.0} | {:.0}% of direct | | ≥ 50% of direct |",
+        "| max rate, 32 callers (req/s) | {direct_max:.0} | {} | {via_max:.0} ({:.0}% of direct) | ≥ 50% of direct |",
+        nginx_max
+            .as_ref()
+            .map_or("not run".to_string(), |(r, _)| format!(
+                "{r:.0} ({:.0}% of direct)",
+                100.0 * r / direct_max
+            )),
         100.0 * via_max / direct_max
     );
     println!(
-        "| RSS per sidecar at 1,000 req/s (MiB) | | inbound {:.1}, outbound {:.1} | | Linkerd2-proxy 17–26 MB; Envoy 50 MB | ≤ 20 MiB |",
-        after.0.0, after.1.0
+        "| CPU per request per proxy at 1,000 req/s (µs) | | {} | {:.0} | ≤ 75 (pair ≤ 150) |",
+        ng(&|(_, cpu)| format!("{:.0}", per_req(*cpu, fixed_n))),
+        per_req(cirrus_cpu, fixed_n)
     );
     println!(
-        "| CPU per sidecar per 1,000 req/s (cores) | | inbound {cpu_in:.2}, outbound {cpu_out:.2} | | Envoy 0.5 vCPU per 1,000 req/s | |"
+        "| CPU per request per proxy at full load (µs) | | {} | {:.0} | |",
+        nginx_max
+            .as_ref()
+            .map_or("not run".to_string(), |(r, cpu)| format!(
+                "{:.0}",
+                per_req(*cpu, r * secs)
+            )),
+        per_req(cirrus_max_cpu, via_max * secs)
     );
+    println!(
+        "| RSS per proxy at 1,000 req/s (MiB) | | | inbound {:.1}, outbound {:.1} | ≤ 20 MiB |",
+        rss.0, rss.1
+    );
+    drop(nginx);
     drop(inbound);
     drop(outbound);
 }

@@ -26,7 +26,7 @@ pub struct Authn {
 struct State {
     verifier: Verifier,
     has_keys: bool,
-    cache: HashMap<String, Claims>,
+    cache: HashMap<String, Arc<Claims>>,
 }
 
 fn ts(t: Option<prost_types::Timestamp>) -> OffsetDateTime {
@@ -51,7 +51,8 @@ fn rule(r: pb::RevocationEvent) -> RevocationRule {
 
 impl Authn {
     /// Verifies `token`: cached signature check, then expiry and revocations.
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    /// The claims are shared with the cache (no copy per request).
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
         let now = OffsetDateTime::now_utc();
         {
             let s = self.inner.read().map_err(|_| TokenError::Malformed)?;
@@ -68,12 +69,13 @@ impl Authn {
                 return Ok(c.clone());
             }
         }
-        let claims = self
+        let claims: Arc<Claims> = self
             .inner
             .read()
             .map_err(|_| TokenError::Malformed)?
             .verifier
-            .verify(token, now)?;
+            .verify(token, now)?
+            .into();
         if let Ok(mut s) = self.inner.write() {
             if s.cache.len() >= CACHE_LIMIT {
                 s.cache.clear();

@@ -16,7 +16,7 @@ use crate::stack::Req;
 /// What the token said, if one came.
 #[derive(Debug, Clone, Default)]
 pub struct Authenticated {
-    pub claims: Option<Claims>,
+    pub claims: Option<std::sync::Arc<Claims>>,
     /// Why the token that came was refused.
     pub refused: Option<TokenError>,
 }

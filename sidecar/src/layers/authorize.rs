@@ -59,7 +59,7 @@ impl<S> Authorize<S> {
             .map_or((EXTERNAL, true), |p| (&*p.id, p.public));
         let authn = req.extensions().get::<Authenticated>();
         let subject = Subject {
-            claims: authn.and_then(|a| a.claims.as_ref()),
+            claims: authn.and_then(|a| a.claims.as_deref()),
             peer,
             public,
         };
@@ -188,7 +188,7 @@ internal_only = true
             }
         );
         let reader = Authenticated {
-            claims: Some(claims(&["reader"])),
+            claims: Some(claims(&["reader"]).into()),
             refused: None,
         };
         assert_eq!(
@@ -217,7 +217,7 @@ internal_only = true
             Refusal::BadToken(TokenError::Expired)
         );
         let nobody = Authenticated {
-            claims: Some(claims(&[])),
+            claims: Some(claims(&[]).into()),
             refused: None,
         };
         assert_eq!(

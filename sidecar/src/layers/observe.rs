@@ -8,6 +8,7 @@
 //! paths that are no method and methods no rule knows are labelled
 //! `unknown`, so a caller cannot grow the metric's label set without bound.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
+use metrics::{Counter, Histogram};
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -36,13 +38,22 @@ pub fn layer(service: &str, side: Side) -> ObserveLayer {
     ObserveLayer {
         service: service.into(),
         side,
+        handles: Arc::default(),
     }
 }
+
+/// The metric handles of one (method, code, listener): registering a
+/// labelled metric (label strings, hashing, the registry's lock) costs more
+/// than counting, so each combination is looked up once. Bounded: past
+/// [`HANDLE_LIMIT`] combinations the registry is asked each time.
+type Handles = Arc<std::sync::Mutex<HashMap<(Arc<str>, Code, &'static str), (Counter, Histogram)>>>;
+const HANDLE_LIMIT: usize = 4096;
 
 #[derive(Clone)]
 pub struct ObserveLayer {
     service: Arc<str>,
     side: Side,
+    handles: Handles,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -52,6 +63,7 @@ impl<S> Layer<S> for ObserveLayer {
             inner,
             service: self.service.clone(),
             side: self.side,
+            handles: self.handles.clone(),
         }
     }
 }
@@ -61,6 +73,7 @@ pub struct Observe<S> {
     inner: S,
     service: Arc<str>,
     side: Side,
+    handles: Handles,
 }
 
 impl<S> Service<Req> for Observe<S>
@@ -91,6 +104,7 @@ where
             Side::Outbound => tracing::info_span!("outbound", from = %self.service, %method),
         };
         let service = self.service.clone();
+        let handles = self.handles.clone();
         let fut = self.inner.call(req);
         Box::pin(
             async move {
@@ -104,6 +118,7 @@ where
                     method: if known { method } else { "unknown".into() },
                     listener,
                     start,
+                    handles,
                 };
                 Ok(observe(rsp, record))
             }
@@ -133,18 +148,37 @@ struct Record {
     method: Arc<str>,
     listener: &'static str,
     start: Instant,
+    handles: Handles,
 }
 
 impl Record {
+    fn register(&self, code: Code) -> (Counter, Histogram) {
+        let counter = metrics::counter!("sidecar_requests_total",
+            "service" => self.service.to_string(), "method" => self.method.to_string(),
+            "code" => format!("{code:?}"), "listener" => self.listener);
+        let histogram = metrics::histogram!("sidecar_request_duration_seconds",
+            "service" => self.service.to_string(), "method" => self.method.to_string(),
+            "listener" => self.listener);
+        (counter, histogram)
+    }
+
     fn done(self, code: Code) {
-        metrics::counter!("sidecar_requests_total",
-            "service" => self.service.to_string(), "method" => self.method.to_string(),
-            "code" => format!("{code:?}"), "listener" => self.listener)
-        .increment(1);
-        metrics::histogram!("sidecar_request_duration_seconds",
-            "service" => self.service.to_string(), "method" => self.method.to_string(),
-            "listener" => self.listener)
-        .record(self.start.elapsed().as_secs_f64());
+        let key = (self.method.clone(), code, self.listener);
+        let cached = self.handles.lock().ok().and_then(|m| m.get(&key).cloned());
+        let (counter, histogram) = match cached {
+            Some(h) => h,
+            None => {
+                let h = self.register(code);
+                if let Ok(mut m) = self.handles.lock()
+                    && m.len() < HANDLE_LIMIT
+                {
+                    m.insert(key, h.clone());
+                }
+                h
+            }
+        };
+        counter.increment(1);
+        histogram.record(self.start.elapsed().as_secs_f64());
     }
 }
 

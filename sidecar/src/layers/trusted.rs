@@ -11,19 +11,32 @@ use tower::{Layer, Service};
 use super::authenticate::Authenticated;
 use crate::stack::{Peer, Req};
 
-/// Sets the trusted headers on `req` from `claims` and `peer`.
+/// Sets the trusted headers on `h` from `claims` and `peer`: what
+/// [`runtime::caller::Caller::to_metadata`] writes, built from borrowed
+/// claims (no `Caller` copy per request). A value that is no valid ASCII
+/// metadata is left out, as `to_metadata` does.
 pub fn set(h: &mut http::HeaderMap, claims: Option<&token::Claims>, peer: &str) {
-    let caller = runtime::caller::Caller {
-        user_id: claims.map(|c| c.sub.clone()),
-        user_name: claims.map(|c| c.user_name.clone()),
-        project_id: claims.and_then(|c| c.project_id().map(str::to_owned)),
-        roles: claims.map(|c| c.roles.clone()).unwrap_or_default(),
-        audit_id: claims.map(|c| c.audit_id().to_owned()),
-        is_admin: claims.is_some_and(token::Claims::is_cloud_admin),
-        peer: Some(peer.to_string()),
-    };
+    use runtime::caller::{AUDIT_ID, IS_ADMIN, PEER, PROJECT_ID, ROLES, USER_ID, USER_NAME};
     let mut meta = tonic::metadata::MetadataMap::from_headers(std::mem::take(h));
-    caller.to_metadata(&mut meta);
+    let mut put = |k: &'static str, v: &str| {
+        if let Ok(v) = v.parse() {
+            meta.insert(k, v);
+        }
+    };
+    if let Some(c) = claims {
+        put(USER_ID, &c.sub);
+        put(USER_NAME, &c.user_name);
+        if let Some(p) = c.project_id() {
+            put(PROJECT_ID, p);
+        }
+        if !c.roles.is_empty() {
+            put(ROLES, &c.roles.join(","));
+        }
+        put(AUDIT_ID, c.audit_id());
+    }
+    let admin = claims.is_some_and(token::Claims::is_cloud_admin);
+    put(IS_ADMIN, if admin { "true" } else { "false" });
+    put(PEER, peer);
     *h = meta.into_headers();
 }
 
@@ -62,7 +75,7 @@ impl<S: Service<Req>> Service<Req> for Trusted<S> {
             let claims = parts
                 .extensions
                 .get::<Authenticated>()
-                .and_then(|a| a.claims.as_ref());
+                .and_then(|a| a.claims.as_deref());
             let peer = parts
                 .extensions
                 .get::<Peer>()
@@ -120,7 +133,7 @@ mod tests {
         r.headers_mut()
             .insert("traceparent", "00-abc-def-01".parse().unwrap());
         r.extensions_mut().insert(Authenticated {
-            claims: Some(claims),
+            claims: Some(claims.into()),
             refused: None,
         });
         r.extensions_mut().insert(Peer {
