@@ -207,13 +207,29 @@ impl Bridge {
             if !args.is_empty() {
                 args.push("--".into());
             }
-            args.extend([
-                "set".into(),
-                "Port".into(),
-                name.clone(),
-                format!("tag={tag}"),
-                format!("other_config:cirrus-net={net}"),
-            ]);
+            if net.is_empty() {
+                // Dead: no network; the key goes (an empty value is not valid).
+                args.extend([
+                    "set".into(),
+                    "Port".into(),
+                    name.clone(),
+                    format!("tag={tag}"),
+                    "--".into(),
+                    "remove".into(),
+                    "Port".into(),
+                    name.clone(),
+                    "other_config".into(),
+                    "cirrus-net".into(),
+                ]);
+            } else {
+                args.extend([
+                    "set".into(),
+                    "Port".into(),
+                    name.clone(),
+                    format!("tag={tag}"),
+                    format!("other_config:cirrus-net={net}"),
+                ]);
+            }
         }
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         vsctl(&a).await?;

@@ -216,3 +216,139 @@ async fn security_groups_are_enforced_statefully_and_follow_membership() {
     g2.sh(&["ip", "link", "set", "eth0", "address", "fa:16:3e:de:ad:01"]);
     assert!(!g2.ping_within("10.20.0.10", 3).await, "forged MAC passed");
 }
+
+#[tokio::test]
+async fn agent_restart_keeps_a_ping_flowing_and_picks_up_a_port_made_while_it_was_down() {
+    let cloud = Cloud::start(1).await;
+    let mut host = Host::start(&cloud.url()).await;
+    cloud.wait_agent(host.host()).await;
+    let a = member_a();
+    let net = cloud.network(&a, "restart").await;
+    cloud.subnet(&a, &net.id, "10.70.0.0/24").await;
+    let p1 = cloud.port(&a, &net.id, Some("10.70.0.11"), &[]).await;
+    let p2 = cloud.port(&a, &net.id, Some("10.70.0.12"), &[]).await;
+    let g1 = host.plug(1, &p1);
+    let g2 = host.plug(2, &p2);
+    for p in [&p1, &p2] {
+        cloud.bind(&a, &p.id, host.host()).await.unwrap();
+    }
+    for p in [&p1, &p2] {
+        cloud.wait_status(&a, &p.id, "ACTIVE").await;
+    }
+    g1.dhcp().await.unwrap();
+    g2.dhcp().await.unwrap();
+    assert!(g1.ping_within("10.70.0.12", 5).await);
+    let dnsmasq =
+        std::fs::read_to_string(host.config.state_dir.join("dhcp").join(&net.id).join("pid"))
+            .unwrap();
+
+    // 60 pings, 100 ms apart, across the agent's stop and start.
+    let ns = g1.ns.clone();
+    let pinger = tokio::spawn(async move {
+        tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "busybox",
+                "ping",
+                "-c",
+                "60",
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+                "10.70.0.12",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap()
+    });
+    host.stop_agent().await;
+    // While the agent is away: a new port, plugged and bound (its last heartbeat is recent).
+    let p3 = cloud.port(&a, &net.id, Some("10.70.0.13"), &[]).await;
+    let g3 = host.plug(3, &p3);
+    cloud.bind(&a, &p3.id, host.host()).await.unwrap();
+    host.run();
+    cloud.wait_status(&a, &p3.id, "ACTIVE").await;
+    assert_eq!(
+        g3.dhcp().await.unwrap().split_whitespace().next(),
+        Some("10.70.0.13")
+    );
+    assert!(
+        g3.ping_within("10.70.0.11", 5).await,
+        "the new port cannot reach an old one"
+    );
+    let out = pinger.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("60 packets transmitted, 60 packets received"),
+        "the ping blipped across the restart:\n{text}"
+    );
+    // dnsmasq was kept (same process), not restarted.
+    let after =
+        std::fs::read_to_string(host.config.state_dir.join("dhcp").join(&net.id).join("pid"))
+            .unwrap();
+    assert_eq!(dnsmasq, after);
+}
+
+#[tokio::test]
+async fn a_crashed_agent_leaves_nothing_orphaned_once_back_and_unknown_interfaces_are_dead() {
+    let cloud = Cloud::start(1).await;
+    let mut host = Host::start(&cloud.url()).await;
+    cloud.wait_agent(host.host()).await;
+    let a = member_a();
+    let net = cloud.network(&a, "crash").await;
+    cloud.subnet(&a, &net.id, "10.80.0.0/24").await;
+    let p = cloud.port(&a, &net.id, None, &[]).await;
+    let _g = host.plug(1, &p);
+    cloud.bind(&a, &p.id, host.host()).await.unwrap();
+    cloud.wait_status(&a, &p.id, "ACTIVE").await;
+    let dhcp_ns = format!("{}dhcp-{}", host.config.namespace_prefix, net.id);
+    assert!(sh(&["ip", "netns", "list"]).contains(&dhcp_ns));
+
+    // The agent dies; meanwhile the port and the network go away, and an
+    // interface nobody knows is plugged into the bridge.
+    host.kill_agent();
+    let mut c = cloud.client();
+    c.delete_port(req(pb::DeleteRequest { id: p.id.clone() }, &a))
+        .await
+        .unwrap();
+    c.delete_network(req(pb::DeleteRequest { id: net.id.clone() }, &a))
+        .await
+        .unwrap();
+    let stranger = pb::Port {
+        id: uuid::Uuid::new_v4().to_string(),
+        mac_address: "fa:16:3e:12:34:56".into(),
+        ..Default::default()
+    };
+    let gs = host.plug(2, &stranger);
+
+    host.run();
+    let bridge = host.config.bridge.clone();
+    let state = host.config.state_dir.clone();
+    let gs_if = gs.host_if.clone();
+    runtime::testing::wait_for("no orphans", std::time::Duration::from_secs(30), || {
+        let dhcp_ns = dhcp_ns.clone();
+        let bridge = bridge.clone();
+        let state = state.clone();
+        let gs_if = gs_if.clone();
+        async move {
+            let nss = sh(&["ip", "netns", "list"]);
+            let ports = sh(&["ovs-vsctl", "list-ports", &bridge]);
+            let tag = sh(&["ovs-vsctl", "get", "Port", &gs_if, "tag"]);
+            let dirs = std::fs::read_dir(state.join("dhcp")).map(|d| d.count()).unwrap_or(0);
+            let dnsmasq = sh(&["ps", "-eo", "args"]).lines().filter(|l| l.contains(&state.display().to_string())).count();
+            let clean = !nss.contains(&dhcp_ns) && ports.lines().all(|l| !l.starts_with("dh")) && tag.trim() == "4095" && dirs == 0 && dnsmasq == 0;
+            if clean {
+                Ok(())
+            } else {
+                Err(format!("namespaces {nss:?} ports {ports:?} stranger tag {tag:?} dirs {dirs} dnsmasq {dnsmasq}"))
+            }
+        }
+    })
+    .await;
+    // The unknown interface is dead: nothing from it leaves (table 0 drops it).
+    assert!(!gs.ping_within("10.80.0.1", 1).await);
+}
