@@ -516,7 +516,8 @@ async fn bench() {
     let fixed_n = (1000.0 * secs) as usize as f64;
     println!("| measure | direct | nginx pair | Cirrus pair | target (Cirrus) |");
     println!("|---|---|---|---|---|");
-    let ng = |f: &dyn Fn(&(Vec<Duration>, f64)) -> String| {
+    type Run = (Vec<Duration>, f64);
+    let ng = |f: &dyn Fn(&Run) -> String| {
         nginx_fixed
             .as_ref()
             .map_or("not run (no nginx)".to_string(), f)
