@@ -45,11 +45,17 @@ pub struct Cloud {
     pub db: TestDatabase,
     pub queue: Served,
     pub api: Served,
+    /// A second compute-api calling the second scheduler (with two).
+    pub api2: Option<Served>,
     pub schedulers: Vec<Served>,
     pub conductor: Served,
-    pub agents: HashMap<String, Served>,
+    pub agents: HashMap<String, AgentRun>,
     pub state: tempfile::TempDir,
     pub options: Options,
+    /// A connection that keeps the in-process test driver's state alive
+    /// while agents come and go (it frees its domains with its last
+    /// connection): the hypervisor outlives its agent, as on a real host.
+    pub hypervisor: Libvirt,
 }
 
 fn server_config() -> ServerConfig {
@@ -111,8 +117,20 @@ impl Cloud {
             host_down_after_secs: options.host_down_after_secs,
             ..Default::default()
         };
+        let api2_cfg = (schedulers.len() > 1).then(|| compute_api::Config {
+            scheduler_url: format!("http://{}", schedulers[1].addr),
+            ..api_cfg.clone()
+        });
         let api = Served::spawn(|l, s| compute_api::run(api_cfg, l, s)).await;
         healthy(&api, "compute-api (and its migrations)").await;
+        let api2 = match api2_cfg {
+            Some(cfg) => {
+                let a = Served::spawn(|l, s| compute_api::run(cfg, l, s)).await;
+                healthy(&a, "the second compute-api").await;
+                Some(a)
+            }
+            None => None,
+        };
         let conductor_cfg = conductor::Config {
             server: server_config(),
             database: database("compute"),
@@ -131,11 +149,17 @@ impl Cloud {
             db,
             queue,
             api,
+            api2,
             schedulers,
             conductor,
             agents: HashMap::new(),
             state: tempfile::tempdir().unwrap(),
             options,
+            hypervisor: tokio::task::spawn_blocking(|| {
+                Libvirt::open("test:///default", "test").unwrap()
+            })
+            .await
+            .unwrap(),
         }
     }
 
@@ -165,8 +189,7 @@ impl Cloud {
     /// Starts an agent and waits until its host is up.
     pub async fn start_agent_with(&mut self, cfg: compute_agent::Config) {
         let host = cfg.host.clone();
-        let agent = Served::spawn(|l, s| compute_agent::run(cfg, l, s)).await;
-        self.agents.insert(host.clone(), agent);
+        self.agents.insert(host.clone(), AgentRun::spawn(cfg));
         let hosts = self.hosts();
         let h = host.clone();
         wait_for(&format!("host {host} up"), WAIT, || {
@@ -188,11 +211,29 @@ impl Cloud {
         self.start_agent_with(cfg).await;
     }
 
-    /// Stops an agent abruptly: its task is aborted with whatever it was
-    /// doing (no unwinding runs), as a kill -9 would; the hypervisor (the
-    /// test driver, in this process) keeps its domains.
+    /// Stops an agent abruptly: its runtime is dropped with every task of
+    /// it wherever it was (no unwinding runs), as a kill -9 would; the
+    /// hypervisor (the test driver, in this process) keeps its domains.
     pub fn kill_agent(&mut self, host: &str) {
         drop(self.agents.remove(host));
+    }
+
+    pub async fn set_host(&self, host: &str, enabled: bool) {
+        self.hosts()
+            .set_host(req(
+                pb::SetHostRequest {
+                    name: host.into(),
+                    enabled,
+                    disabled_reason: if enabled {
+                        String::new()
+                    } else {
+                        "test".into()
+                    },
+                },
+                &admin(),
+            ))
+            .await
+            .expect("set host");
     }
 
     pub fn servers(&self) -> ServersClient<Channel> {
@@ -275,14 +316,10 @@ impl Cloud {
     /// Whether the test driver holds a domain for the server.
     pub async fn domain_exists(&self, id: &str) -> bool {
         let id = uuid::Uuid::parse_str(id).unwrap();
-        tokio::task::spawn_blocking(move || {
-            Libvirt::open("test:///default", "test")
-                .unwrap()
-                .exists(id)
-                .unwrap()
-        })
-        .await
-        .unwrap()
+        let lv = self.hypervisor.clone();
+        tokio::task::spawn_blocking(move || lv.exists(id).unwrap())
+            .await
+            .unwrap()
     }
 
     /// Files left for the server in the agent's state directory.
@@ -342,4 +379,51 @@ pub async fn watch_until(
         "watch did not reach {vm_state}; saw {seen:?}"
     );
     seen
+}
+
+/// A compute agent on a runtime of its own (two worker threads), so that
+/// killing it drops every task it spawned at once — heartbeats, the
+/// consumer, builds midway — the way a kill -9 ends a process.
+pub struct AgentRun {
+    pub addr: std::net::SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentRun {
+    pub fn spawn(cfg: compute_agent::Config) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn(async move {
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                if let Err(e) = compute_agent::run(cfg, l, std::future::pending::<()>()).await {
+                    eprintln!("compute agent ended: {e:#}");
+                }
+            });
+            let _ = stopped.recv();
+            rt.shutdown_background();
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
