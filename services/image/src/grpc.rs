@@ -18,22 +18,22 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::error::Error;
+use runtime::error::{Error, Result};
+use runtime::types::{MAX_NAME, Name, check_text, page_limit, parse_id, parse_opt_id, short};
+
 use crate::model::*;
 use crate::policy::Caller;
 use crate::service::Images;
 
-pub const MAX_NAME: usize = 255;
 pub const MAX_PROPERTIES: usize = 128;
 pub const MAX_TAGS: usize = 128;
 const MAX_PROPERTY_VALUE: usize = 4096;
-const MAX_PROJECT_ID: usize = 64;
 const DEFAULT_LIMIT: u32 = 25;
 const MAX_LIMIT: u32 = 1000;
 /// Properties that name other images must hold image ids.
 const IMAGE_REF_PROPERTIES: [&str; 2] = ["kernel_id", "ramdisk_id"];
 
-type R<T> = Result<Response<T>, Status>;
+type R<T> = std::result::Result<Response<T>, Status>;
 
 #[derive(Clone)]
 pub struct Api {
@@ -117,56 +117,31 @@ where
 
 // ------------------------------------------------------------- validation
 
-fn invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg.into())
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(40).collect()
-}
-
-fn caller<T>(r: &Request<T>) -> Result<Caller, Status> {
+fn caller<T>(r: &Request<T>) -> Result<Caller> {
     let c = Caller::from_metadata(r.metadata());
     crate::policy::authenticated(&c)?;
     Ok(c)
 }
 
-fn id(field: &str, s: &str) -> Result<Uuid, Status> {
-    if s.is_empty() {
-        return Err(invalid(format!("{field} is required")));
-    }
-    Uuid::parse_str(s).map_err(|_| invalid(format!("{field} is not a valid id: {:?}", truncate(s))))
-}
-
-/// A display name: may be empty (Glance allows it), at most 255 characters, no control characters.
-fn name(field: &str, s: &str) -> Result<String, Status> {
-    if s.chars().count() > MAX_NAME {
-        return Err(invalid(format!(
-            "{field} is longer than {MAX_NAME} characters"
-        )));
-    }
+/// A display name: may be empty (Glance allows it); otherwise a [`Name`]
+/// (at most 255 characters, no control characters, not shaped like an id).
+fn display_name(field: &'static str, s: &str) -> Result<String> {
+    // Names are one line: no newline or tab either (free text allows them).
     if s.chars().any(char::is_control) {
-        return Err(invalid(format!("{field} contains control characters")));
+        return Err(Error::invalid(field, "contains control characters"));
     }
-    Ok(s.to_string())
+    Ok(Name::parse_opt(field, s)?
+        .map(Name::into_string)
+        .unwrap_or_default())
 }
 
-fn project(field: &str, s: &str) -> Result<String, Status> {
-    let ok = !s.is_empty()
-        && s.len() <= MAX_PROJECT_ID
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(invalid(format!(
-            "{field} is not a valid project id: {:?}",
-            truncate(s)
-        )))
-    }
+/// A project id (identity makes them UUIDs), in the simple form identity
+/// uses, so that one project is always spelled the same way.
+fn project(field: &'static str, s: &str) -> Result<String> {
+    Ok(parse_id(field, s)?.simple().to_string())
 }
 
-fn property_key(k: &str) -> Result<(), Status> {
+fn property_key(field: &'static str, k: &str) -> Result<()> {
     let ok = !k.is_empty()
         && k.len() <= MAX_NAME
         && k.chars()
@@ -174,46 +149,53 @@ fn property_key(k: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(format!(
-            "property name {:?} must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ - . :",
-            truncate(k)
-        )))
+        Err(Error::invalid(
+            field,
+            format!(
+                "property name {:?} must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ - . :",
+                short(k)
+            ),
+        ))
     }
 }
 
-fn properties(p: HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+fn properties(field: &'static str, p: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
     if p.len() > MAX_PROPERTIES {
-        return Err(invalid(format!("at most {MAX_PROPERTIES} properties")));
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_PROPERTIES} properties"),
+        ));
     }
     for (k, v) in &p {
-        property_key(k)?;
+        property_key(field, k)?;
         if v.len() > MAX_PROPERTY_VALUE || v.chars().any(char::is_control) {
-            return Err(invalid(format!(
-                "property {k}: the value must be at most {MAX_PROPERTY_VALUE} bytes, no control characters"
-            )));
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "property {k}: the value must be at most {MAX_PROPERTY_VALUE} bytes, no control characters"
+                ),
+            ));
         }
         if IMAGE_REF_PROPERTIES.contains(&k.as_str()) && Uuid::parse_str(v).is_err() {
-            return Err(invalid(format!("property {k} must be an image id")));
+            return Err(Error::invalid(
+                field,
+                format!("property {k} must be an image id"),
+            ));
         }
     }
     Ok(p.into_iter().collect())
 }
 
-fn tags(t: Vec<String>) -> Result<Vec<String>, Status> {
+fn tags(t: Vec<String>) -> Result<Vec<String>> {
     if t.len() > MAX_TAGS {
-        return Err(invalid(format!("at most {MAX_TAGS} tags")));
+        return Err(Error::invalid("tags", format!("at most {MAX_TAGS} tags")));
     }
     let mut out: Vec<String> = Vec::with_capacity(t.len());
     for tag in t {
-        if tag.trim().is_empty()
-            || tag.chars().count() > MAX_NAME
-            || tag.chars().any(char::is_control)
-        {
-            return Err(invalid(format!(
-                "tag {:?} must be 1 to {MAX_NAME} characters, not blank, no control characters",
-                truncate(&tag)
-            )));
+        if tag.trim().is_empty() {
+            return Err(Error::invalid("tags", "a tag must not be blank"));
         }
+        check_text("tags", &tag, MAX_NAME)?;
         if !out.contains(&tag) {
             out.push(tag);
         }
@@ -221,50 +203,56 @@ fn tags(t: Vec<String>) -> Result<Vec<String>, Status> {
     Ok(out)
 }
 
-fn sha256(field: &str, s: &str) -> Result<String, Status> {
+fn sha256(field: &'static str, s: &str) -> Result<String> {
     if s.is_empty() {
         return Ok(String::new());
     }
     if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
         Ok(s.to_ascii_lowercase())
     } else {
-        Err(invalid(format!("{field} must be 64 hex digits")))
+        Err(Error::invalid(field, "must be 64 hex digits"))
     }
 }
 
-fn disk_format(v: i32) -> Result<DiskFormat, Status> {
+fn unknown(field: &'static str, v: i32) -> Error {
+    Error::invalid(field, format!("unknown value {v}"))
+}
+
+fn disk_format(v: i32) -> Result<DiskFormat> {
     match pb::DiskFormat::try_from(v) {
         Ok(pb::DiskFormat::Raw) => Ok(DiskFormat::Raw),
         Ok(pb::DiskFormat::Qcow2) => Ok(DiskFormat::Qcow2),
         Ok(pb::DiskFormat::Iso) => Ok(DiskFormat::Iso),
         Ok(pb::DiskFormat::Aki) => Ok(DiskFormat::Aki),
         Ok(pb::DiskFormat::Ari) => Ok(DiskFormat::Ari),
-        Ok(pb::DiskFormat::Unspecified) => Err(invalid("disk_format is required")),
-        Err(_) => Err(invalid(format!("unknown disk_format {v}"))),
+        Ok(pb::DiskFormat::Unspecified) => Err(Error::invalid("disk_format", "is required")),
+        Err(_) => Err(unknown("disk_format", v)),
     }
 }
 
-fn container_format(v: i32) -> Result<ContainerFormat, Status> {
+fn container_format(v: i32) -> Result<ContainerFormat> {
     match pb::ContainerFormat::try_from(v) {
         Ok(pb::ContainerFormat::Bare) => Ok(ContainerFormat::Bare),
         Ok(pb::ContainerFormat::Ovf) => Ok(ContainerFormat::Ovf),
-        Ok(pb::ContainerFormat::Unspecified) => Err(invalid("container_format is required")),
-        Err(_) => Err(invalid(format!("unknown container_format {v}"))),
+        Ok(pb::ContainerFormat::Unspecified) => {
+            Err(Error::invalid("container_format", "is required"))
+        }
+        Err(_) => Err(unknown("container_format", v)),
     }
 }
 
-fn visibility(v: i32) -> Result<Option<Visibility>, Status> {
+fn visibility(v: i32) -> Result<Option<Visibility>> {
     match pb::Visibility::try_from(v) {
         Ok(pb::Visibility::Unspecified) => Ok(None),
         Ok(pb::Visibility::Private) => Ok(Some(Visibility::Private)),
         Ok(pb::Visibility::Shared) => Ok(Some(Visibility::Shared)),
         Ok(pb::Visibility::Community) => Ok(Some(Visibility::Community)),
         Ok(pb::Visibility::Public) => Ok(Some(Visibility::Public)),
-        Err(_) => Err(invalid(format!("unknown visibility {v}"))),
+        Err(_) => Err(unknown("visibility", v)),
     }
 }
 
-fn status(v: i32) -> Result<Option<Status_>, Status> {
+fn status(v: i32) -> Result<Option<Status_>> {
     match pb::Status::try_from(v) {
         Ok(pb::Status::Unspecified) => Ok(None),
         Ok(pb::Status::Queued) => Ok(Some(Status_::Queued)),
@@ -272,46 +260,140 @@ fn status(v: i32) -> Result<Option<Status_>, Status> {
         Ok(pb::Status::Active) => Ok(Some(Status_::Active)),
         Ok(pb::Status::Killed) => Ok(Some(Status_::Killed)),
         Ok(pb::Status::Deactivated) => Ok(Some(Status_::Deactivated)),
-        Err(_) => Err(invalid(format!("unknown status {v}"))),
+        Err(_) => Err(unknown("status", v)),
     }
 }
 
 use crate::model::Status as Status_;
 
-fn member_status(v: i32) -> Result<Option<MemberStatus>, Status> {
+fn member_status(v: i32) -> Result<Option<MemberStatus>> {
     match pb::MemberStatus::try_from(v) {
         Ok(pb::MemberStatus::Unspecified) => Ok(None),
         Ok(pb::MemberStatus::Pending) => Ok(Some(MemberStatus::Pending)),
         Ok(pb::MemberStatus::Accepted) => Ok(Some(MemberStatus::Accepted)),
         Ok(pb::MemberStatus::Rejected) => Ok(Some(MemberStatus::Rejected)),
-        Err(_) => Err(invalid(format!("unknown member status {v}"))),
+        Err(_) => Err(unknown("member_status", v)),
     }
 }
 
-fn sort_key(v: i32) -> Result<SortKey, Status> {
+fn sort_key(v: i32) -> Result<SortKey> {
     match pb::SortKey::try_from(v) {
         Ok(pb::SortKey::Unspecified | pb::SortKey::CreatedAt) => Ok(SortKey::CreatedAt),
         Ok(pb::SortKey::UpdatedAt) => Ok(SortKey::UpdatedAt),
         Ok(pb::SortKey::Name) => Ok(SortKey::Name),
         Ok(pb::SortKey::Size) => Ok(SortKey::Size),
         Ok(pb::SortKey::Status) => Ok(SortKey::Status),
-        Err(_) => Err(invalid(format!("unknown sort_key {v}"))),
+        Err(_) => Err(unknown("sort_key", v)),
     }
 }
 
-fn min_value(field: &str, v: u32) -> Result<u32, Status> {
+fn min_value(field: &'static str, v: u32) -> Result<u32> {
     if v > i32::MAX as u32 {
-        Err(invalid(format!("{field} is too large")))
+        Err(Error::invalid(field, "is too large"))
     } else {
         Ok(v)
     }
 }
 
-fn size_value(field: &str, v: u64) -> Result<u64, Status> {
+fn size_value(field: &'static str, v: u64) -> Result<u64> {
     if v > i64::MAX as u64 {
-        Err(invalid(format!("{field} is too large")))
+        Err(Error::invalid(field, "is too large"))
     } else {
         Ok(v)
+    }
+}
+
+impl TryFrom<pb::CreateImageRequest> for NewImage {
+    type Error = Error;
+
+    fn try_from(m: pb::CreateImageRequest) -> Result<Self> {
+        Ok(NewImage {
+            name: display_name("name", &m.name)?,
+            disk_format: disk_format(m.disk_format)?,
+            container_format: container_format(m.container_format)?,
+            visibility: visibility(m.visibility)?.unwrap_or(Visibility::Private),
+            min_disk: min_value("min_disk", m.min_disk)?,
+            min_ram: min_value("min_ram", m.min_ram)?,
+            protected: m.protected,
+            properties: properties("properties", m.properties)?,
+            tags: tags(m.tags)?,
+            expected_size: m
+                .expected_size
+                .map(|s| size_value("expected_size", s))
+                .transpose()?,
+            expected_sha256: sha256("expected_sha256", &m.expected_sha256)?,
+        })
+    }
+}
+
+impl TryFrom<pb::ListImagesRequest> for ListFilter {
+    type Error = Error;
+
+    fn try_from(m: pb::ListImagesRequest) -> Result<Self> {
+        Ok(ListFilter {
+            name: m
+                .name
+                .as_deref()
+                .map(|n| display_name("name", n))
+                .transpose()?,
+            status: status(m.status)?,
+            visibility: visibility(m.visibility)?,
+            owner: m
+                .owner
+                .as_deref()
+                .map(|o| project("owner", o))
+                .transpose()?,
+            tags: tags(m.tags)?,
+            properties: properties("properties", m.properties)?,
+            member_status: member_status(m.member_status)?.unwrap_or(MemberStatus::Accepted),
+            sort_key: sort_key(m.sort_key)?,
+            ascending: m.ascending,
+            marker: parse_opt_id("marker", &m.marker)?,
+            limit: page_limit("limit", m.limit, DEFAULT_LIMIT, MAX_LIMIT)?,
+        })
+    }
+}
+
+/// `UpdateImage`: the image and what changes.
+struct UpdateImage(Uuid, ImageUpdate);
+
+impl TryFrom<pb::UpdateImageRequest> for UpdateImage {
+    type Error = Error;
+
+    fn try_from(m: pb::UpdateImageRequest) -> Result<Self> {
+        let id = parse_id("id", &m.id)?;
+        for k in &m.remove_properties {
+            property_key("remove_properties", k)?;
+        }
+        Ok(UpdateImage(
+            id,
+            ImageUpdate {
+                name: m
+                    .name
+                    .as_deref()
+                    .map(|n| display_name("name", n))
+                    .transpose()?,
+                set_properties: properties("set_properties", m.set_properties)?,
+                remove_properties: m.remove_properties,
+                tags: m.tags.map(|t| tags(t.tags)).transpose()?,
+                visibility: visibility(m.visibility)?,
+                protected: m.protected,
+                min_disk: m.min_disk.map(|v| min_value("min_disk", v)).transpose()?,
+                min_ram: m.min_ram.map(|v| min_value("min_ram", v)).transpose()?,
+            },
+        ))
+    }
+}
+
+/// An image and a member project, as the member RPCs name them.
+struct MemberRef(Uuid, String);
+
+impl MemberRef {
+    fn parse(image_id: &str, member_id: &str) -> Result<Self> {
+        Ok(MemberRef(
+            parse_id("image_id", image_id)?,
+            project("member_id", member_id)?,
+        ))
     }
 }
 
@@ -403,45 +485,30 @@ type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadResponse, Sta
 impl pb::images_server::Images for Api {
     async fn create_image(&self, r: Request<pb::CreateImageRequest>) -> R<pb::Image> {
         let c = caller(&r)?;
-        let m = r.into_inner();
-        let new = NewImage {
-            name: name("name", &m.name)?,
-            disk_format: disk_format(m.disk_format)?,
-            container_format: container_format(m.container_format)?,
-            visibility: visibility(m.visibility)?.unwrap_or(Visibility::Private),
-            min_disk: min_value("min_disk", m.min_disk)?,
-            min_ram: min_value("min_ram", m.min_ram)?,
-            protected: m.protected,
-            properties: properties(m.properties)?,
-            tags: tags(m.tags)?,
-            expected_size: m
-                .expected_size
-                .map(|s| size_value("expected_size", s))
-                .transpose()?,
-            expected_sha256: sha256("expected_sha256", &m.expected_sha256)?,
-        };
-        let image = self.images.create(&c, new).await?;
-        Ok(Response::new(image_pb(image)))
+        let new = NewImage::try_from(r.into_inner())?;
+        Ok(Response::new(image_pb(self.images.create(&c, new).await?)))
     }
 
     async fn upload(&self, r: Request<Streaming<pb::UploadRequest>>) -> R<pb::Image> {
         let c = caller(&r)?;
         let body = r.extensions().get::<BodyEnd>().cloned().unwrap_or_default();
         let mut stream = r.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| invalid("an upload needs at least one message, naming the image"))?;
-        let image_id = id("image_id", &first.image_id)?;
+        let first = stream.message().await?.ok_or_else(|| {
+            Error::invalid(
+                "image_id",
+                "an upload needs at least one message, naming the image",
+            )
+        })?;
+        let image_id = parse_id("image_id", &first.image_id)?;
         let expected = first.image_id.clone();
         let first_data = futures_util::stream::once(async move { Ok(first.data) });
         let rest = stream.map(move |m| match m {
             Ok(m) if m.image_id.is_empty() || m.image_id == expected => Ok(m.data),
-            Ok(_) => Err(Error::Aborted(
-                "every message of an upload must name the same image".into(),
+            Ok(_) => Err(Error::aborted(
+                "every message of an upload must name the same image",
             )),
             // The client reset the stream or the connection died.
-            Err(s) => Err(Error::Aborted(format!(
+            Err(s) => Err(Error::aborted(format!(
                 "the upload stream failed: {}",
                 s.message()
             ))),
@@ -458,7 +525,7 @@ impl pb::images_server::Images for Api {
     async fn download(&self, r: Request<pb::DownloadRequest>) -> R<Self::DownloadStream> {
         let c = caller(&r)?;
         let m = r.into_inner();
-        let image_id = id("image_id", &m.image_id)?;
+        let image_id = parse_id("image_id", &m.image_id)?;
         let (_, rx) = self
             .images
             .download(&c, image_id, m.offset, m.length)
@@ -473,42 +540,13 @@ impl pb::images_server::Images for Api {
 
     async fn get_image(&self, r: Request<pb::GetImageRequest>) -> R<pb::Image> {
         let c = caller(&r)?;
-        let image_id = id("id", &r.get_ref().id)?;
-        Ok(Response::new(image_pb(
-            self.images.get(&c, image_id).await?,
-        )))
+        let id = parse_id("id", &r.get_ref().id)?;
+        Ok(Response::new(image_pb(self.images.get(&c, id).await?)))
     }
 
     async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> R<pb::ListImagesResponse> {
         let c = caller(&r)?;
-        let m = r.into_inner();
-        let limit = match m.limit {
-            0 => DEFAULT_LIMIT,
-            n if n > MAX_LIMIT => return Err(invalid(format!("limit is at most {MAX_LIMIT}"))),
-            n => n,
-        };
-        let marker = if m.marker.is_empty() {
-            None
-        } else {
-            Some(id("marker", &m.marker)?)
-        };
-        let filter = ListFilter {
-            name: m.name.as_deref().map(|n| name("name", n)).transpose()?,
-            status: status(m.status)?,
-            visibility: visibility(m.visibility)?,
-            owner: m
-                .owner
-                .as_deref()
-                .map(|o| project("owner", o))
-                .transpose()?,
-            tags: tags(m.tags)?,
-            properties: properties(m.properties)?,
-            member_status: member_status(m.member_status)?.unwrap_or(MemberStatus::Accepted),
-            sort_key: sort_key(m.sort_key)?,
-            ascending: m.ascending,
-            marker,
-            limit,
-        };
+        let filter = ListFilter::try_from(r.into_inner())?;
         let (images, next) = self.images.list(&c, filter).await?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.into_iter().map(image_pb).collect(),
@@ -518,68 +556,53 @@ impl pb::images_server::Images for Api {
 
     async fn update_image(&self, r: Request<pb::UpdateImageRequest>) -> R<pb::Image> {
         let c = caller(&r)?;
-        let m = r.into_inner();
-        let image_id = id("id", &m.id)?;
-        for k in &m.remove_properties {
-            property_key(k)?;
-        }
-        let update = ImageUpdate {
-            name: m.name.as_deref().map(|n| name("name", n)).transpose()?,
-            set_properties: properties(m.set_properties)?,
-            remove_properties: m.remove_properties,
-            tags: m.tags.map(|t| tags(t.tags)).transpose()?,
-            visibility: visibility(m.visibility)?,
-            protected: m.protected,
-            min_disk: m.min_disk.map(|v| min_value("min_disk", v)).transpose()?,
-            min_ram: m.min_ram.map(|v| min_value("min_ram", v)).transpose()?,
-        };
+        let UpdateImage(id, update) = UpdateImage::try_from(r.into_inner())?;
         Ok(Response::new(image_pb(
-            self.images.update(&c, image_id, update).await?,
+            self.images.update(&c, id, update).await?,
         )))
     }
 
     async fn delete_image(&self, r: Request<pb::DeleteImageRequest>) -> R<pb::DeleteImageResponse> {
         let c = caller(&r)?;
-        let image_id = id("id", &r.get_ref().id)?;
-        self.images.delete(&c, image_id).await?;
+        self.images
+            .delete(&c, parse_id("id", &r.get_ref().id)?)
+            .await?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
 
     async fn deactivate_image(&self, r: Request<pb::ImageRef>) -> R<pb::Image> {
         let c = caller(&r)?;
-        let image_id = id("id", &r.get_ref().id)?;
+        let id = parse_id("id", &r.get_ref().id)?;
         Ok(Response::new(image_pb(
-            self.images.deactivate(&c, image_id).await?,
+            self.images.deactivate(&c, id).await?,
         )))
     }
 
     async fn reactivate_image(&self, r: Request<pb::ImageRef>) -> R<pb::Image> {
         let c = caller(&r)?;
-        let image_id = id("id", &r.get_ref().id)?;
+        let id = parse_id("id", &r.get_ref().id)?;
         Ok(Response::new(image_pb(
-            self.images.reactivate(&c, image_id).await?,
+            self.images.reactivate(&c, id).await?,
         )))
     }
 
     async fn add_member(&self, r: Request<pb::AddMemberRequest>) -> R<pb::Member> {
         let c = caller(&r)?;
-        let image_id = id("image_id", &r.get_ref().image_id)?;
-        let member = project("member_id", &r.get_ref().member_id)?;
+        let MemberRef(id, member) =
+            MemberRef::parse(&r.get_ref().image_id, &r.get_ref().member_id)?;
         Ok(Response::new(member_pb(
-            self.images.add_member(&c, image_id, member).await?,
+            self.images.add_member(&c, id, member).await?,
         )))
     }
 
     async fn update_member(&self, r: Request<pb::UpdateMemberRequest>) -> R<pb::Member> {
         let c = caller(&r)?;
         let m = r.get_ref();
-        let image_id = id("image_id", &m.image_id)?;
-        let member = project("member_id", &m.member_id)?;
-        let status = member_status(m.status)?.ok_or_else(|| invalid("status is required"))?;
+        let MemberRef(id, member) = MemberRef::parse(&m.image_id, &m.member_id)?;
+        let status =
+            member_status(m.status)?.ok_or_else(|| Error::invalid("status", "is required"))?;
         Ok(Response::new(member_pb(
-            self.images
-                .update_member(&c, image_id, member, status)
-                .await?,
+            self.images.update_member(&c, id, member, status).await?,
         )))
     }
 
@@ -588,16 +611,16 @@ impl pb::images_server::Images for Api {
         r: Request<pb::RemoveMemberRequest>,
     ) -> R<pb::RemoveMemberResponse> {
         let c = caller(&r)?;
-        let image_id = id("image_id", &r.get_ref().image_id)?;
-        let member = project("member_id", &r.get_ref().member_id)?;
-        self.images.remove_member(&c, image_id, member).await?;
+        let MemberRef(id, member) =
+            MemberRef::parse(&r.get_ref().image_id, &r.get_ref().member_id)?;
+        self.images.remove_member(&c, id, member).await?;
         Ok(Response::new(pb::RemoveMemberResponse {}))
     }
 
     async fn list_members(&self, r: Request<pb::ListMembersRequest>) -> R<pb::ListMembersResponse> {
         let c = caller(&r)?;
-        let image_id = id("image_id", &r.get_ref().image_id)?;
-        let members = self.images.list_members(&c, image_id).await?;
+        let id = parse_id("image_id", &r.get_ref().image_id)?;
+        let members = self.images.list_members(&c, id).await?;
         Ok(Response::new(pb::ListMembersResponse {
             members: members.into_iter().map(member_pb).collect(),
         }))

@@ -14,7 +14,6 @@
 //! the caller identity in the `x-cirrus-*` headers: it listens on loopback
 //! behind its sidecar, which sets them.
 
-pub mod error;
 pub mod format;
 pub mod grpc;
 pub mod model;
@@ -24,10 +23,10 @@ pub mod service;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use proto::image::v1 as pb;
+use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -39,18 +38,17 @@ pub mod migrations {
     pub use self::migrations::runner;
 }
 
-/// The image service's configuration (see `runtime::config` for how it loads).
+/// The image service's configuration (see `runtime::config` for how it
+/// loads: defaults, then a TOML file, then `CIRRUS_*` variables such as
+/// `CIRRUS_DATABASE__URL`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the gRPC API listens (loopback: the sidecar fronts it).
-    pub listen: SocketAddr,
-    /// Where Prometheus `/metrics` is served; none to serve no metrics.
-    pub metrics_listen: Option<SocketAddr>,
-    /// A Postgres URL; the service works in `schema` only.
-    pub database_url: String,
-    pub schema: String,
-    pub db_pool_size: usize,
+    /// `[server]`: where the gRPC API (loopback: the sidecar fronts it) and
+    /// `/metrics` listen.
+    pub server: ServerConfig,
+    /// `[database]`: a Postgres URL, the schema (`image`), the pool size.
+    pub database: DatabaseConfig,
     /// The filesystem store's directory (created, mode 0700).
     pub store_dir: PathBuf,
     /// Default per-project limits; `SetQuota` overrides them per project.
@@ -62,12 +60,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let (grpc, metrics) = ports::IMAGE;
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9160))),
-            database_url: "postgres://postgres@127.0.0.1:5432/cirrus".into(),
-            schema: "image".into(),
-            db_pool_size: 16,
+            server: ServerConfig::loopback(grpc, metrics),
+            database: DatabaseConfig::local("image"),
             store_dir: PathBuf::from(".state/image/store"),
             quota_bytes: 100 * 1024 * 1024 * 1024,
             quota_images: 1000,
@@ -78,14 +74,9 @@ impl Default for Config {
 
 impl Config {
     /// Checks what serde cannot, before anything binds or connects.
-    pub fn validate(&self) -> Result<(), runtime::config::ConfigError> {
-        let bad = |m: &str| Err(runtime::config::ConfigError(m.to_string()));
-        if self.db_pool_size == 0 {
-            return bad("db_pool_size must be at least 1");
-        }
-        if self.database_url.is_empty() {
-            return bad("database_url is required");
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_string()));
+        self.database.validate()?;
         if self.store_dir.as_os_str().is_empty() {
             return bad("store_dir is required");
         }
@@ -96,6 +87,27 @@ impl Config {
             return bad("quota_bytes and quota_images must fit in a signed 64-bit integer");
         }
         Ok(())
+    }
+}
+
+impl runtime::process::Service for Config {
+    const NAME: &'static str = "image";
+    const ABOUT: &'static str = "Cirrus image service (Glance)";
+
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        Config::validate(self)
+    }
+
+    fn run(
+        self,
+        listener: TcpListener,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 }
 

@@ -10,14 +10,14 @@
 
 pub use runtime::caller::Caller;
 
-use crate::error::{Error, Result};
 use crate::model::{Image, MemberStatus, Visibility};
+use runtime::error::{Error, Result};
 
 const WRITE_ROLES: [&str; 2] = ["member", "admin"];
 const READ_ROLES: [&str; 3] = ["reader", "member", "admin"];
 
 fn denied(why: &str) -> Error {
-    Error::PermissionDenied(why.into())
+    Error::forbidden(why)
 }
 
 /// Every request must come through the sidecar with a verified user.
@@ -25,8 +25,8 @@ pub fn authenticated(c: &Caller) -> Result<()> {
     if c.is_authenticated() {
         Ok(())
     } else {
-        Err(Error::Unauthenticated(
-            "no verified caller: requests reach the image service through its sidecar".into(),
+        Err(Error::unauthenticated(
+            "no verified caller: requests reach the image service through its sidecar",
         ))
     }
 }

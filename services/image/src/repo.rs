@@ -9,15 +9,15 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::error::{Error, Result, constraint};
 use crate::model::*;
+use runtime::error::{Error, Result, constraint};
 
 const IMAGE_COLUMNS: &str = "id, name, owner, status, visibility, disk_format, container_format, \
      min_disk, min_ram, protected, properties, tags, expected_size, expected_sha256, size, \
      sha256, created_at, updated_at";
 
 fn bad_row(what: &str, value: &str) -> Error {
-    Error::Internal(format!("unexpected {what} {value:?} in the database"))
+    Error::internal(format!("unexpected {what} {value:?} in the database"))
 }
 
 fn u64_of(v: Option<i64>) -> Option<u64> {
@@ -86,11 +86,11 @@ fn props_json(p: &BTreeMap<String, String>) -> serde_json::Value {
 }
 
 fn i64_of(v: u64) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{v} is too large")))
+    i64::try_from(v).map_err(|_| Error::invalid("value", format!("{v} is too large")))
 }
 
 fn i32_of(v: u32) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{v} is too large")))
+    i32::try_from(v).map_err(|_| Error::invalid("value", format!("{v} is too large")))
 }
 
 // ------------------------------------------------------------------ images
@@ -124,7 +124,7 @@ pub async fn insert_image(c: &impl GenericClient, i: &Image) -> Result<Image> {
             ],
         )
         .await
-        .map_err(|e| constraint(e, "image"))?;
+        .map_err(|e| constraint(e, "image", &i.id.to_string()))?;
     image(&row)
 }
 
@@ -169,7 +169,7 @@ pub async fn save_image(c: &impl GenericClient, i: &Image) -> Result<Image> {
             ],
         )
         .await?
-        .ok_or_else(|| Error::NotFound("image".into()))?;
+        .ok_or_else(|| Error::not_found("image", i.id))?;
     image(&row)
 }
 
@@ -362,7 +362,7 @@ pub async fn add_member(c: &impl GenericClient, image_id: Uuid, project: &str) -
             &[&image_id, &project],
         )
         .await
-        .map_err(|e| constraint(e, "member"))?;
+        .map_err(|e| constraint(e, "member", project))?;
     member(&row)
 }
 

@@ -26,12 +26,12 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::Config;
-use crate::error::{Error, Result};
 use crate::format::Inspector;
 use crate::model::*;
 use crate::policy::{self, Caller};
 use crate::repo;
 use crate::store::{FsStore, Store, StoreWriter};
+use runtime::error::{Error, Result};
 
 /// Largest chunk a download sends (gRPC messages stay well under 4 MiB).
 pub const DOWNLOAD_CHUNK: usize = 1024 * 1024;
@@ -116,10 +116,9 @@ impl From<Error> for Failed {
 /// What a client whose upload stream did not end cleanly is told (if it
 /// still listens) and the log records.
 fn stream_failed() -> Error {
-    Error::Aborted(
+    Error::aborted(
         "the upload stream ended without finishing (cancelled, reset or past its deadline): \
-         the image is queued again"
-            .into(),
+         the image is queued again",
     )
 }
 
@@ -190,14 +189,14 @@ impl Attendant {
 }
 
 fn join_err(e: tokio::task::JoinError) -> Error {
-    Error::Internal(format!("a store task failed: {e}"))
+    Error::internal(format!("a store task failed: {e}"))
 }
 
 impl Images {
     /// Connects, migrates, opens the filesystem store and heals what a crash left.
     pub async fn start(cfg: Config) -> Result<Self> {
         let store = FsStore::open(&cfg.store_dir).map_err(|e| {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "cannot open the store {}: {e}",
                 cfg.store_dir.display()
             ))
@@ -207,11 +206,15 @@ impl Images {
 
     /// As [`Images::start`], with any store backend.
     pub async fn start_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Self> {
-        let pool = runtime::db::pool(&cfg.database_url, &cfg.schema, cfg.db_pool_size)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        runtime::db::migrate(&pool, &cfg.schema, crate::migrations::runner())
+        let pool = runtime::db::pool(
+            &cfg.database.url,
+            &cfg.database.schema,
+            cfg.database.pool_size,
+        )
+        .map_err(|e| Error::internal(e.to_string()))?;
+        runtime::db::migrate(&pool, &cfg.database.schema, crate::migrations::runner())
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal(e.to_string()))?;
         let images = Self {
             inner: Arc::new(Inner {
                 pool,
@@ -258,7 +261,7 @@ impl Images {
     /// The image if the caller may see it; NOT_FOUND otherwise.
     async fn visible_image(&self, caller: &Caller, id: Uuid) -> Result<Image> {
         let c = self.inner.pool.get().await?;
-        let not_found = || Error::NotFound(format!("image {id}"));
+        let not_found = || Error::not_found("image", id);
         let image = repo::get_image(&c, id).await?.ok_or_else(not_found)?;
         if caller.is_admin || policy::owns(caller, &image) {
             return Ok(image);
@@ -296,7 +299,7 @@ impl Images {
         let limits = self.limits(&tx, &owner).await?;
         let (used_bytes, used_images) = repo::usage(&tx, &owner).await?;
         if used_images >= limits.max_images {
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::exhausted(format!(
                 "the project has {used_images} images, its quota is {}",
                 limits.max_images
             )));
@@ -304,7 +307,7 @@ impl Images {
         if let Some(expected) = new.expected_size
             && used_bytes.saturating_add(expected) > limits.max_bytes
         {
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::exhausted(format!(
                 "an image of {expected} bytes would exceed the project's quota of {} bytes ({used_bytes} used)",
                 limits.max_bytes
             )));
@@ -353,7 +356,7 @@ impl Images {
         policy::reader(caller)?;
         if let Some(m) = filter.marker {
             self.visible_image(caller, m).await.map_err(|e| match e {
-                Error::NotFound(_) => Error::InvalidArgument(format!("marker {m} is not an image")),
+                Error::NotFound { .. } => Error::invalid("marker", format!("{m} is not an image")),
                 other => other,
             })?;
         }
@@ -385,7 +388,7 @@ impl Images {
         let tx = c.transaction().await?;
         let mut image = repo::get_image_for_update(&tx, id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("image {id}")))?;
+            .ok_or_else(|| Error::not_found("image", id))?;
         if let Some(n) = u.name {
             image.name = n;
         }
@@ -394,10 +397,13 @@ impl Images {
         }
         image.properties.extend(u.set_properties);
         if image.properties.len() > crate::grpc::MAX_PROPERTIES {
-            return Err(Error::InvalidArgument(format!(
-                "an image has at most {} properties",
-                crate::grpc::MAX_PROPERTIES
-            )));
+            return Err(Error::invalid(
+                "set_properties",
+                format!(
+                    "an image has at most {} properties",
+                    crate::grpc::MAX_PROPERTIES
+                ),
+            ));
         }
         if let Some(t) = u.tags {
             image.tags = t;
@@ -431,10 +437,10 @@ impl Images {
         let tx = c.transaction().await?;
         let image = repo::get_image_for_update(&tx, id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("image {id}")))?;
+            .ok_or_else(|| Error::not_found("image", id))?;
         if image.protected {
-            return Err(Error::FailedPrecondition(
-                "the image is protected; unprotect it before deleting it".into(),
+            return Err(Error::precondition(
+                "the image is protected; unprotect it before deleting it",
             ));
         }
         repo::delete_image(&tx, id).await?;
@@ -469,7 +475,7 @@ impl Images {
         }
         let c = self.inner.pool.get().await?;
         repo::transition(&c, id, &[from], to).await?.ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+            Error::precondition(format!(
                 "the image is {}; only a {from} image can become {to}",
                 image.status
             ))
@@ -484,7 +490,7 @@ impl Images {
         let image = self.visible_image(caller, id).await?;
         policy::modify(caller, &image)?;
         if image.visibility != Visibility::Shared {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::precondition(format!(
                 "only a shared image has members; this one is {}",
                 image.visibility
             )));
@@ -495,8 +501,9 @@ impl Images {
     pub async fn add_member(&self, caller: &Caller, id: Uuid, project: String) -> Result<Member> {
         let image = self.shared_image_to_manage(caller, id).await?;
         if project == image.owner {
-            return Err(Error::InvalidArgument(
-                "the owner project cannot be a member of its own image".into(),
+            return Err(Error::invalid(
+                "member_id",
+                "the owner project cannot be a member of its own image",
             ));
         }
         let c = self.inner.pool.get().await?;
@@ -516,7 +523,10 @@ impl Images {
         if repo::remove_member(&c, id, &project).await? {
             Ok(())
         } else {
-            Err(Error::NotFound(format!("member {project} of image {id}")))
+            Err(Error::not_found(
+                "member",
+                format!("{project} of image {id}"),
+            ))
         }
     }
 
@@ -533,7 +543,7 @@ impl Images {
         let c = self.inner.pool.get().await?;
         repo::set_member_status(&c, id, &project, status)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("member {project} of image {id}")))
+            .ok_or_else(|| Error::not_found("member", format!("{project} of image {id}")))
     }
 
     /// The owner (or an admin) sees every member; a member sees itself.
@@ -555,14 +565,14 @@ impl Images {
         let project = match project {
             Some(p) => {
                 if !caller.is_admin && caller.project_id.as_deref() != Some(p.as_str()) {
-                    return Err(Error::PermissionDenied(
-                        "only an administrator may see another project's quota".into(),
+                    return Err(Error::forbidden(
+                        "only an administrator may see another project's quota",
                     ));
                 }
                 p
             }
             None => caller.project_id.clone().ok_or_else(|| {
-                Error::InvalidArgument("project_id is required for a project-less token".into())
+                Error::invalid("project_id", "is required for a project-less token")
             })?,
         };
         let c = self.inner.pool.get().await?;
@@ -633,7 +643,7 @@ impl Images {
             let image = repo::transition(&c, id, &[Status::Queued], Status::Saving)
                 .await?
                 .ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
+                    Error::precondition(format!(
                         "the image is {}; only a queued image takes data",
                         seen.status
                     ))
@@ -657,7 +667,10 @@ impl Images {
             Err(Failed::Kill(why)) => {
                 repo::transition(&c, id, &[Status::Saving], Status::Killed).await?;
                 tracing::warn!(image = %id, reason = %why, "upload rejected: image killed");
-                Err(Error::InvalidArgument(format!("image killed: {why}")))
+                Err(Error::invalid(
+                    "data",
+                    format!("refused, the image is killed: {why}"),
+                ))
             }
             Err(Failed::Requeue(e)) => {
                 repo::transition(&c, id, &[Status::Saving], Status::Queued).await?;
@@ -752,7 +765,7 @@ impl Images {
             let next = tokio::select! {
                 biased;
                 next = tokio::time::timeout(idle, data.next()) => next.map_err(|_| {
-                    Error::Aborted(format!("no upload data for {} s", idle.as_secs()))
+                    Error::aborted(format!("no upload data for {} s", idle.as_secs()))
                 })?,
                 () = attendance.gone() => return Err(Failed::Requeue(stream_failed())),
             };
@@ -777,7 +790,7 @@ impl Images {
             }
             let project_total = inflight.add(chunk.len() as u64);
             if used.saturating_add(project_total) > limits.max_bytes {
-                return Err(Failed::Requeue(Error::ResourceExhausted(format!(
+                return Err(Failed::Requeue(Error::exhausted(format!(
                     "the upload exceeds the project's quota of {} bytes ({used} stored)",
                     limits.max_bytes
                 ))));
@@ -831,14 +844,14 @@ impl Images {
             repo::lock_project(&tx, &image.owner).await?;
             let (used, _) = repo::usage(&tx, &image.owner).await?;
             if used.saturating_add(size) > limits.max_bytes {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::exhausted(format!(
                     "an image of {size} bytes exceeds the project's quota of {} bytes ({used} stored)",
                     limits.max_bytes
                 )));
             }
             let done = repo::finish_upload(&tx, id, size, &sha256)
                 .await?
-                .ok_or_else(|| Error::NotFound(format!("image {id} (deleted during its upload)")))?;
+                .ok_or_else(|| Error::not_found("image", id))?;
             tx.commit().await?;
             Ok(done)
         }
@@ -866,19 +879,19 @@ impl Images {
             Status::Active => {}
             Status::Deactivated if caller.is_admin => {}
             Status::Deactivated => {
-                return Err(Error::FailedPrecondition(
-                    "the image is deactivated; only an administrator may download it".into(),
+                return Err(Error::precondition(
+                    "the image is deactivated; only an administrator may download it",
                 ));
             }
             other => {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::precondition(format!(
                     "the image has no data: it is {other}"
                 )));
             }
         }
         let size = image.size.unwrap_or(0);
         if offset > size {
-            return Err(Error::OutOfRange(format!(
+            return Err(Error::out_of_range(format!(
                 "offset {offset} is past the end of the image ({size} bytes)"
             )));
         }
@@ -892,11 +905,11 @@ impl Images {
             let mut reader = match store.open(id, offset) {
                 Ok((r, stored)) if stored == size => r,
                 Ok((_, stored)) => {
-                    return send_err(Error::Internal(format!(
+                    return send_err(Error::internal(format!(
                         "image {id} has {stored} bytes in the store, {size} recorded"
                     )));
                 }
-                Err(e) => return send_err(Error::Internal(format!("image {id}: {e}"))),
+                Err(e) => return send_err(Error::internal(format!("image {id}: {e}"))),
             };
             let mut left = count;
             while left > 0 {
@@ -905,7 +918,7 @@ impl Images {
                     .min(DOWNLOAD_CHUNK);
                 let mut buf = vec![0u8; want];
                 if let Err(e) = reader.read_exact(&mut buf) {
-                    return send_err(Error::Internal(format!("reading image {id}: {e}")));
+                    return send_err(Error::internal(format!("reading image {id}: {e}")));
                 }
                 left -= want as u64;
                 if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {

@@ -70,7 +70,13 @@ async fn assert_killed(
     r: Result<pb::Image, tonic::Status>,
     why: &str,
 ) {
-    let st = assert_code(r, Code::InvalidArgument);
+    let st = r.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message()
+            .starts_with("data: refused, the image is killed: "),
+        "{st:?}"
+    );
     assert!(st.message().contains(why), "expected {why:?} in {st:?}");
     let after = s.get(&owner(), &img.id).await.unwrap();
     assert_eq!(status_of(&after), pb::Status::Killed);

@@ -12,71 +12,42 @@ use proto::image::v1 as pb;
 use proto::image::v1::images_client::ImagesClient;
 use runtime::caller::Caller;
 use runtime::db::TestDatabase;
+use runtime::testing::Served;
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 
-pub const PROJECT_A: &str = "0a0a0a0a0a0a4a0a8a0a0a0a0a0a0a0a";
-pub const PROJECT_B: &str = "0b0b0b0b0b0b4b0b8b0b0b0b0b0b0b0b";
-pub const ADMIN_PROJECT: &str = "0d0d0d0d0d0d4d0d8d0d0d0d0d0d0d0d";
+// The callers and assertions every crate shares; image's tests name the
+// fixtures by their part in an image's life: the owner, a reader of the
+// owner project, an outsider.
+#[allow(unused_imports)]
+pub use runtime::testing::{
+    ADMIN_PROJECT, PROJECT_A, PROJECT_B, admin, assert_code, assert_status, caller,
+    member_a as owner, member_b as other, nobody, reader_a as reader, req, wait_for,
+};
 
-/// A member (role `member`) of project A: the owner of the test images.
-pub fn owner() -> Caller {
-    caller("alice", PROJECT_A, &["member", "reader"], false)
-}
-/// A reader of project A: may look, may not change.
-pub fn reader() -> Caller {
-    caller("rita", PROJECT_A, &["reader"], false)
-}
-/// A member of project B: an outsider to project A's images.
-pub fn other() -> Caller {
-    caller("bob", PROJECT_B, &["member", "reader"], false)
-}
-/// A cloud administrator.
-pub fn admin() -> Caller {
-    caller("root", ADMIN_PROJECT, &["admin", "member", "reader"], true)
-}
-/// No identity: what arrives when something bypasses the sidecar.
-pub fn nobody() -> Caller {
-    Caller::default()
-}
-
-pub fn caller(user: &str, project: &str, roles: &[&str], is_admin: bool) -> Caller {
-    Caller {
-        user_id: Some(format!("{user}-id")),
-        user_name: Some(user.into()),
-        project_id: Some(project.into()),
-        roles: roles.iter().map(|r| r.to_string()).collect(),
-        audit_id: Some("audit".into()),
-        is_admin,
-        peer: Some("external".into()),
-    }
-}
-
-/// A request carrying `who`'s identity as the sidecar would set it.
-pub fn req<T>(msg: T, who: &Caller) -> Request<T> {
-    let mut r = Request::new(msg);
-    who.to_metadata(r.metadata_mut());
-    r
-}
-
+/// An image service served on loopback (`runtime::testing::Served`), with
+/// its database and store kept here so that a test can restart it.
 pub struct Server {
     pub addr: SocketAddr,
     pub images: Images,
     pub channel: Channel,
     pub config: Config,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    served: Served,
     pub store: tempfile::TempDir,
     pub db: TestDatabase,
 }
 
 pub fn test_config(db: &TestDatabase, store: &Path) -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
-        db_pool_size: 4,
+        server: runtime::config::ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+        },
+        database: runtime::config::DatabaseConfig {
+            url: db.url.clone(),
+            pool_size: 4,
+            ..runtime::config::DatabaseConfig::local("image")
+        },
         store_dir: store.to_path_buf(),
         ..Config::default()
     }
@@ -99,44 +70,29 @@ impl Server {
 
     /// Serves (again) on an existing database and store: a restart.
     pub async fn serve(db: TestDatabase, store: tempfile::TempDir, config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let images = Images::start(config.clone()).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = images.clone();
-        let task = tokio::spawn(async move {
-            image::serve(served, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let served_images = images.clone();
+        let served = Served::spawn(move |listener, shutdown| {
+            image::serve(served_images, listener, shutdown)
+        })
+        .await;
         Self {
-            addr,
+            addr: served.addr,
+            channel: served.channel.clone(),
             images,
-            channel,
             config,
-            stop: Some(stop),
-            task: Some(task),
+            served,
             store,
             db,
         }
     }
 
     /// Stops serving (bounded) and hands back the database and store.
-    pub async fn stop(mut self) -> (TestDatabase, tempfile::TempDir, Config) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .expect("server drained within 20 s")
-                .unwrap();
-        }
+    pub async fn stop(self) -> (TestDatabase, tempfile::TempDir, Config) {
+        tokio::time::timeout(Duration::from_secs(20), self.served.stop())
+            .await
+            .expect("server drained within 20 s")
+            .unwrap();
         (self.db, self.store, self.config)
     }
 
@@ -278,17 +234,6 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-#[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code) -> tonic::Status {
-    match r {
-        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "status: {s:?}");
-            s
-        }
-    }
-}
-
 pub fn status_of(i: &pb::Image) -> pb::Status {
     pb::Status::try_from(i.status).unwrap()
 }
@@ -353,10 +298,10 @@ impl Process {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image"))
             .arg("serve")
             .env_remove("CIRRUS_CONFIG")
-            .env("CIRRUS_LISTEN", addr.to_string())
-            .env("CIRRUS_METRICS_LISTEN", "127.0.0.1:0")
-            .env("CIRRUS_DATABASE_URL", db_url)
-            .env("CIRRUS_DB_POOL_SIZE", "4")
+            .env("CIRRUS_SERVER__LISTEN", addr.to_string())
+            .env("CIRRUS_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("CIRRUS_DATABASE__URL", db_url)
+            .env("CIRRUS_DATABASE__POOL_SIZE", "4")
             .env("CIRRUS_STORE_DIR", store_dir)
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
