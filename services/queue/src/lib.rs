@@ -5,6 +5,8 @@
 //! - [`service`]: the domain logic: topics, group-committed publishing, the
 //!   consumer session (leases, credits, acks, nacks, dead-lettering);
 //! - [`grpc`]: the `queue.v1` adapter that validates every request;
+//! - [`handoff`]: fresh messages leased in the publish transaction to a
+//!   local consumer with free credits (no claim round trip);
 //! - [`repo`]: every SQL statement (claims with `FOR UPDATE SKIP LOCKED`);
 //! - [`wake`]: `LISTEN/NOTIFY` wake-ups across replicas;
 //! - [`policy`]: who may publish to and consume from which topic;
@@ -17,6 +19,7 @@
 //! [`run`] serves it all on a listener until shutdown.
 
 pub mod grpc;
+pub mod handoff;
 pub mod model;
 pub mod policy;
 pub mod repo;

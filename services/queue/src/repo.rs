@@ -193,45 +193,106 @@ pub struct Insert<'a> {
 
 const LOCK_SQL: &str =
     "SELECT pg_advisory_xact_lock_shared($1, id) FROM unnest($2::int[]) id ORDER BY id";
+/// Messages, then one delivery row per group of their topic; the rows named
+/// in the hand-off arrays ($6..$10) are written already leased to a local
+/// consumer (attempt 1), and come back so that the consumer can be given them.
 const INSERT_SQL: &str = "WITH m AS ( \
        INSERT INTO messages (topic_id, id, payload, headers, key) \
        SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
-       RETURNING seq, topic_id, key, published_at) \
-     INSERT INTO deliveries (group_id, seq, key, published_at) \
-     SELECT g.id, m.seq, m.key, m.published_at FROM m JOIN groups g ON g.topic_id = m.topic_id";
+       RETURNING seq, id, topic_id, key, published_at), \
+     h AS (SELECT * FROM unnest($6::uuid[], $7::int[], $8::uuid[], $9::uuid[], $10::float8[]) \
+           AS h(msg_id, group_id, token, consumer, lease_ms)), \
+     d AS ( \
+       INSERT INTO deliveries (group_id, seq, key, published_at, attempts, lease_token, \
+                               visible_at, last_consumer) \
+       SELECT g.id, m.seq, m.key, m.published_at, \
+              CASE WHEN h.token IS NULL THEN 0 ELSE 1 END, h.token, \
+              CASE WHEN h.token IS NULL THEN now() \
+                   ELSE clock_timestamp() + make_interval(secs => h.lease_ms / 1000) END, \
+              h.consumer \
+       FROM m JOIN groups g ON g.topic_id = m.topic_id \
+       LEFT JOIN h ON h.msg_id = m.id AND h.group_id = g.id \
+       RETURNING seq, lease_token, visible_at) \
+     SELECT d.seq, d.lease_token, d.visible_at, m.published_at \
+     FROM d JOIN m ON m.seq = d.seq WHERE d.lease_token IS NOT NULL";
+
+/// A delivery to write already leased to a local consumer (see `handoff`).
+pub struct HandOff {
+    pub message_id: Uuid,
+    pub group_id: i32,
+    pub token: Uuid,
+    pub consumer: Uuid,
+    pub lease: Duration,
+}
+
+/// A handed-off delivery as written: its lease token, seq, lease end and
+/// publish time.
+pub struct Leased {
+    pub token: Uuid,
+    pub seq: i64,
+    pub lease_until: OffsetDateTime,
+    pub published_at: OffsetDateTime,
+}
 
 /// Inserts messages with their deliveries for every group of their topics,
 /// inside the caller's transaction. Call [`notify`] after the commit.
-pub async fn insert_messages(tx: &impl GenericClient, msgs: &[Insert<'_>]) -> Result<()> {
+pub async fn insert_messages(
+    tx: &impl GenericClient,
+    msgs: &[Insert<'_>],
+    handoffs: &[HandOff],
+) -> Result<Vec<Leased>> {
     let lock = tx.prepare_cached(LOCK_SQL).await?;
     let insert = tx.prepare_cached(INSERT_SQL).await?;
-    insert_pipelined(tx, &lock, &insert, msgs, false).await
+    insert_pipelined(tx, &lock, &insert, msgs, handoffs, false).await
 }
 
 /// Publishes `msgs` in one round trip on a connection outside any
 /// transaction: `BEGIN`, lock, insert, `COMMIT` are pipelined. On error the
 /// transaction is rolled back before returning. Call [`notify`] after.
-pub async fn publish_in_one_trip(c: &impl GenericClient, msgs: &[Insert<'_>]) -> Result<()> {
+pub async fn publish_in_one_trip(
+    c: &impl GenericClient,
+    msgs: &[Insert<'_>],
+    handoffs: &[HandOff],
+) -> Result<Vec<Leased>> {
     let lock = c.prepare_cached(LOCK_SQL).await?;
     let insert = c.prepare_cached(INSERT_SQL).await?;
-    let r = insert_pipelined(c, &lock, &insert, msgs, true).await;
+    let r = insert_pipelined(c, &lock, &insert, msgs, handoffs, true).await;
     if r.is_err() {
         let _ = c.batch_execute("ROLLBACK").await;
     }
     r
 }
 
-/// Wakes the consumers of `topics` on every replica.
+/// Gives back a handed-off lease whose consumer went away before it got it:
+/// claimable at once, as if never delivered.
+pub async fn release(c: &impl GenericClient, group_id: i32, seq: i64, token: Uuid) -> Result<()> {
+    let st = c
+        .prepare_cached(
+            "UPDATE deliveries SET lease_token = NULL, last_consumer = NULL, visible_at = now(), \
+               attempts = greatest(attempts - 1, 0) \
+             WHERE group_id = $1 AND seq = $2 AND lease_token = $3",
+        )
+        .await?;
+    c.execute(&st, &[&group_id, &seq, &token]).await?;
+    Ok(())
+}
+
+/// Wakes the consumers of `topics` on every other replica (`replica` names
+/// this one, whose listener ignores its own notices: it woke its consumers
+/// directly).
 ///
 /// Its own statement, after the publish committed: a transaction that
 /// NOTIFYs holds a database-wide lock from its commit until the end of its
 /// WAL flush, which would serialise every publish behind the previous
 /// fsync and undo group commit. This one writes no WAL and holds it briefly.
-pub async fn notify(c: &impl GenericClient, topics: &[i32]) -> Result<()> {
+pub async fn notify(c: &impl GenericClient, topics: &[i32], replica: Uuid) -> Result<()> {
     let st = c
-        .prepare_cached("SELECT pg_notify($1, id::text) FROM unnest($2::int[]) id")
+        .prepare_cached(
+            "SELECT pg_notify($1, id::text || ' ' || $3::text) FROM unnest($2::int[]) id",
+        )
         .await?;
-    c.execute(&st, &[&WAKE_CHANNEL, &topics]).await?;
+    c.execute(&st, &[&WAKE_CHANNEL, &topics, &replica.to_string()])
+        .await?;
     Ok(())
 }
 
@@ -240,10 +301,11 @@ async fn insert_pipelined(
     lock: &tokio_postgres::Statement,
     insert: &tokio_postgres::Statement,
     msgs: &[Insert<'_>],
+    handoffs: &[HandOff],
     own_transaction: bool,
-) -> Result<()> {
+) -> Result<Vec<Leased>> {
     if msgs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut topics: Vec<i32> = msgs.iter().map(|m| m.topic_id).collect();
     topics.sort_unstable();
@@ -256,8 +318,23 @@ async fn insert_pipelined(
     // Pipelined: Postgres runs them in order (the insert's snapshot is taken
     // after the lock is held), we wait one round trip instead of four.
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LOCK_CLASS, &topics];
-    let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&topic_ids, &ids, &payloads, &headers, &keys];
+    let h_msgs: Vec<Uuid> = handoffs.iter().map(|h| h.message_id).collect();
+    let h_groups: Vec<i32> = handoffs.iter().map(|h| h.group_id).collect();
+    let h_tokens: Vec<Uuid> = handoffs.iter().map(|h| h.token).collect();
+    let h_consumers: Vec<Uuid> = handoffs.iter().map(|h| h.consumer).collect();
+    let h_leases: Vec<f64> = handoffs.iter().map(|h| millis(h.lease)).collect();
+    let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        &topic_ids,
+        &ids,
+        &payloads,
+        &headers,
+        &keys,
+        &h_msgs,
+        &h_groups,
+        &h_tokens,
+        &h_consumers,
+        &h_leases,
+    ];
     let begin = async {
         if own_transaction {
             tx.batch_execute("BEGIN").await
@@ -272,14 +349,22 @@ async fn insert_pipelined(
             Ok(())
         }
     };
-    futures_util::try_join!(
+    let (_, _, rows, _) = futures_util::try_join!(
         begin,
         tx.execute(lock, &lock_params),
-        tx.execute(insert, &insert_params),
+        tx.query(insert, &insert_params),
         commit,
     )
     .map_err(topic_gone)?;
-    Ok(())
+    Ok(rows
+        .iter()
+        .map(|r| Leased {
+            seq: r.get(0),
+            token: r.get(1),
+            lease_until: r.get(2),
+            published_at: r.get(3),
+        })
+        .collect())
 }
 
 /// Runs one statement in a transaction that does not wait for its WAL
@@ -359,7 +444,7 @@ pub async fn dedupe(
 
 // ------------------------------------------------------------------ consume
 
-fn headers_from_json(v: serde_json::Value) -> BTreeMap<String, String> {
+pub fn headers_from_json(v: serde_json::Value) -> BTreeMap<String, String> {
     match v {
         serde_json::Value::Object(m) => m
             .into_iter()
@@ -496,7 +581,7 @@ pub async fn dead_letter(
             }
         })
         .collect();
-    insert_messages(tx, &inserts).await?;
+    insert_messages(tx, &inserts, &[]).await?;
     tx.execute(
         "UPDATE groups SET dead_lettered = dead_lettered + $2 WHERE id = $1",
         &[&group_id, &(inserts.len() as i64)],

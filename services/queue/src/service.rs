@@ -2,7 +2,7 @@
 //! and the consumer session that leases, settles and redelivers. No tonic
 //! types here: the gRPC adapter validates requests and maps the results.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::Config;
+use crate::handoff::{Handed, Registry, Taker};
 use crate::model::*;
 use crate::policy::{self, Action, Principal};
 use crate::repo;
@@ -45,6 +46,10 @@ struct Inner {
     publish_tx: mpsc::Sender<PublishJob>,
     /// Topics to NOTIFY the other replicas about (see [`notifier`]).
     notify_tx: mpsc::Sender<Vec<i32>>,
+    /// Local consumers that take fresh messages straight from the committers.
+    registry: Arc<Registry>,
+    /// Names this replica in its NOTIFY payloads (its listener skips them).
+    replica: Uuid,
     subscriptions: Arc<Semaphore>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -85,16 +90,24 @@ impl Queue {
             topics: Mutex::new(HashMap::new()),
             publish_tx,
             notify_tx: notify_tx.clone(),
+            registry: Arc::new(Registry::default()),
+            replica: Uuid::new_v4(),
             tasks: Mutex::new(Vec::new()),
         });
         let q = Queue { inner };
         let mut tasks = Vec::new();
         let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
-        tasks.push(tokio::spawn(notifier(q.inner.pool.clone(), notify_rx)));
+        let replica = q.inner.replica;
+        tasks.push(tokio::spawn(notifier(
+            q.inner.pool.clone(),
+            replica,
+            notify_rx,
+        )));
         for _ in 0..config.committers.max(1) {
             tasks.push(tokio::spawn(committer(
                 q.inner.pool.clone(),
                 q.inner.wakers.clone(),
+                q.inner.registry.clone(),
                 notify_tx.clone(),
                 rx.clone(),
                 config.clone(),
@@ -104,6 +117,7 @@ impl Queue {
         tasks.push(tokio::spawn(crate::wake::listen(
             config.database.url.clone(),
             wakers,
+            replica,
         )));
         tasks.push(tokio::spawn(sweeper(q.inner.pool.clone(), config.clone())));
         *q.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
@@ -285,8 +299,16 @@ impl Queue {
             })?;
         tx.commit().await?;
         let wake = self.inner.wakers.subscribe(topic.id);
+        let id = Uuid::new_v4();
+        let (taker, handed) = Taker::new(group_id, id, open.lease);
+        self.inner.registry.register(topic.id, taker.clone());
         Ok(Session {
-            id: Uuid::new_v4(),
+            id,
+            taker,
+            handed,
+            offered: 0,
+            promised: 0,
+            drained: false,
             queue: self.clone(),
             topic,
             group: open.group.as_str().to_string(),
@@ -309,6 +331,7 @@ impl Queue {
 async fn committer(
     pool: Pool,
     wakers: Wakers,
+    registry: Arc<Registry>,
     notifier: mpsc::Sender<Vec<i32>>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<PublishJob>>>,
     config: Config,
@@ -335,10 +358,10 @@ async fn committer(
             }
         }
         metrics::histogram!("queue_commit_batch_jobs").record(jobs.len() as f64);
-        match commit(&pool, &jobs, window).await {
-            Ok(results) => {
+        match commit(&pool, &registry, &jobs, window).await {
+            Ok((results, wake)) => {
                 let topics = topics_of(&jobs);
-                finish(&wakers, jobs, results);
+                finish(&wakers, &wake, jobs, results);
                 notify_replicas(&notifier, topics);
             }
             Err(e) if jobs.len() > 1 => {
@@ -346,11 +369,11 @@ async fn committer(
                 // the others: commit each on its own.
                 tracing::debug!(error = %e, "batch commit failed; committing one by one");
                 for job in jobs {
-                    let r = commit(&pool, std::slice::from_ref(&job), window).await;
+                    let r = commit(&pool, &registry, std::slice::from_ref(&job), window).await;
                     match r {
-                        Ok(mut res) => {
+                        Ok((mut res, wake)) => {
                             let topics = topics_of(std::slice::from_ref(&job));
-                            finish(&wakers, vec![job], vec![res.remove(0)]);
+                            finish(&wakers, &wake, vec![job], vec![res.remove(0)]);
                             notify_replicas(&notifier, topics);
                         }
                         Err(e) => {
@@ -383,7 +406,7 @@ fn notify_replicas(notifier: &mpsc::Sender<Vec<i32>>, topics: Vec<i32>) {
 
 /// Tells the other replicas about commits, off the publishers' path, with
 /// all the topics that piled up meanwhile in one statement.
-async fn notifier(pool: Pool, mut rx: mpsc::Receiver<Vec<i32>>) {
+async fn notifier(pool: Pool, replica: Uuid, mut rx: mpsc::Receiver<Vec<i32>>) {
     while let Some(first) = rx.recv().await {
         let mut topics = first;
         while let Ok(more) = rx.try_recv() {
@@ -393,7 +416,7 @@ async fn notifier(pool: Pool, mut rx: mpsc::Receiver<Vec<i32>>) {
         topics.dedup();
         let r = async {
             let c = pool.get().await?;
-            repo::notify(&c, &topics).await
+            repo::notify(&c, &topics, replica).await
         }
         .await;
         if let Err(e) = r {
@@ -414,16 +437,115 @@ fn clone_error(e: &Error) -> Error {
     }
 }
 
-fn finish(wakers: &Wakers, jobs: Vec<PublishJob>, results: Vec<Vec<Published>>) {
+/// Answers the publishers and wakes the local consumers of `wake` (the
+/// topics with messages that were not handed to every local group).
+fn finish(
+    wakers: &Wakers,
+    wake: &HashSet<i32>,
+    jobs: Vec<PublishJob>,
+    results: Vec<Vec<Published>>,
+) {
+    for t in wake {
+        wakers.wake(*t);
+    }
     for (job, result) in jobs.into_iter().zip(results) {
         metrics::counter!("queue_published_total").increment(result.len() as u64);
-        wakers.wake(job.topic.id);
         let _ = job.reply.send(Ok(result));
     }
 }
 
-/// Commits the jobs in one transaction; returns each job's results.
-async fn commit(pool: &Pool, jobs: &[PublishJob], window: Duration) -> Result<Vec<Vec<Published>>> {
+/// Slots taken from local consumers for the messages of one commit.
+struct Reserved {
+    handoffs: Vec<repo::HandOff>,
+    /// By lease token: the consumer and the insert it is for.
+    takers: HashMap<Uuid, (Arc<Taker>, usize)>,
+    /// Topics that still need their local consumers woken.
+    wake: HashSet<i32>,
+}
+
+/// Takes, for each message without a key, one free slot of a consumer in
+/// each local group of its topic (see [`crate::handoff`]).
+fn reserve(registry: &Registry, inserts: &[repo::Insert<'_>]) -> Reserved {
+    let mut r = Reserved {
+        handoffs: Vec::new(),
+        takers: HashMap::new(),
+        wake: HashSet::new(),
+    };
+    for (i, m) in inserts.iter().enumerate() {
+        let (taken, groups) = match m.key {
+            None => registry.reserve(m.topic_id),
+            Some(_) => (Vec::new(), usize::from(registry.has_consumers(m.topic_id))),
+        };
+        if taken.len() < groups {
+            r.wake.insert(m.topic_id);
+        }
+        for t in taken {
+            let token = Uuid::new_v4();
+            r.handoffs.push(repo::HandOff {
+                message_id: m.id,
+                group_id: t.group_id,
+                token,
+                consumer: t.consumer,
+                lease: t.lease,
+            });
+            r.takers.insert(token, (t, i));
+        }
+    }
+    r
+}
+
+/// After the commit: each consumer gets its delivery (or its slot back).
+fn hand_out(pool: &Pool, r: Reserved, inserts: &[repo::Insert<'_>], leased: Vec<repo::Leased>) {
+    let mut takers = r.takers;
+    for l in leased {
+        let Some((taker, i)) = takers.remove(&l.token) else {
+            continue;
+        };
+        let m = &inserts[i];
+        let d = Delivery {
+            seq: l.seq,
+            message_id: m.id,
+            delivery_id: l.token,
+            attempt: 1,
+            headers: repo::headers_from_json(m.headers.clone()),
+            payload: m.payload.to_vec(),
+            key: None,
+            published_at: l.published_at,
+            lease_until: l.lease_until,
+        };
+        if taker.hand(Handed::Delivery(Box::new(d))).is_err() {
+            // The consumer went away meanwhile: give the lease back now
+            // rather than at its end.
+            let (pool, group, seq, token) = (pool.clone(), taker.group_id, l.seq, l.token);
+            tokio::spawn(async move {
+                let r = async { repo::release(&pool.get().await?, group, seq, token).await };
+                if let Err(e) = r.await {
+                    tracing::debug!(error = %e, "releasing a handed-off lease failed");
+                }
+            });
+        }
+    }
+    // Not written (the group went away): the slots come back.
+    for (taker, _) in takers.into_values() {
+        let _ = taker.hand(Handed::Cancel);
+    }
+}
+
+/// Gives every slot back: the commit failed.
+fn cancel(r: Reserved) {
+    for (taker, _) in r.takers.into_values() {
+        let _ = taker.hand(Handed::Cancel);
+    }
+}
+
+/// Commits the jobs in one transaction; returns each job's results and the
+/// topics whose local consumers need waking.
+async fn commit(
+    pool: &Pool,
+    registry: &Registry,
+    jobs: &[PublishJob],
+    window: Duration,
+) -> Result<(Vec<Vec<Published>>, HashSet<i32>)> {
     let mut client = pool.get().await?;
     // Ids first, so duplicates can point at the first occurrence.
     let mut results: Vec<Vec<Published>> = jobs
@@ -460,8 +582,18 @@ async fn commit(pool: &Pool, jobs: &[PublishJob], window: Duration) -> Result<Ve
     if claims.is_empty() {
         // No idempotency ids: one pipelined round trip, BEGIN to COMMIT.
         let inserts = inserts_for(jobs, &results);
-        repo::publish_in_one_trip(&client, &inserts).await?;
-        return Ok(results);
+        let reserved = reserve(registry, &inserts);
+        match repo::publish_in_one_trip(&client, &inserts, &reserved.handoffs).await {
+            Ok(leased) => {
+                let wake = reserved.wake.clone();
+                hand_out(pool, reserved, &inserts, leased);
+                return Ok((results, wake));
+            }
+            Err(e) => {
+                cancel(reserved);
+                return Err(e);
+            }
+        }
     }
     let tx = client.transaction().await?;
     let seen = repo::dedupe(&tx, &claims, window).await?;
@@ -480,9 +612,23 @@ async fn commit(pool: &Pool, jobs: &[PublishJob], window: Duration) -> Result<Ve
         }
     }
     let inserts = inserts_for(jobs, &results);
-    repo::insert_messages(&tx, &inserts).await?;
-    tx.commit().await?;
-    Ok(results)
+    let reserved = reserve(registry, &inserts);
+    let written = async {
+        let leased = repo::insert_messages(&tx, &inserts, &reserved.handoffs).await?;
+        tx.commit().await?;
+        Ok::<_, Error>(leased)
+    };
+    match written.await {
+        Ok(leased) => {
+            let wake = reserved.wake.clone();
+            hand_out(pool, reserved, &inserts, leased);
+            Ok((results, wake))
+        }
+        Err(e) => {
+            cancel(reserved);
+            Err(e)
+        }
+    }
 }
 
 /// The rows to insert: every message that is not a duplicate.
@@ -528,6 +674,8 @@ async fn sweeper(pool: Pool, config: Config) {
 
 struct Lease {
     seq: i64,
+    /// Its settlement may make the next message of its key ready.
+    keyed: bool,
     /// When this replica stops counting it against the window.
     until: Instant,
 }
@@ -538,6 +686,16 @@ struct Lease {
 pub struct Session {
     /// Names this consumer in the deliveries it leases (`last_consumer`).
     id: Uuid,
+    /// This session as the committers see it, and what they hand it.
+    taker: Arc<Taker>,
+    handed: mpsc::UnboundedReceiver<Handed>,
+    /// Slots last offered to the committers, and slots they took that are
+    /// not answered yet: together with `in_flight`, never over the window.
+    offered: usize,
+    promised: usize,
+    /// The last claim found nothing more ready: until a wake-up, a poll, a
+    /// nack or a keyed ack, new work can only come by hand-off.
+    drained: bool,
     queue: Queue,
     topic: Topic,
     group: String,
@@ -602,11 +760,27 @@ impl Session {
         let mut next_poll = Instant::now() + poll;
         while alive {
             self.expire();
-            let free = (self.window as usize).saturating_sub(self.in_flight.len());
+            // Whatever the committers handed over meanwhile.
+            while let Ok(h) = self.handed.try_recv() {
+                if !self.take(h, &out).await {
+                    alive = false;
+                    break;
+                }
+            }
+            if !alive {
+                break;
+            }
+            if want_claim {
+                // Claiming: nothing may be handed meanwhile beyond what the
+                // claim leaves free.
+                self.withdraw();
+            }
+            let free = self.free();
             if want_claim && free > 0 {
                 match self.claim(free).await {
                     Ok(got) => {
                         want_claim = got.len() == free;
+                        self.drained = !want_claim;
                         for d in got {
                             if out
                                 .send(Ok(ServerMsg::Delivery(Box::new(d))))
@@ -630,9 +804,14 @@ impl Session {
                 // Settle what the client sent meanwhile before claiming more.
                 if let Some(Some(first)) = input.next().now_or_never() {
                     alive = self.handle(first, &mut input, &out).await;
-                    want_claim = true;
+                    want_claim = !self.drained;
                 }
                 continue;
+            }
+            if self.drained {
+                // Nothing is waiting in the database for us: fresh messages
+                // come by hand-off, into the slots offered here.
+                self.reoffer();
             }
             let deadline = self
                 .in_flight
@@ -641,19 +820,28 @@ impl Session {
                 .min()
                 .map_or(next_poll, |t| t.min(next_poll));
             tokio::select! {
+                h = self.handed.recv() => {
+                    if let Some(h) = h {
+                        alive = self.take(h, &out).await;
+                    }
+                }
                 msg = input.next() => match msg {
                     Some(first) => {
                         alive = self.handle(first, &mut input, &out).await;
-                        want_claim = true;
+                        // Acks alone free slots for hand-offs; a nack, a
+                        // credit or a keyed ack may have made work ready.
+                        want_claim = !self.drained;
                     }
                     None => alive = false,
                 },
                 r = self.wake.changed() => {
                     if r.is_err() { alive = false; }
+                    self.drained = false;
                     want_claim = true;
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     if Instant::now() >= next_poll {
+                        self.drained = false;
                         want_claim = true;
                         next_poll = Instant::now() + poll;
                     }
@@ -665,6 +853,51 @@ impl Session {
             }
         }
         metrics::gauge!("queue_subscriptions").decrement(1.0);
+    }
+
+    /// Slots neither leased nor promised to a committer.
+    fn free(&self) -> usize {
+        (self.window as usize).saturating_sub(self.in_flight.len() + self.promised)
+    }
+
+    /// Takes back the slots offered for hand-off; those already taken are
+    /// promised (their delivery or cancel is on its way).
+    fn withdraw(&mut self) {
+        let left = self.taker.withdraw();
+        self.promised += self.offered.saturating_sub(left);
+        self.offered = 0;
+    }
+
+    /// Offers every free slot for hand-off.
+    fn reoffer(&mut self) {
+        self.withdraw();
+        self.offered = self.free();
+        self.taker.offer(self.offered);
+    }
+
+    /// One answer to a promised slot. Returns false when the client is gone.
+    async fn take(&mut self, h: Handed, out: &mpsc::Sender<Result<ServerMsg>>) -> bool {
+        // The slot was promised at a withdraw, or is of the current offer
+        // (the committer already took it off the taker's count).
+        if self.promised > 0 {
+            self.promised -= 1;
+        } else {
+            self.offered = self.offered.saturating_sub(1);
+        }
+        let Handed::Delivery(d) = h else {
+            return true;
+        };
+        metrics::counter!("queue_delivered_total").increment(1);
+        metrics::counter!("queue_handed_off_total").increment(1);
+        self.in_flight.insert(
+            d.delivery_id,
+            Lease {
+                seq: d.seq,
+                keyed: false,
+                until: instant_for(d.lease_until),
+            },
+        );
+        out.send(Ok(ServerMsg::Delivery(d))).await.is_ok()
     }
 
     /// Forgets leases whose time is up: their slots are free again. Their
@@ -716,7 +949,7 @@ impl Session {
             tx.commit().await?;
             if let Some(dlq) = self.topic.dead_letter_id {
                 self.queue.inner.wakers.wake(dlq);
-                let _ = repo::notify(&client, &[dlq]).await;
+                let _ = repo::notify(&client, &[dlq], self.queue.inner.replica).await;
             }
             metrics::counter!("queue_dead_lettered_total").increment(dead.len() as u64);
         }
@@ -726,6 +959,7 @@ impl Session {
                 d.delivery_id,
                 Lease {
                     seq: d.seq,
+                    keyed: d.key.is_some(),
                     until: instant_for(d.lease_until),
                 },
             );
@@ -758,9 +992,11 @@ impl Session {
                 }
                 Ok(ClientMsg::Credit(n)) => {
                     self.window = self.window.saturating_add(n).min(MAX_WINDOW);
+                    self.drained = false;
                 }
                 Ok(ClientMsg::Ack(ids)) => acks.extend(ids),
                 Ok(ClientMsg::Nack(ids, delay)) => {
+                    self.drained = false;
                     let r = self.settle(&ids, Op::Nack(delay)).await;
                     replies.push(r);
                 }
@@ -844,7 +1080,10 @@ impl Session {
                     outcomes.push((id, Settle::Ok));
                 }
                 Some(None) => {
-                    self.in_flight.remove(&id);
+                    if self.in_flight.remove(&id).is_some_and(|l| l.keyed) {
+                        // The next message of its key may be ready now.
+                        self.drained = false;
+                    }
                     // The slot is free: the session claims again after this
                     // batch, which also picks up a nacked message or the next
                     // message of an acked one's key.
@@ -859,6 +1098,16 @@ impl Session {
             }
         }
         Ok(outcomes)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Committers stop handing to it; what they still hand is released.
+        self.queue
+            .inner
+            .registry
+            .unregister(self.topic.id, &self.taker);
     }
 }
 

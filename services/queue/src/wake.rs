@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
+use uuid::Uuid;
 
 use crate::repo::WAKE_CHANNEL;
 
@@ -54,11 +55,12 @@ impl Wakers {
     }
 }
 
-/// Listens for other replicas' publishes until the task is aborted.
-pub async fn listen(url: String, wakers: Wakers) {
+/// Listens for other replicas' publishes until the task is aborted; notices
+/// of this replica's own (`replica`) are skipped: it woke its consumers itself.
+pub async fn listen(url: String, wakers: Wakers, replica: Uuid) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match listen_once(&url, &wakers).await {
+        match listen_once(&url, &wakers, &replica.to_string()).await {
             Ok(()) => tracing::warn!("notification connection closed; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "notification connection failed; reconnecting"),
         }
@@ -67,7 +69,7 @@ pub async fn listen(url: String, wakers: Wakers) {
     }
 }
 
-async fn listen_once(url: &str, wakers: &Wakers) -> Result<(), tokio_postgres::Error> {
+async fn listen_once(url: &str, wakers: &Wakers, me: &str) -> Result<(), tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::from_str(url)?;
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("cirrus-queue-listener");
@@ -95,8 +97,13 @@ async fn listen_once(url: &str, wakers: &Wakers) -> Result<(), tokio_postgres::E
     // We may have missed notices while disconnected.
     wakers.wake_all();
     while let Some(m) = rx.recv().await {
-        if let AsyncMessage::Notification(n) = m
-            && let Ok(topic) = n.payload().parse::<i32>()
+        let AsyncMessage::Notification(n) = m else {
+            continue;
+        };
+        // `<topic> <replica>`; a bare `<topic>` from an older replica.
+        let (topic, from) = n.payload().split_once(' ').unwrap_or((n.payload(), ""));
+        if from != me
+            && let Ok(topic) = topic.parse::<i32>()
         {
             wakers.wake(topic);
         }

@@ -622,3 +622,40 @@ async fn undelivered_messages_expire_after_the_topic_ttl() {
     assert!(c.next_within(Duration::from_millis(300)).await.is_none());
     s.stop().await;
 }
+
+/// Fresh messages reach an idle consumer by hand-off (leased in the publish
+/// transaction), never past its credits; what does not fit waits in the
+/// database and comes once a slot frees. Polls are slow here (30 s), so
+/// only the hand-off or a wake-up can explain a delivery.
+#[tokio::test]
+async fn fresh_messages_are_handed_to_idle_consumers_within_their_credits() {
+    let s = Server::start_with(|c| c.poll_interval_ms = 30_000).await;
+    s.create_topic("fresh", 0).await;
+    let mut a = s.consumer("fresh", "g", 2, 30_000).await;
+    let mut other = s.consumer("fresh", "audit", 8, 30_000).await;
+    let sent = s.publish("fresh", &["1", "2", "3"]).await;
+    let first = a.next().await;
+    let second = a.next().await;
+    assert_eq!((first.attempt, second.attempt), (1, 1));
+    assert!(
+        a.next_within(Duration::from_millis(300)).await.is_none(),
+        "never more than the credits"
+    );
+    // The other group gets all three.
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        let d = other.next().await;
+        seen.push(d.message_id.clone());
+        assert_eq!(other.ack(&d.delivery_id).await.code, 0);
+    }
+    let all: Vec<String> = sent.iter().map(|p| p.message_id.clone()).collect();
+    assert_eq!(seen, all, "in publish order");
+    assert_eq!(a.ack(&first.delivery_id).await.code, 0);
+    let third = a.next().await;
+    assert_eq!(third.message_id, all[2]);
+    assert_eq!(a.ack(&second.delivery_id).await.code, 0);
+    assert_eq!(a.ack(&third.delivery_id).await.code, 0);
+    let st = s.stats("fresh").await;
+    assert_eq!((st.depth, st.in_flight), (0, 0), "{st:?}");
+    s.stop().await;
+}
