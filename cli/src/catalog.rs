@@ -6,7 +6,7 @@ use clap::Subcommand;
 use proto::identity::v1 as pb;
 
 use crate::common::{delete, is_id};
-use crate::output::{Record, View};
+use crate::output::{View, record};
 use crate::session::{Ctx, Session};
 
 #[derive(Subcommand)]
@@ -68,50 +68,23 @@ fn interface_name(i: i32) -> String {
     .into()
 }
 
-impl Record for pb::Service {
-    const COLUMNS: &'static [&'static str] = &["ID", "Name", "Type", "Enabled", "Description"];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.id.clone(),
-            self.name.clone(),
-            self.r#type.clone(),
-            self.enabled.to_string(),
-            self.description.clone(),
-        ]
-    }
-}
+record!(pb::Service, |s| {
+    "ID": s.id, "Name": s.name, "Type": s.r#type,
+    "Enabled": s.enabled, "Description": s.description,
+});
 
-impl Record for pb::Endpoint {
-    const COLUMNS: &'static [&'static str] =
-        &["ID", "Service ID", "Interface", "Region", "URL", "Enabled"];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.id.clone(),
-            self.service_id.clone(),
-            interface_name(self.interface),
-            self.region.clone(),
-            self.url.clone(),
-            self.enabled.to_string(),
-        ]
-    }
-}
+record!(pb::Endpoint, |e| {
+    "ID": e.id, "Service ID": e.service_id, "Interface": interface_name(e.interface),
+    "Region": e.region, "URL": e.url, "Enabled": e.enabled,
+});
 
 /// One endpoint of the catalog, beside its service's name and type.
 struct Entry<'a>(&'a pb::CatalogService, &'a pb::Endpoint);
 
-impl Record for Entry<'_> {
-    const COLUMNS: &'static [&'static str] = &["Name", "Type", "Interface", "Region", "URL"];
-    fn values(&self) -> Vec<String> {
-        let Entry(s, e) = self;
-        vec![
-            s.name.clone(),
-            s.r#type.clone(),
-            interface_name(e.interface),
-            e.region.clone(),
-            e.url.clone(),
-        ]
-    }
-}
+record!(Entry<'_>, |x| {
+    "Name": x.0.name, "Type": x.0.r#type, "Interface": interface_name(x.1.interface),
+    "Region": x.1.region, "URL": x.1.url,
+});
 
 impl Session {
     pub async fn services(&self) -> anyhow::Result<Vec<pb::Service>> {

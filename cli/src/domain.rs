@@ -4,7 +4,7 @@ use clap::Subcommand;
 use proto::identity::v1 as pb;
 
 use crate::common::{Toggle, delete};
-use crate::output::Record;
+use crate::output::record;
 use crate::session::Ctx;
 
 #[derive(Subcommand)]
@@ -28,17 +28,9 @@ pub enum DomainCmd {
     },
 }
 
-impl Record for pb::Domain {
-    const COLUMNS: &'static [&'static str] = &["ID", "Name", "Enabled", "Description"];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.id.clone(),
-            self.name.clone(),
-            self.enabled.to_string(),
-            self.description.clone(),
-        ]
-    }
-}
+record!(pb::Domain, |d| {
+    "ID": d.id, "Name": d.name, "Enabled": d.enabled, "Description": d.description,
+});
 
 pub async fn run(cmd: DomainCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let s = ctx.session().await?;

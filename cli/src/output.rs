@@ -58,6 +58,22 @@ pub trait Record {
     fn values(&self) -> Vec<String>;
 }
 
+/// Implements [`Record`] from `"Column": expression` pairs over the record
+/// (bound to the name given), each printed with `to_string()`:
+/// `record!(pb::Role, |r| { "ID": r.id, "Name": r.name });`
+macro_rules! record {
+    ($t:ty, |$v:ident| { $($col:literal: $val:expr),+ $(,)? }) => {
+        impl $crate::output::Record for $t {
+            const COLUMNS: &'static [&'static str] = &[$($col),+];
+            fn values(&self) -> Vec<String> {
+                let $v = self;
+                vec![$($val.to_string()),+]
+            }
+        }
+    };
+}
+pub(crate) use record;
+
 /// Named columns and rows of values: what every command prints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct View {

@@ -4,7 +4,7 @@ use clap::Subcommand;
 use proto::identity::v1 as pb;
 
 use crate::common::{Toggle, delete};
-use crate::output::Record;
+use crate::output::record;
 use crate::session::Ctx;
 
 #[derive(Subcommand)]
@@ -41,18 +41,10 @@ pub enum ProjectCmd {
     },
 }
 
-impl Record for pb::Project {
-    const COLUMNS: &'static [&'static str] = &["ID", "Name", "Domain ID", "Enabled", "Description"];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.id.clone(),
-            self.name.clone(),
-            self.domain_id.clone(),
-            self.enabled.to_string(),
-            self.description.clone(),
-        ]
-    }
-}
+record!(pb::Project, |p| {
+    "ID": p.id, "Name": p.name, "Domain ID": p.domain_id,
+    "Enabled": p.enabled, "Description": p.description,
+});
 
 pub async fn run(cmd: ProjectCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let s = ctx.session().await?;

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use proto::identity::v1 as pb;
 
 use crate::common::{delete, get};
-use crate::output::Record;
+use crate::output::record;
 use crate::session::{Ctx, Session};
 
 #[derive(Args)]
@@ -53,26 +53,12 @@ pub enum RoleCmd {
     },
 }
 
-impl Record for pb::Role {
-    const COLUMNS: &'static [&'static str] = &["ID", "Name", "Description"];
-    fn values(&self) -> Vec<String> {
-        vec![self.id.clone(), self.name.clone(), self.description.clone()]
-    }
-}
+record!(pb::Role, |r| { "ID": r.id, "Name": r.name, "Description": r.description });
 
-impl Record for pb::RoleAssignment {
-    const COLUMNS: &'static [&'static str] =
-        &["Role", "User ID", "Project ID", "Domain ID", "System"];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.role.clone(),
-            self.user_id.clone(),
-            self.project_id.clone(),
-            self.domain_id.clone(),
-            self.system.to_string(),
-        ]
-    }
-}
+record!(pb::RoleAssignment, |a| {
+    "Role": a.role, "User ID": a.user_id, "Project ID": a.project_id,
+    "Domain ID": a.domain_id, "System": a.system,
+});
 
 /// The assignment the arguments name, with names resolved to ids.
 async fn assignment(s: &Session, a: AssignmentArgs) -> anyhow::Result<pb::RoleAssignment> {

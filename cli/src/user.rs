@@ -4,7 +4,7 @@ use clap::Subcommand;
 use proto::identity::v1 as pb;
 
 use crate::common::{Toggle, delete, ts};
-use crate::output::Record;
+use crate::output::record;
 use crate::session::Ctx;
 
 #[derive(Subcommand)]
@@ -49,26 +49,10 @@ pub enum UserCmd {
     },
 }
 
-impl Record for pb::User {
-    const COLUMNS: &'static [&'static str] = &[
-        "ID",
-        "Name",
-        "Domain ID",
-        "Enabled",
-        "Email",
-        "Locked Until",
-    ];
-    fn values(&self) -> Vec<String> {
-        vec![
-            self.id.clone(),
-            self.name.clone(),
-            self.domain_id.clone(),
-            self.enabled.to_string(),
-            self.email.clone(),
-            ts(self.locked_until),
-        ]
-    }
-}
+record!(pb::User, |u| {
+    "ID": u.id, "Name": u.name, "Domain ID": u.domain_id,
+    "Enabled": u.enabled, "Email": u.email, "Locked Until": ts(u.locked_until),
+});
 
 pub async fn run(cmd: UserCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let s = ctx.session().await?;

@@ -24,23 +24,40 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A base port such that `base..base + n` are all free on loopback now.
+/// A base port such that `base..base + n` are all free on loopback now,
+/// chosen outside the kernel's ephemeral range: a port in it may be taken
+/// at any moment by some process's outgoing connection (a cloud's sidecars
+/// and Postgres clients make many), which would stop a service binding it.
 pub fn free_port_range(n: u16) -> u16 {
-    let seed = std::process::id() as u64
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    // Below the ephemeral range if it leaves room there, else above it.
+    let (from, to) = if low >= 10_000 + 4 * u32::from(n) {
+        (10_000, low - u32::from(n))
+    } else {
+        (high + 1, 65_535 - u32::from(n))
+    };
+    let seed = u64::from(std::process::id())
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+    let span = u64::from(to.saturating_sub(from).max(1));
     for i in 0..200u64 {
-        let base =
-            20_000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 35_000) as u16;
+        let base = from as u64 + seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) % span;
+        let base = base as u16;
         let all_free =
             (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return base;
         }
     }
-    panic!("no free range of {n} ports on loopback");
+    panic!("no free range of {n} ports on loopback between {from} and {to}");
 }
 
 /// A free TCP port on loopback (the kernel's choice; released before use).

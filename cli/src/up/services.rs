@@ -124,10 +124,8 @@ fn queue_config(p: &Plan) -> anyhow::Result<String> {
 
 fn image_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&image::Config {
-        listen: local(p.ports.service),
-        metrics_listen: Some(local(p.ports.metrics)),
-        database_url: p.database_url.clone(),
-        schema: p.spec.name.into(),
+        server: p.server(),
+        database: p.database(),
         store_dir: p.state.path("image/store"),
         ..Default::default()
     })
