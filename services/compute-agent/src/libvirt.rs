@@ -92,6 +92,9 @@ fn xml_escape(s: &str) -> String {
 
 impl Libvirt {
     pub fn open(uri: &str, domain_type: &str) -> Result<Self> {
+        // libvirt prints every error on stderr by default; ours are returned
+        // (and an expected "no such domain" is not an error here at all).
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri))?;
         Ok(Self {
             conn: Arc::new(conn),
