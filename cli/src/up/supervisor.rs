@@ -210,7 +210,8 @@ impl Supervisor {
                 }
                 match p.launch.command().and_then(|mut c| Ok(c.spawn()?)) {
                     Ok(child) => {
-                        println!("{} restarted (pid {:?})", p.name, child.id());
+                        let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
+                        println!("{} restarted (pid {pid})", p.name);
                         p.child = Some(child);
                     }
                     Err(e) => {
