@@ -716,7 +716,7 @@ impl pb::tokens_server::Tokens for Api {
 
     async fn rotate_keys(&self, req: Request<pb::RotateKeysRequest>) -> R<pb::RotateKeysResponse> {
         let c = self.caller(&req)?;
-        let keys = self.id.rotate_keys(&c)?;
+        let keys = self.id.rotate_keys(&c).await?;
         Ok(Response::new(pb::RotateKeysResponse {
             keys: keys.iter().map(key_pb).collect(),
         }))

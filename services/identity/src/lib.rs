@@ -14,7 +14,10 @@
 //!   answer `NotFound` for what the caller may not see;
 //! - [`repo`]: every SQL statement, as functions over any
 //!   `deadpool_postgres::GenericClient` (a connection or a transaction);
-//! - [`keys`]: the signing key repository on disk; [`password`]: argon2id.
+//! - [`keys`]: the signing keys every replica shares through the database,
+//!   sealed with a key-encryption key from a file; [`sync`]: how replicas
+//!   hear each other's changes (`LISTEN/NOTIFY`, resync on reconnect);
+//!   [`password`]: argon2id.
 //!
 //! Errors are `runtime::error::Error` throughout; the client reads only its
 //! safe half (`internal error`, `authentication failed`, ...).
@@ -26,6 +29,7 @@ pub mod password;
 pub mod policy;
 pub mod repo;
 pub mod service;
+pub mod sync;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -50,8 +54,16 @@ pub mod migrations {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The signing key repository (mode 0700).
+    /// This replica's key directory (mode 0700): it holds the
+    /// key-encryption key file unless `key_encryption_key_file` says
+    /// otherwise. Signing keys of an older version found here (files named
+    /// by index) are imported once into the shared key set.
     pub key_dir: PathBuf,
+    /// The key-encryption key (64 hex digits, mode 0600) that seals the
+    /// shared signing keys; every replica on one database needs the same
+    /// file. Default: `<key_dir>/kek`, created on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_encryption_key_file: Option<PathBuf>,
     /// Keys kept: staged + primary + secondaries.
     pub max_active_keys: usize,
     /// Token lifetime.
@@ -71,6 +83,7 @@ impl Default for Config {
         let (grpc, metrics) = ports::IDENTITY;
         Self {
             key_dir: PathBuf::from(".state/identity/keys"),
+            key_encryption_key_file: None,
             max_active_keys: 3,
             token_ttl_secs: 3600,
             lockout_failure_attempts: 6,
@@ -79,6 +92,15 @@ impl Default for Config {
             server: ServerConfig::loopback(grpc, metrics),
             database: DatabaseConfig::local("identity"),
         }
+    }
+}
+
+impl Config {
+    /// Where the key-encryption key is read from.
+    pub fn kek_path(&self) -> PathBuf {
+        self.key_encryption_key_file
+            .clone()
+            .unwrap_or_else(|| self.key_dir.join("kek"))
     }
 }
 
@@ -212,6 +234,11 @@ pub async fn serve(
         .add_service(pb::roles_server::RolesServer::new(api.clone()))
         .add_service(pb::catalog_server::CatalogServer::new(api));
 
+    // Hear the other replicas' changes (and resync after any gap).
+    let listener_task = tokio::spawn(sync::listen(
+        identity.clone(),
+        identity.database_url().to_string(),
+    ));
     // Forget revocation rules older than any live token, once a minute.
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -231,6 +258,7 @@ pub async fn serve(
     };
     let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     pruner.abort();
+    listener_task.abort();
     result?;
     tracing::info!("identity stopped");
     Ok(())

@@ -833,12 +833,13 @@ pub async fn catalog(c: &impl GenericClient) -> Result<Vec<CatalogEntry>> {
 
 // -------------------------------------------------------------- revocations
 
-pub async fn insert_revocation(c: &impl GenericClient, rule: &RevocationRule) -> Result<()> {
+/// Stores a rule; answers its id (what replicas tell each other).
+pub async fn insert_revocation(c: &impl GenericClient, rule: &RevocationRule) -> Result<i64> {
     let id = |s: &Option<String>| s.as_deref().and_then(|s| Uuid::parse_str(s).ok());
-    exec(
+    let row = opt(
         c,
         "INSERT INTO revocation_events (user_id, project_id, domain_id, audit_id, issued_before) \
-         VALUES ($1, $2, $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
         &[
             &id(&rule.user_id),
             &id(&rule.project_id),
@@ -847,8 +848,43 @@ pub async fn insert_revocation(c: &impl GenericClient, rule: &RevocationRule) ->
             &rule.issued_before,
         ],
     )
-    .await?;
-    Ok(())
+    .await?
+    .ok_or_else(|| Error::internal("INSERT ... RETURNING returned no row"))?;
+    Ok(row.try_get(0)?)
+}
+
+/// Rules by id (those another replica announced), with their ids.
+pub async fn revocations_by_id(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<(i64, RevocationRule)>> {
+    rows(
+        c,
+        "SELECT id, user_id, project_id, domain_id, audit_id, issued_before FROM revocation_events \
+         WHERE id = ANY($1) ORDER BY id",
+        &[&ids],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("id")?, revocation(r)?)))
+    .collect()
+}
+
+/// [`active_revocations`] with their ids (a replica's resync).
+pub async fn active_revocations_with_ids(
+    c: &impl GenericClient,
+    since: OffsetDateTime,
+) -> Result<Vec<(i64, RevocationRule)>> {
+    rows(
+        c,
+        "SELECT id, user_id, project_id, domain_id, audit_id, issued_before FROM revocation_events \
+         WHERE issued_before > $1 ORDER BY id",
+        &[&since],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("id")?, revocation(r)?)))
+    .collect()
 }
 
 /// Rules that can still match a live token.
@@ -875,6 +911,74 @@ pub async fn prune_revocations(c: &impl GenericClient, before: OffsetDateTime) -
         &[&before],
     )
     .await
+}
+
+// ------------------------------------------------------------ signing keys
+
+/// Serialises key set changes (first start, rotation) across replicas.
+pub async fn lock_signing_keys(c: &impl GenericClient) -> Result<()> {
+    exec(
+        c,
+        "LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// (index, public key, sealed private key), by index.
+pub async fn signing_keys(c: &impl GenericClient) -> Result<Vec<(i32, Vec<u8>, Vec<u8>)>> {
+    rows(
+        c,
+        "SELECT idx, public_key, sealed FROM signing_keys ORDER BY idx",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+    .collect()
+}
+
+pub async fn insert_signing_key(
+    c: &impl GenericClient,
+    idx: i32,
+    public_key: &[u8],
+    sealed: &[u8],
+) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO signing_keys (idx, public_key, sealed) VALUES ($1, $2, $3)",
+        &[&idx, &public_key, &sealed],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn renumber_signing_key(c: &impl GenericClient, from: i32, to: i32) -> Result<()> {
+    exec(
+        c,
+        "UPDATE signing_keys SET idx = $2 WHERE idx = $1",
+        &[&from, &to],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_signing_key(c: &impl GenericClient, idx: i32) -> Result<()> {
+    exec(c, "DELETE FROM signing_keys WHERE idx = $1", &[&idx]).await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------ notifications
+
+/// The channel on which replicas announce committed changes to each other.
+pub const CHANGES_CHANNEL: &str = "identity_changes";
+
+/// Queues a notice; Postgres delivers it to every listener when (and only
+/// if) the surrounding transaction commits.
+pub async fn notify(c: &impl GenericClient, payload: &str) -> Result<()> {
+    exec(c, "SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload]).await?;
+    Ok(())
 }
 
 // ----------------------------------------------------------------- settings

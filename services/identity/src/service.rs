@@ -10,9 +10,11 @@
 //! before looking anything up. A change and the revocation rules it implies
 //! commit in one transaction ([`Identity::in_tx`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use runtime::error::{Error, Result};
@@ -23,12 +25,13 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::Config;
-use crate::keys::{KeyRepository, KeyState};
+use crate::keys::{Kek, KeyState};
 pub use crate::model::Interface;
 use crate::model::*;
 use crate::password::Hasher;
 use crate::policy::{self, Caller};
 use crate::repo;
+use crate::sync::{self, Notice};
 
 /// Now, to the microsecond, so that times survive a round trip through Postgres.
 pub fn now() -> OffsetDateTime {
@@ -81,17 +84,27 @@ struct Inner {
     pool: Pool,
     cfg: Config,
     hasher: Hasher,
-    keys: KeyRepository,
+    /// Seals and opens the shared signing keys.
+    kek: Kek,
+    /// This process among the replicas (skips its own notices).
+    replica: Uuid,
     signer: RwLock<Arc<SigningKey>>,
     public_keys: RwLock<Vec<PublicKey>>,
     verifier: RwLock<Verifier>,
     changes: broadcast::Sender<Change>,
     /// The catalog returned with every token, re-read at most every few
-    /// seconds and at once after a catalog change made here.
+    /// seconds and at once after a catalog change made by any replica.
     catalog: RwLock<Option<(std::time::Instant, Arc<Vec<CatalogEntry>>)>>,
+    /// The ids (and `issued_before`, for pruning) of the revocation rules
+    /// applied here, so that a rule heard twice (notice and resync) is
+    /// applied and announced once. Locked before `verifier`.
+    known_rules: Mutex<HashMap<i64, OffsetDateTime>>,
+    /// How many times this replica resynced from the tables.
+    resyncs: AtomicU64,
 }
 
-/// How long a cached catalog is served (other replicas' changes show up within this).
+/// How long a cached catalog is served: a backstop only, since every
+/// replica drops its cache when any replica notifies a catalog change.
 const CATALOG_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn lock_err<T>(_: T) -> Error {
@@ -120,7 +133,16 @@ impl Identity {
         let db = &cfg.database;
         let pool = runtime::db::pool(&db.url, &db.schema, db.pool_size)?;
         runtime::db::migrate(&pool, &db.schema, crate::migrations::runner()).await?;
-        let keys = KeyRepository::open(&cfg.key_dir, cfg.max_active_keys).map_err(startup)?;
+        let kek = Kek::load_or_create(&cfg.kek_path()).map_err(startup)?;
+        async {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            crate::keys::ensure(&tx, &kek, &cfg.key_dir).await?;
+            tx.commit().await?;
+            Ok::<_, Error>(())
+        }
+        .await
+        .map_err(startup)?;
         let hasher = Hasher::new(cfg.password_hash).map_err(startup)?;
         let (changes, _) = broadcast::channel(1024);
         let signer = SigningKey::generate().map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
@@ -128,26 +150,94 @@ impl Identity {
             inner: Arc::new(Inner {
                 pool,
                 hasher,
-                keys,
+                kek,
+                replica: Uuid::new_v4(),
                 signer: RwLock::new(Arc::new(signer)),
                 public_keys: RwLock::new(Vec::new()),
                 verifier: RwLock::new(Verifier::new()),
                 changes,
                 catalog: RwLock::new(None),
+                known_rules: Mutex::new(HashMap::new()),
+                resyncs: AtomicU64::new(0),
                 cfg,
             }),
         };
-        id.reload_keys().map_err(startup)?;
-        let since = now() - id.max_ttl();
-        let rules = async { repo::active_revocations(&id.conn().await?, since).await }
-            .await
-            .map_err(startup)?;
-        id.inner
-            .verifier
-            .write()
-            .map_err(|_| anyhow::anyhow!("a lock was poisoned"))?
-            .set_rules(rules);
+        id.reload_keys().await.map_err(startup)?;
+        id.sync_rules().await.map_err(startup)?;
         Ok(id)
+    }
+
+    /// The database the replicas share.
+    pub fn database_url(&self) -> &str {
+        &self.inner.cfg.database.url
+    }
+
+    /// This process's id among the replicas.
+    pub fn replica_id(&self) -> Uuid {
+        self.inner.replica
+    }
+
+    /// How many times this replica has resynced from the tables (each
+    /// (re)connection of its listener).
+    pub fn resyncs(&self) -> u64 {
+        self.inner.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// Catches up with the tables: keys, live revocation rules, catalog.
+    pub async fn resync(&self) -> Result<()> {
+        self.apply(Notice::Unknown).await?;
+        self.inner.resyncs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("identity_resyncs_total").increment(1);
+        Ok(())
+    }
+
+    /// Applies what another replica committed, and tells this replica's watchers.
+    pub async fn apply(&self, notice: Notice) -> Result<()> {
+        match notice {
+            Notice::Revocations(Some(ids)) => {
+                let rules = repo::revocations_by_id(&self.conn().await?, &ids).await?;
+                self.announce(rules)
+            }
+            Notice::Revocations(None) => self.sync_rules().await,
+            Notice::Keys => self.sync_keys().await,
+            Notice::Catalog => {
+                self.forget_catalog();
+                Ok(())
+            }
+            Notice::Unknown => {
+                self.sync_keys().await?;
+                self.sync_rules().await?;
+                self.forget_catalog();
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies every live rule in the table not applied here yet.
+    async fn sync_rules(&self) -> Result<()> {
+        let since = now() - self.max_ttl();
+        let rules = repo::active_revocations_with_ids(&self.conn().await?, since).await?;
+        self.announce(rules)
+    }
+
+    /// Reloads the shared keys; announces them when the set changed.
+    async fn sync_keys(&self) -> Result<()> {
+        if self.reload_keys().await? {
+            let keys = self.public_keys()?;
+            let _ = self.inner.changes.send(Change::Keys(keys));
+        }
+        Ok(())
+    }
+
+    /// Tells the other replicas (after the commit) that the catalog changed.
+    async fn catalog_changed(&self) {
+        self.forget_catalog();
+        let payload = format!("c {}", self.inner.replica);
+        let sent = async { repo::notify(&self.conn().await?, &payload).await }.await;
+        if let Err(e) = sent {
+            // Committed already; the others' cache expires within CATALOG_TTL.
+            tracing::warn!(error = %e, "could not notify the other replicas of a catalog change");
+        }
     }
 
     fn max_ttl(&self) -> Duration {
@@ -158,9 +248,10 @@ impl Identity {
         Ok(self.inner.pool.get().await?)
     }
 
-    /// Reads the key repository into the signer, the verifier and the public list.
-    fn reload_keys(&self) -> Result<()> {
-        let keys = self.inner.keys.load()?;
+    /// Reads the shared keys into the signer, the verifier and the public
+    /// list; answers whether the set changed.
+    async fn reload_keys(&self) -> Result<bool> {
+        let keys = crate::keys::load(&self.conn().await?, &self.inner.kek).await?;
         let public: Vec<PublicKey> = keys
             .iter()
             .map(|k| PublicKey {
@@ -179,8 +270,10 @@ impl Identity {
             .write()
             .map_err(lock_err)?
             .set_keys(public.iter().map(|k| k.public_key.as_slice()));
-        *self.inner.public_keys.write().map_err(lock_err)? = public;
-        Ok(())
+        let mut current = self.inner.public_keys.write().map_err(lock_err)?;
+        let changed = *current != public;
+        *current = public;
+        Ok(changed)
     }
 
     /// The catalog, from the cache when it is fresh.
@@ -440,10 +533,15 @@ impl Identity {
             .await
     }
 
-    /// Applies committed rules to this process and tells every watcher.
-    fn announce(&self, rules: Vec<RevocationRule>) -> Result<()> {
+    /// Applies committed rules this process does not know yet and tells
+    /// every watcher of this process.
+    fn announce(&self, rules: Vec<(i64, RevocationRule)>) -> Result<()> {
+        let mut known = self.inner.known_rules.lock().map_err(lock_err)?;
         let mut v = self.inner.verifier.write().map_err(lock_err)?;
-        for r in rules {
+        for (id, r) in rules {
+            if known.insert(id, r.issued_before).is_some() {
+                continue;
+            }
             v.add_rule(r.clone());
             let _ = self.inner.changes.send(Change::Revocation(r));
         }
@@ -451,10 +549,18 @@ impl Identity {
         Ok(())
     }
 
-    pub fn rotate_keys(&self, caller: &Caller) -> Result<Vec<PublicKey>> {
+    /// Rotates the shared key set in one transaction that also tells the
+    /// other replicas; they load it on the notice and announce it to their
+    /// watchers, as this replica does here.
+    pub async fn rotate_keys(&self, caller: &Caller) -> Result<Vec<PublicKey>> {
         policy::admin(caller)?;
-        self.inner.keys.rotate()?;
-        self.reload_keys()?;
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        crate::keys::rotate(&tx, &self.inner.kek, self.inner.cfg.max_active_keys).await?;
+        repo::notify(&tx, &format!("k {}", self.inner.replica)).await?;
+        tx.commit().await?;
+        drop(conn);
+        self.reload_keys().await?;
         let keys = self.public_keys()?;
         let _ = self.inner.changes.send(Change::Keys(keys.clone()));
         tracing::info!(primary = ?keys.iter().find(|k| k.state == KeyState::Primary).map(|k| &k.key_id), "signing keys rotated");
@@ -492,6 +598,8 @@ impl Identity {
     pub async fn prune(&self) -> Result<()> {
         let cutoff = now() - self.max_ttl();
         repo::prune_revocations(&self.conn().await?, cutoff).await?;
+        let mut known = self.inner.known_rules.lock().map_err(lock_err)?;
+        known.retain(|_, issued_before| *issued_before > cutoff);
         self.inner
             .verifier
             .write()
@@ -903,7 +1011,7 @@ impl Identity {
             enabled: new.enabled,
         };
         repo::create_service(&self.conn().await?, &s).await?;
-        self.forget_catalog();
+        self.catalog_changed().await;
         Ok(s)
     }
 
@@ -919,7 +1027,7 @@ impl Identity {
             .await?
             .ok_or_else(|| Error::not_found("service", &r))?;
         repo::delete_service(&c, s.id).await?;
-        self.forget_catalog();
+        self.catalog_changed().await;
         Ok(())
     }
 
@@ -938,7 +1046,7 @@ impl Identity {
             enabled: new.enabled,
         };
         repo::create_endpoint(&c, &e).await?;
-        self.forget_catalog();
+        self.catalog_changed().await;
         Ok(e)
     }
 
@@ -956,7 +1064,7 @@ impl Identity {
         if !repo::delete_endpoint(&self.conn().await?, id).await? {
             return Err(Error::not_found("endpoint", id));
         }
-        self.forget_catalog();
+        self.catalog_changed().await;
         Ok(())
     }
 
@@ -1109,7 +1217,7 @@ impl Identity {
             repo::create_endpoint(&tx, &e).await?;
         }
         tx.commit().await?;
-        self.forget_catalog();
+        self.catalog_changed().await;
         Ok(())
     }
 
@@ -1122,11 +1230,17 @@ impl Identity {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let (value, rules) = f(&tx).await?;
-        for r in &rules {
-            repo::insert_revocation(&tx, r).await?;
+        let mut stored = Vec::with_capacity(rules.len());
+        for r in rules {
+            stored.push((repo::insert_revocation(&tx, &r).await?, r));
+        }
+        if !stored.is_empty() {
+            let ids: Vec<i64> = stored.iter().map(|(id, _)| *id).collect();
+            let payload = sync::revocations_payload(&self.inner.replica.to_string(), &ids);
+            repo::notify(&tx, &payload).await?;
         }
         tx.commit().await?;
-        self.announce(rules)?;
+        self.announce(stored)?;
         Ok(value)
     }
 }
