@@ -46,7 +46,8 @@ fn ms(d: Duration) -> String {
 }
 
 async fn run() {
-    let s = Server::with_image().await;
+    // The production default pool (16), not the tests' 8.
+    let s = Server::start_with(true, |c| c.database.pool_size = 16).await;
     s.client()
         .set_quota(req(
             pb::SetQuotaRequest {

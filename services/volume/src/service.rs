@@ -328,6 +328,8 @@ impl Volumes {
         )
         .await?;
         tx.commit().await?;
+        // Not held while waiting: the task needs a connection of its own.
+        drop(c);
         metrics::counter!("volume_created_total").increment(1);
 
         // The bytes: in a task that outlives this request.
@@ -573,6 +575,7 @@ impl Volumes {
         self.check_quota(&tx, &v.project_id, 0, new_size_gb - v.size_gb, 0)
             .await?;
         tx.commit().await?;
+        drop(c);
         let this = self.clone();
         let format = v.format;
         tokio::spawn(async move {
@@ -715,6 +718,7 @@ impl Volumes {
         )
         .await?;
         tx.commit().await?;
+        drop(c);
         let this = self.clone();
         let (sid, vid, format) = (snap.id, vol.id, vol.format);
         let task = tokio::spawn(async move {

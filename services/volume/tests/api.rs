@@ -1118,3 +1118,111 @@ async fn a_restart_heals_what_a_crash_left() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_file_that_cannot_be_removed_leaves_error_deleting_and_a_retry_finishes() {
+    let s = Server::start().await;
+    let v = s.create_empty(&member_a(), "stuck", 1).await;
+    // A directory in the file's place: the store's remove fails, as a
+    // failing disk would.
+    let file = s.volume_file(&v.id);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    std::fs::write(file.join("busy"), b"x").unwrap();
+    assert_status(
+        s.delete(&member_a(), &v.id).await,
+        Code::Internal,
+        "internal error",
+    );
+    let got = s.get(&member_a(), &v.id).await.unwrap();
+    assert_eq!(status(&got), pb::VolumeStatus::ErrorDeleting);
+    assert_eq!(got.status_reason, "the operation failed (internal error)");
+    // Once the disk is fixed, deleting again finishes the job.
+    std::fs::remove_dir_all(&file).unwrap();
+    s.delete(&member_a(), &v.id).await.unwrap();
+    assert_code(s.get(&member_a(), &v.id).await, Code::NotFound);
+
+    let v = s.create_empty(&member_a(), "with-snap", 1).await;
+    let snap = s.snapshot(&member_a(), &v.id, false).await.unwrap();
+    let sfile = s.snapshot_file(&snap.id);
+    std::fs::remove_file(&sfile).unwrap();
+    std::fs::create_dir(&sfile).unwrap();
+    std::fs::write(sfile.join("busy"), b"x").unwrap();
+    let del = |id: String| {
+        let mut c = s.client();
+        async move {
+            c.delete_snapshot(req(pb::DeleteSnapshotRequest { id }, &member_a()))
+                .await
+        }
+    };
+    assert_status(del(snap.id.clone()).await, Code::Internal, "internal error");
+    let got = s
+        .client()
+        .get_snapshot(req(
+            pb::GetSnapshotRequest {
+                id: snap.id.clone(),
+            },
+            &member_a(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap_status(&got), pb::SnapshotStatus::ErrorDeleting);
+    std::fs::remove_dir_all(&sfile).unwrap();
+    del(snap.id.clone()).await.unwrap();
+    s.delete(&member_a(), &v.id).await.unwrap();
+    assert_eq!(s.store_files(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn waiting_callers_never_starve_the_tasks_of_database_connections() {
+    // Twice as many waiting creates, snapshots and extends as connections.
+    let s = Server::start_with(false, |c| c.database.pool_size = 2).await;
+    let v = s.create_empty(&member_a(), "base", 1).await;
+    let mut calls = Vec::new();
+    for i in 0..4 {
+        let c = s.client();
+        calls.push(tokio::spawn(async move {
+            c.clone()
+                .create_volume(req(
+                    pb::CreateVolumeRequest {
+                        size_gb: 1,
+                        name: format!("w{i}"),
+                        wait: true,
+                        ..Default::default()
+                    },
+                    &member_a(),
+                ))
+                .await
+                .map(drop)
+        }));
+    }
+    let c = s.client();
+    let id = v.id.clone();
+    calls.push(tokio::spawn(async move {
+        c.clone()
+            .create_snapshot(req(
+                pb::CreateSnapshotRequest {
+                    volume_id: id,
+                    wait: true,
+                    ..Default::default()
+                },
+                &member_a(),
+            ))
+            .await
+            .map(drop)
+    }));
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    s.client()
+        .extend_volume(req(
+            pb::ExtendVolumeRequest {
+                id: v.id.clone(),
+                new_size_gb: 2,
+            },
+            &member_a(),
+        ))
+        .await
+        .unwrap();
+}
