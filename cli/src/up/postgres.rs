@@ -24,13 +24,18 @@ pub async fn open(state: &State) -> anyhow::Result<Database> {
     let mut cluster = Cluster::load(state)?;
     let from_env = std::env::var("CIRRUS_DATABASE_URL").ok();
     if from_env.is_none() && cluster.private_pg_port.is_none() {
-        cluster.admin_url =
-            if runtime::db::reachable(runtime::db::TestDatabase::DEFAULT_ADMIN_URL).await {
-                runtime::db::TestDatabase::DEFAULT_ADMIN_URL.into()
-            } else {
-                cluster.private_pg_port = Some(5433);
-                "postgres://postgres@127.0.0.1:5433/postgres".into()
-            };
+        let local = runtime::db::TestDatabase::DEFAULT_ADMIN_URL;
+        cluster.admin_url = if runtime::db::reachable(local).await {
+            local.into()
+        } else {
+            // The first free port from 5433, remembered: another state
+            // directory's private server may hold 5433 already.
+            let port = (5433..5533)
+                .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+                .context("no free port for a private Postgres in 5433..5533")?;
+            cluster.private_pg_port = Some(port);
+            format!("postgres://postgres@127.0.0.1:{port}/postgres")
+        };
     }
     let server_url = from_env
         .clone()
