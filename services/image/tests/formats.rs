@@ -314,3 +314,227 @@ async fn bytes_must_match_the_declared_format() {
     .await;
     assert_killed(&s, &img, r, "tar").await;
 }
+
+/// Every disk format `qemu-img` makes, and the name the refusal gives it.
+const QEMU_FORMATS: [(&str, &[&str], &str); 8] = [
+    ("qed", &[], "QED"),
+    ("vmdk", &[], "VMDK"),
+    ("vpc", &[], "VHD"),
+    ("vhdx", &[], "VHDX"),
+    ("vdi", &[], "VDI"),
+    ("parallels", &[], "Parallels"),
+    ("qcow", &[], "qcow (version 1)"),
+    (
+        "luks",
+        &[
+            "--object",
+            "secret,id=sec0,data=not-a-real-secret",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+        ],
+        "LUKS",
+    ),
+];
+
+#[tokio::test]
+async fn every_format_qemu_probes_is_refused_whatever_the_declaration() {
+    let s = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for (fmt, extra, name) in QEMU_FORMATS {
+        let f = dir.path().join(format!("disk.{fmt}"));
+        let mut args = vec!["create", "-q"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-f", fmt, f.to_str().unwrap(), "16M"]);
+        qemu_img(&args);
+        assert_eq!(info(&f)["format"], fmt, "the fixture is a real {fmt}");
+        for (disk, container) in [
+            (pb::DiskFormat::Raw, pb::ContainerFormat::Bare),
+            (pb::DiskFormat::Aki, pb::ContainerFormat::Bare),
+            (pb::DiskFormat::Qcow2, pb::ContainerFormat::Bare),
+            (pb::DiskFormat::Iso, pb::ContainerFormat::Bare),
+            (pb::DiskFormat::Raw, pb::ContainerFormat::Ovf),
+        ] {
+            let (img, r) = upload_file(&s, create(disk, container, fmt), &f).await;
+            assert_killed(&s, &img, r, name).await;
+        }
+    }
+    // A VMDK text descriptor (its extent a separate flat file) is a VMDK too.
+    let desc = dir.path().join("flat.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        desc.to_str().unwrap(),
+        "16M",
+    ]);
+    assert!(
+        std::fs::read_to_string(&desc)
+            .unwrap()
+            .contains("createType")
+    );
+    let (img, r) = upload_file(
+        &s,
+        create(pb::DiskFormat::Raw, pb::ContainerFormat::Bare, "descriptor"),
+        &desc,
+    )
+    .await;
+    assert_killed(&s, &img, r, "VMDK").await;
+}
+
+/// Writes an ISO 9660 primary volume descriptor signature at sector 16.
+fn add_iso_descriptor(data: &mut Vec<u8>) {
+    if data.len() < 64 * 1024 {
+        data.resize(64 * 1024, 0);
+    }
+    data[32768] = 1;
+    data[32769..32774].copy_from_slice(b"CD001");
+    data[32774] = 1;
+}
+
+/// Makes the first 512 bytes a valid ustar header (checksum included).
+fn add_tar_header(data: &mut [u8]) {
+    data[257..265].copy_from_slice(b"ustar\x0000");
+    data[148..156].copy_from_slice(b"        ");
+    let sum: u32 = data[..512].iter().map(|b| u32::from(*b)).sum();
+    data[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+#[tokio::test]
+async fn polyglot_files_are_refused_whichever_format_is_declared() {
+    let s = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A qcow2 naming a host file as its backing file, which also carries an
+    // ISO 9660 descriptor (in the unused rest of its header cluster). QEMU
+    // still reads it as that qcow2; declared `iso` it must not pass.
+    let q = dir.path().join("backed.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/shadow",
+        "-F",
+        "raw",
+        q.to_str().unwrap(),
+        "1G",
+    ]);
+    let mut poly = std::fs::read(&q).unwrap();
+    add_iso_descriptor(&mut poly);
+    let p = dir.path().join("poly-iso.qcow2");
+    std::fs::write(&p, &poly).unwrap();
+    assert_eq!(info(&p)["format"], "qcow2");
+    assert_eq!(info(&p)["backing-filename"], "/etc/shadow");
+    let (img, r) = upload_file(
+        &s,
+        create(pb::DiskFormat::Iso, pb::ContainerFormat::Bare, "poly-iso"),
+        &p,
+    )
+    .await;
+    assert_killed(&s, &img, r, "also reads as qcow2, besides the declared iso").await;
+    let (img, r) = upload_file(
+        &s,
+        create(
+            pb::DiskFormat::Qcow2,
+            pb::ContainerFormat::Bare,
+            "poly-qcow2",
+        ),
+        &p,
+    )
+    .await;
+    assert_killed(&s, &img, r, "also reads as ISO 9660").await;
+
+    // A real ISO (genisoimage) whose empty system area now starts with a
+    // qcow2 header: qemu-img probes it as qcow2.
+    let content = dir.path().join("cd");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), b"hello").unwrap();
+    let iso = dir.path().join("cd.iso");
+    run(
+        "genisoimage",
+        &[
+            "-quiet",
+            "-o",
+            iso.to_str().unwrap(),
+            content.to_str().unwrap(),
+        ],
+    );
+    let (_, r) = upload_file(
+        &s,
+        create(pb::DiskFormat::Iso, pb::ContainerFormat::Bare, "plain-iso"),
+        &iso,
+    )
+    .await;
+    assert_eq!(
+        status_of(&r.unwrap()),
+        pb::Status::Active,
+        "a real ISO passes"
+    );
+    let clean = dir.path().join("clean.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", clean.to_str().unwrap(), "1M"]);
+    let header = std::fs::read(&clean).unwrap();
+    let mut iso_poly = std::fs::read(&iso).unwrap();
+    iso_poly[..4096].copy_from_slice(&header[..4096]);
+    let ip = dir.path().join("poly.iso");
+    std::fs::write(&ip, &iso_poly).unwrap();
+    assert_eq!(info(&ip)["format"], "qcow2", "QEMU would probe it as qcow2");
+    for (disk, why) in [
+        (pb::DiskFormat::Iso, "also reads as qcow2"),
+        (
+            pb::DiskFormat::Raw,
+            "reads as qcow2 and ISO 9660, not as the declared raw",
+        ),
+        (pb::DiskFormat::Qcow2, "also reads as ISO 9660"),
+    ] {
+        let (img, r) =
+            upload_file(&s, create(disk, pb::ContainerFormat::Bare, "iso-poly"), &ip).await;
+        assert_killed(&s, &img, r, why).await;
+    }
+
+    // A qcow2 whose first block is also a valid tar header, declared as an
+    // OVF package (a tar): refused.
+    let mut tar_poly = header.clone();
+    add_tar_header(&mut tar_poly);
+    let tp = dir.path().join("poly.ova");
+    std::fs::write(&tp, &tar_poly).unwrap();
+    assert_eq!(info(&tp)["format"], "qcow2");
+    let (img, r) = upload_file(
+        &s,
+        create(pb::DiskFormat::Qcow2, pb::ContainerFormat::Ovf, "tar-poly"),
+        &tp,
+    )
+    .await;
+    assert_killed(
+        &s,
+        &img,
+        r,
+        "also reads as qcow2, besides the declared OVF package",
+    )
+    .await;
+
+    // A real OVA holding a qcow2 disk is fine: the disk is inside, not at the start.
+    std::fs::copy(&clean, dir.path().join("disk.qcow2")).unwrap();
+    let ova = dir.path().join("real.ova");
+    run(
+        "tar",
+        &[
+            "-C",
+            dir.path().to_str().unwrap(),
+            "-cf",
+            ova.to_str().unwrap(),
+            "disk.qcow2",
+        ],
+    );
+    let (_, r) = upload_file(
+        &s,
+        create(pb::DiskFormat::Qcow2, pb::ContainerFormat::Ovf, "real-ova"),
+        &ova,
+    )
+    .await;
+    assert_eq!(status_of(&r.unwrap()), pb::Status::Active);
+}

@@ -231,3 +231,135 @@ async fn the_upload_finishes_only_when_its_request_confirms_a_clean_end() {
     assert_eq!(done.status, image::model::Status::Active);
     assert_eq!(done.size, Some(2000));
 }
+
+// ------------------------------------------- through a real sidecar pair
+
+/// A client → outbound sidecar → mTLS → inbound sidecar → image upload,
+/// ended by `end` after two chunks; the image must come back QUEUED, and a
+/// whole upload through the same pair must then work.
+async fn through_the_pair(
+    end: impl AsyncFnOnce(
+        tokio::task::JoinHandle<Result<tonic::Response<pb::Image>, tonic::Status>>,
+        tokio::sync::mpsc::Sender<pb::UploadRequest>,
+    ),
+) {
+    use common::mesh::{Mesh, auth};
+    let s = Server::start().await;
+    let mesh = Mesh::start(s.addr).await;
+    let img = mesh
+        .client()
+        .create_image(auth(raw("via-mesh"), &mesh.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
+    let mut client = mesh.client();
+    let token = mesh.token.clone();
+    let call = tokio::spawn(async move {
+        client
+            .upload(auth(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                &token,
+            ))
+            .await
+    });
+    tx.send(chunk(&img.id, 11)).await.unwrap();
+    tx.send(chunk("", 12)).await.unwrap();
+    wait_for(
+        "a partial upload behind the mesh",
+        Duration::from_secs(20),
+        || async {
+            let i = s.get(&admin(), &img.id).await.map_err(|e| e.to_string())?;
+            let partial = s
+                .store_files()
+                .iter()
+                .any(|f| f.parent().is_some_and(|p| p.ends_with("tmp")));
+            if status_of(&i) == pb::Status::Saving && partial {
+                Ok(())
+            } else {
+                Err(format!("{i:?}"))
+            }
+        },
+    )
+    .await;
+    end(call, tx).await;
+    let i = wait_for("the upload to end", Duration::from_secs(20), || async {
+        let i = s.get(&admin(), &img.id).await.map_err(|e| e.to_string())?;
+        if status_of(&i) == pb::Status::Saving {
+            Err(format!("{i:?}"))
+        } else {
+            Ok(i)
+        }
+    })
+    .await;
+    assert_eq!(status_of(&i), pb::Status::Queued, "{i:?}");
+    wait_for("no partial bytes", Duration::from_secs(20), || async {
+        let files = s.store_files();
+        if files.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{files:?}"))
+        }
+    })
+    .await;
+    // A whole upload through the same pair: active, every byte.
+    let data = pattern(300_000, 13);
+    let msgs = upload_messages(&img.id, &data, 64 * 1024);
+    let done = mesh
+        .client()
+        .upload(auth(tokio_stream::iter(msgs), &mesh.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status_of(&done), pb::Status::Active);
+    assert_eq!(done.sha256, sha256_hex(&data));
+}
+
+#[tokio::test]
+async fn through_the_sidecar_pair_a_cancelled_upload_leaves_the_image_queued() {
+    through_the_pair(async |call, tx| {
+        call.abort();
+        let _ = call.await;
+        drop(tx);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn through_the_sidecar_pair_a_passed_deadline_leaves_the_image_queued() {
+    use common::mesh::{Mesh, auth};
+    let s = Server::start().await;
+    let mesh = Mesh::start(s.addr).await;
+    let img = mesh
+        .client()
+        .create_image(auth(raw("deadline-via-mesh"), &mesh.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
+    tx.send(chunk(&img.id, 14)).await.unwrap();
+    tx.send(chunk("", 15)).await.unwrap();
+    let mut r = auth(tokio_stream::wrappers::ReceiverStream::new(rx), &mesh.token);
+    r.set_timeout(Duration::from_millis(1500));
+    let st = tokio::time::timeout(Duration::from_secs(30), mesh.client().upload(r))
+        .await
+        .expect("the deadline ends the call")
+        .unwrap_err();
+    assert!(
+        matches!(st.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{st:?}"
+    );
+    // The client, told its call is over, ends its stream as if all was sent.
+    drop(tx);
+    let i = wait_for("the upload to end", Duration::from_secs(20), || async {
+        let i = s.get(&admin(), &img.id).await.map_err(|e| e.to_string())?;
+        if status_of(&i) == pb::Status::Saving {
+            Err(format!("{i:?}"))
+        } else {
+            Ok(i)
+        }
+    })
+    .await;
+    assert_eq!(status_of(&i), pb::Status::Queued, "{i:?}");
+    assert!(s.store_files().is_empty(), "{:?}", s.store_files());
+}

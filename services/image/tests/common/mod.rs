@@ -364,4 +364,5 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+pub mod mesh;
 pub mod raw;
