@@ -496,3 +496,80 @@ pub async fn monitor_interfaces(notify: Arc<Notify>, mut stop: watch::Receiver<b
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dhcp_files_hold_static_leases_and_options_but_not_the_server_itself() {
+        let subnet = pb::Subnet {
+            id: "s1".into(),
+            cidr: "10.0.0.0/24".into(),
+            gateway_ip: "10.0.0.1".into(),
+            dns_nameservers: vec!["192.0.2.53".into()],
+            enable_dhcp: true,
+            ..Default::default()
+        };
+        let port = pb::Port {
+            id: "dhcp-port".into(),
+            mac_address: "fa:16:3e:00:00:02".into(),
+            fixed_ips: vec![pb::FixedIp {
+                subnet_id: "s1".into(),
+                ip_address: "10.0.0.2".into(),
+            }],
+            ..Default::default()
+        };
+        let n = pb::HostNetwork {
+            id: "n1".into(),
+            mtu: 1450,
+            dhcp: true,
+            subnets: vec![subnet],
+            dhcp_hosts: vec![
+                pb::DhcpHost {
+                    port_id: "guest".into(),
+                    mac_address: "fa:16:3e:00:00:05".into(),
+                    ip_addresses: vec!["10.0.0.5".into()],
+                    hostname: "host-10-0-0-5".into(),
+                },
+                pb::DhcpHost {
+                    port_id: "dhcp-port".into(),
+                    mac_address: "fa:16:3e:00:00:02".into(),
+                    ip_addresses: vec!["10.0.0.2".into()],
+                    hostname: "host-10-0-0-2".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let s = dhcp_spec(&n, &port);
+        assert_eq!(s.hosts, "fa:16:3e:00:00:05,10.0.0.5,host-10-0-0-5\n");
+        assert_eq!(
+            s.opts,
+            "tag:s0,option:router,10.0.0.1\ntag:s0,option:dns-server,192.0.2.53\ntag:s0,option:mtu,1450\n"
+        );
+        assert_eq!(s.addrs, vec![(Ipv4Addr::new(10, 0, 0, 2), 24)]);
+        assert_eq!(
+            s.ranges,
+            vec![(Ipv4Addr::new(10, 0, 0, 0), Ipv4Addr::new(255, 255, 255, 0))]
+        );
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let ok = Config::default();
+        assert!(ok.check().is_ok());
+        let long = Config {
+            bridge: "a-bridge-name-too-long".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            long.check().err().map(|e| e.to_string()).as_deref(),
+            Some("invalid configuration: bridge must be 1 to 15 characters")
+        );
+        let host = Config {
+            host: "bad host".into(),
+            ..Config::default()
+        };
+        assert!(host.check().is_err());
+    }
+}

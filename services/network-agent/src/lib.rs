@@ -39,6 +39,9 @@ pub struct Config {
     pub host: String,
     /// The network service: its sidecar's outbound address in production.
     pub network_url: String,
+    /// In production: the agent's sidecar's outbound address; `network` is
+    /// then reached through it (`http://network`), and `network_url` is unused.
+    pub network_via_sidecar: Option<std::net::SocketAddr>,
     /// The integration bridge (at most 15 characters).
     pub bridge: String,
     /// `netdev` (userspace) where the kernel datapath is missing, else `system`.
@@ -59,6 +62,7 @@ impl Default for Config {
             server: ServerConfig::loopback(ports::NETWORK_AGENT.0, ports::NETWORK_AGENT.1),
             host: "localhost".into(),
             network_url: format!("http://127.0.0.1:{}", ports::NETWORK.0),
+            network_via_sidecar: None,
             bridge: "br-int".into(),
             datapath_type: "netdev".into(),
             namespace_prefix: "cirrus-".into(),
@@ -155,10 +159,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     config.check()?;
     let config = Arc::new(config);
     tokio::fs::create_dir_all(&config.state_dir).await?;
-    let channel = tonic::transport::Endpoint::from_shared(config.network_url.clone())?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = match config.network_via_sidecar {
+        Some(addr) => runtime::serve::via_sidecar(addr, "network").map_err(anyhow::Error::msg)?,
+        None => tonic::transport::Endpoint::from_shared(config.network_url.clone())?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    };
     let mut agent = agent::Agent::new(config.clone(), channel);
     agent.bridge.ensure().await?;
     let started_at = format!("{:?}", std::time::SystemTime::now());

@@ -79,6 +79,9 @@ pub struct Config {
     /// The queue's endpoint (its sidecar's outbound address in production);
     /// empty: port events stay in the outbox until one is configured.
     pub queue_url: String,
+    /// In production: this service's sidecar's outbound address; the queue
+    /// is then reached through it (`http://queue`), and `queue_url` is unused.
+    pub queue_via_sidecar: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Default for Config {
             agent_down_secs: 15,
             quota: QuotaDefaults::default(),
             queue_url: String::new(),
+            queue_via_sidecar: None,
         }
     }
 }
@@ -153,7 +157,7 @@ impl Net {
             config: Arc::new(config),
             changes,
         };
-        if !net.config.queue_url.is_empty() {
+        if !net.config.queue_url.is_empty() || net.config.queue_via_sidecar.is_some() {
             tasks.push(tokio::spawn(outbox::relay(net.clone())));
         }
         Ok((net, tasks))

@@ -20,7 +20,11 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// Runs until aborted: publish, delete, repeat; sleep until a change.
 pub async fn relay(net: Net) {
-    let client = match queue_client::Client::connect_lazy(&net.config.queue_url) {
+    let client = match net.config.queue_via_sidecar {
+        Some(addr) => queue_client::Client::via_sidecar(addr),
+        None => queue_client::Client::connect_lazy(&net.config.queue_url),
+    };
+    let client = match client {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "bad queue_url; port events stay in the outbox");
