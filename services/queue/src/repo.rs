@@ -193,10 +193,19 @@ pub struct Insert<'a> {
 
 const LOCK_SQL: &str =
     "SELECT pg_advisory_xact_lock_shared($1, id) FROM unnest($2::int[]) id ORDER BY id";
-/// Messages, then one delivery row per group of their topic; the rows named
+/// Messages, then one delivery row per group of their topic: the statement
+/// when nothing is handed off.
+const INSERT_SQL: &str = "WITH m AS ( \
+       INSERT INTO messages (topic_id, id, payload, headers, key) \
+       SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
+       RETURNING seq, topic_id, key, published_at) \
+     INSERT INTO deliveries (group_id, seq, key, published_at) \
+     SELECT g.id, m.seq, m.key, m.published_at FROM m JOIN groups g ON g.topic_id = m.topic_id";
+
+/// The same, where the rows named
 /// in the hand-off arrays ($6..$10) are written already leased to a local
 /// consumer (attempt 1), and come back so that the consumer can be given them.
-const INSERT_SQL: &str = "WITH m AS ( \
+const INSERT_HANDOFF_SQL: &str = "WITH m AS ( \
        INSERT INTO messages (topic_id, id, payload, headers, key) \
        SELECT * FROM unnest($1::int[], $2::uuid[], $3::bytea[], $4::jsonb[], $5::text[]) \
        RETURNING seq, id, topic_id, key, published_at), \
@@ -242,7 +251,7 @@ pub async fn insert_messages(
     handoffs: &[HandOff],
 ) -> Result<Vec<Leased>> {
     let lock = tx.prepare_cached(LOCK_SQL).await?;
-    let insert = tx.prepare_cached(INSERT_SQL).await?;
+    let insert = tx.prepare_cached(insert_sql(handoffs)).await?;
     insert_pipelined(tx, &lock, &insert, msgs, handoffs, false).await
 }
 
@@ -255,12 +264,20 @@ pub async fn publish_in_one_trip(
     handoffs: &[HandOff],
 ) -> Result<Vec<Leased>> {
     let lock = c.prepare_cached(LOCK_SQL).await?;
-    let insert = c.prepare_cached(INSERT_SQL).await?;
+    let insert = c.prepare_cached(insert_sql(handoffs)).await?;
     let r = insert_pipelined(c, &lock, &insert, msgs, handoffs, true).await;
     if r.is_err() {
         let _ = c.batch_execute("ROLLBACK").await;
     }
     r
+}
+
+fn insert_sql(handoffs: &[HandOff]) -> &'static str {
+    if handoffs.is_empty() {
+        INSERT_SQL
+    } else {
+        INSERT_HANDOFF_SQL
+    }
 }
 
 /// Gives back a handed-off lease whose consumer went away before it got it:
@@ -318,6 +335,8 @@ async fn insert_pipelined(
     // Pipelined: Postgres runs them in order (the insert's snapshot is taken
     // after the lock is held), we wait one round trip instead of four.
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LOCK_CLASS, &topics];
+    let plain: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&topic_ids, &ids, &payloads, &headers, &keys];
     let h_msgs: Vec<Uuid> = handoffs.iter().map(|h| h.message_id).collect();
     let h_groups: Vec<i32> = handoffs.iter().map(|h| h.group_id).collect();
     let h_tokens: Vec<Uuid> = handoffs.iter().map(|h| h.token).collect();
@@ -349,10 +368,14 @@ async fn insert_pipelined(
             Ok(())
         }
     };
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = match handoffs.is_empty() {
+        true => &plain,
+        false => &insert_params,
+    };
     let (_, _, rows, _) = futures_util::try_join!(
         begin,
         tx.execute(lock, &lock_params),
-        tx.query(insert, &insert_params),
+        tx.query(insert, params),
         commit,
     )
     .map_err(topic_gone)?;
