@@ -284,3 +284,76 @@ pub async fn run(
     result?;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use runtime::process::Service;
+
+    #[test]
+    fn the_build_table_names_each_step_once_and_faults_must_name_one() {
+        let names = saga::step_names();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+        assert_eq!(
+            names,
+            [
+                "claim",
+                "image",
+                "ports",
+                "volumes",
+                "config_drive",
+                "define_paused",
+                "wait_vif_plugged",
+                "resume"
+            ]
+        );
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.faults.fail_at = Some("boot".into());
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid configuration: faults.fail_at must name a build step: claim, image, ports, \
+             volumes, config_drive, define_paused, wait_vif_plugged, resume"
+        );
+        let c = Config {
+            host: "a/b".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        assert_eq!(
+            Config::default().spiffe_id(),
+            "spiffe://cirrus.local/svc/compute-agent/host/host1"
+        );
+    }
+
+    #[test]
+    fn casts_are_the_json_compute_api_sends() {
+        let id = uuid::Uuid::nil();
+        let c: agent::Cast = serde_json::from_str(&format!(
+            r#"{{"op":"reboot","server_id":"{id}","hard":true}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c,
+            agent::Cast::Reboot {
+                server_id: id,
+                hard: true
+            }
+        );
+        let b: agent::Cast = serde_json::from_str(&format!(
+            r#"{{"op":"build","server_id":"{id}","attempt":2}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            b,
+            agent::Cast::Build {
+                server_id: id,
+                attempt: 2
+            }
+        );
+    }
+}

@@ -281,3 +281,64 @@ impl Libvirt {
 fn gone(id: Uuid) -> VirtError {
     VirtError(format!("domain {} does not exist", domain_name(id)))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The real test driver: every operation is idempotent and the power
+    /// states map as Nova's.
+    #[test]
+    fn operations_on_the_test_driver_are_idempotent() {
+        let lv = Libvirt::open("test:///default", "test").unwrap();
+        let id = Uuid::new_v4();
+        let spec = DomainSpec {
+            id,
+            vcpus: 1,
+            ram_mb: 64,
+            disk: "/nonexistent/disk.qcow2".into(),
+            config_drive: Some("/nonexistent/cd.iso".into()),
+        };
+        assert_eq!(lv.power(id).unwrap(), Power::NoState);
+        lv.define_start_paused(&spec).unwrap();
+        lv.define_start_paused(&spec).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Paused);
+        lv.unpause(id).unwrap();
+        lv.unpause(id).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Running);
+        lv.pause(id).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Paused);
+        lv.unpause(id).unwrap();
+        lv.suspend(id).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Suspended);
+        lv.start(id).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Running);
+        lv.reboot(id, true).unwrap();
+        lv.stop(id).unwrap();
+        lv.stop(id).unwrap();
+        assert_eq!(lv.power(id).unwrap(), Power::Shutdown);
+        assert!(lv.our_domains().unwrap().contains(&id));
+        lv.destroy(id).unwrap();
+        lv.destroy(id).unwrap();
+        assert!(!lv.exists(id).unwrap());
+        assert_eq!(
+            lv.unpause(id).unwrap_err().0,
+            format!("domain cirrus-{id} does not exist")
+        );
+    }
+
+    #[test]
+    fn names_in_the_xml_are_escaped() {
+        let lv = Libvirt::open("test:///default", "test").unwrap();
+        let xml = lv.xml(&DomainSpec {
+            id: Uuid::nil(),
+            vcpus: 2,
+            ram_mb: 128,
+            disk: "/a'<b>&c".into(),
+            config_drive: None,
+        });
+        assert!(xml.contains("/a&apos;&lt;b&gt;&amp;c"), "{xml}");
+        assert!(xml.starts_with("<domain type='test'>"));
+    }
+}

@@ -228,23 +228,20 @@ impl Conductor {
             && s.attempt < self.inner.config.max_attempts
             && let Some(next) = self.claim_alternate(&tx, &s).await?
         {
-            {
-                tx.commit().await?;
-                let cast = Cast::Build {
-                    server_id: r.id,
-                    attempt: s.attempt + 1,
-                };
-                if let Err(e) = self.inner.queue.cast_json(&host_topic(&next), &cast).await {
-                    tracing::warn!(server = %r.id, status = %e, "reschedule cast failed");
-                    self.to_error(r.id, 500, "could not reach the next host's queue")
-                        .await?;
-                    return Ok(Outcome::Error);
-                }
-                tracing::info!(server = %r.id, from = %host, to = %next, "rescheduled");
-                metrics::counter!("conductor_builds_total", "outcome" => "rescheduled")
-                    .increment(1);
-                return Ok(Outcome::Rescheduled(next));
+            tx.commit().await?;
+            let cast = Cast::Build {
+                server_id: r.id,
+                attempt: s.attempt + 1,
+            };
+            if let Err(e) = self.inner.queue.cast_json(&host_topic(&next), &cast).await {
+                tracing::warn!(server = %r.id, status = %e, "reschedule cast failed");
+                self.to_error(r.id, 500, "could not reach the next host's queue")
+                    .await?;
+                return Ok(Outcome::Error);
             }
+            tracing::info!(server = %r.id, from = %host, to = %next, "rescheduled");
+            metrics::counter!("conductor_builds_total", "outcome" => "rescheduled").increment(1);
+            return Ok(Outcome::Rescheduled(next));
         }
         let message = if r.fault_message.is_empty() {
             "build failed".to_string()
@@ -438,5 +435,36 @@ impl Conductor {
             tx.commit().await?;
         }
         Ok(stuck.len())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use runtime::testing::{member_a, workload};
+
+    #[test]
+    fn only_an_agent_s_spiffe_id_names_a_host() {
+        let host = |c: &Caller| agent_host(c, "cirrus.local").map_err(|e| e.to_string());
+        assert_eq!(
+            host(&workload("spiffe://cirrus.local/svc/compute-agent/host/h1")),
+            Ok("h1".to_string())
+        );
+        for bad in [
+            "spiffe://cirrus.local/svc/compute-agent/host/",
+            "spiffe://cirrus.local/svc/compute-agent/host/h1/x",
+            "spiffe://other.domain/svc/compute-agent/host/h1",
+            "spiffe://cirrus.local/svc/network-agent/host/h1",
+            "spiffe://cirrus.local/svc/compute-agent",
+            "external",
+        ] {
+            assert_eq!(
+                host(&workload(bad)),
+                Err("only a compute agent may call conductor".to_string()),
+                "{bad}"
+            );
+        }
+        assert!(host(&member_a()).is_err());
     }
 }
