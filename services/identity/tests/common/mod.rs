@@ -58,6 +58,26 @@ pub fn test_config(db: &TestDatabase, keys: &tempfile::TempDir) -> Config {
     }
 }
 
+/// Another replica on a [`Server`]'s database.
+pub struct Replica {
+    pub channel: Channel,
+    pub identity: Identity,
+    served: Served,
+    _keys: tempfile::TempDir,
+}
+
+impl Replica {
+    pub fn tokens(&self) -> TokensClient<Channel> {
+        TokensClient::new(self.channel.clone())
+    }
+    pub fn catalog(&self) -> CatalogClient<Channel> {
+        CatalogClient::new(self.channel.clone())
+    }
+    pub async fn stop(self) {
+        self.served.stop().await.unwrap();
+    }
+}
+
 pub fn bootstrap_spec(addr: SocketAddr) -> Bootstrap {
     Bootstrap {
         admin_user: "admin".into(),
@@ -105,6 +125,28 @@ impl Server {
     /// Stops serving and waits for the graceful drain.
     pub async fn stop(self) {
         self.served.stop().await.unwrap();
+    }
+
+    /// A second identity process on this server's database, with its own
+    /// key directory holding a copy of this one's key-encryption key (what
+    /// an operator distributes), on its own ephemeral port.
+    pub async fn replica(&self) -> Replica {
+        let keys = tempfile::tempdir().unwrap();
+        let mut config = test_config(&self.db, &keys);
+        std::fs::create_dir_all(&config.key_dir).unwrap();
+        let kek = config.key_dir.join("kek");
+        std::fs::copy(self.config.kek_path(), &kek).unwrap();
+        config.key_encryption_key_file = Some(kek);
+        let identity = Identity::start(config).await.unwrap();
+        let served = identity.clone();
+        let served =
+            Served::spawn(|listener, shutdown| identity::serve(served, listener, shutdown)).await;
+        Replica {
+            channel: served.channel.clone(),
+            identity,
+            served,
+            _keys: keys,
+        }
     }
 
     pub fn tokens(&self) -> TokensClient<Channel> {
