@@ -13,6 +13,10 @@
 //! direct run elsewhere.
 
 use std::io::{Read, Write};
+
+/// The PKI and identity the sidecar pair needs, shared with the tests.
+#[path = "../tests/common/mesh.rs"]
+mod mesh;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -49,14 +53,12 @@ fn req<T>(m: T) -> Request<T> {
 }
 
 /// identity, PKI and two sidecar processes in front of the image service at
-/// `image_listen`; returns a client channel through the pair and the sidecars.
+/// `image_listen`; returns a client channel through the pair, the sidecars,
+/// and the cloud (identity, PKI) they need, which must outlive them.
 async fn mesh(
     dir: &Path,
-    db_url: &str,
     image_listen: &str,
-) -> anyhow::Result<Option<(Channel, Vec<tokio::process::Child>)>> {
-    use identity::model::Interface;
-    use proto::identity::v1 as ipb;
+) -> anyhow::Result<Option<(Channel, Vec<tokio::process::Child>, mesh::Cloud)>> {
     let sidecar_bin = Path::new(env!("CARGO_BIN_EXE_image")).with_file_name("sidecar");
     if !sidecar_bin.is_file() {
         println!(
@@ -64,65 +66,8 @@ async fn mesh(
         );
         return Ok(None);
     }
-    let pki = dir.join("pki");
-    let ca = certs::Authority::create("bench CA", time::Duration::days(1))?;
-    ca.save(&pki)?;
-    for svc in ["image", "compute-api"] {
-        let pair = ca.issue(
-            &certs::service_id(svc, None)?,
-            &[svc.into(), "localhost".into()],
-            time::Duration::hours(24),
-        )?;
-        certs::write_pair(&pki, svc, &pair)?;
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let id_addr = listener.local_addr()?;
-    let id = identity::Identity::start(identity::Config {
-        server: runtime::config::ServerConfig {
-            listen: id_addr,
-            metrics_listen: None,
-        },
-        database: runtime::config::DatabaseConfig {
-            url: db_url.into(),
-            pool_size: 4,
-            ..runtime::config::DatabaseConfig::local("identity")
-        },
-        key_dir: dir.join("keys"),
-        ..identity::Config::default()
-    })
-    .await?;
-    id.bootstrap(&identity::Bootstrap {
-        admin_user: "admin".into(),
-        admin_password: "bench-pw".into(),
-        admin_project: "admin".into(),
-        region: "RegionOne".into(),
-        endpoints: vec![(Interface::Internal, format!("http://{id_addr}"))],
-    })
-    .await?;
-    let served = id.clone();
-    tokio::spawn(async move { identity::serve(served, listener, std::future::pending()).await });
-    let id_ch = Channel::from_shared(format!("http://{id_addr}"))?.connect_lazy();
-    let token = ipb::tokens_client::TokensClient::new(id_ch.clone())
-        .authenticate(ipb::AuthenticateRequest {
-            method: Some(ipb::authenticate_request::Method::Password(
-                ipb::PasswordCredentials {
-                    user_name: "admin".into(),
-                    user_domain_name: "Default".into(),
-                    password: "bench-pw".into(),
-                    ..Default::default()
-                },
-            )),
-            scope: Some(ipb::Scope {
-                target: Some(ipb::scope::Target::Project(ipb::ProjectScope {
-                    name: "admin".into(),
-                    domain_name: "Default".into(),
-                    ..Default::default()
-                })),
-            }),
-        })
-        .await?
-        .into_inner()
-        .token;
+    let cloud = mesh::Cloud::start(&["image", "compute-api"]).await;
+    let (pki, id_addr, token) = (cloud.pki.path(), cloud.identity, cloud.token.clone());
 
     let port = || -> std::io::Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -167,29 +112,9 @@ async fn mesh(
                 .spawn()?,
         );
     }
-    let mut cat = ipb::catalog_client::CatalogClient::new(id_ch);
-    let auth = |m| {
-        let mut r = Request::new(m);
-        if let Ok(v) = format!("Bearer {token}").parse() {
-            r.metadata_mut().insert("authorization", v);
-        }
-        r
-    };
-    cat.create_service(auth(ipb::CreateServiceRequest {
-        name: "image".into(),
-        r#type: "image".into(),
-        ..Default::default()
-    }))
-    .await?;
-    let mut r = Request::new(ipb::CreateEndpointRequest {
-        service: "image".into(),
-        interface: ipb::Interface::Internal as i32,
-        url: format!("https://127.0.0.1:{inbound}"),
-        ..Default::default()
-    });
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    cat.create_endpoint(r).await?;
+    cloud
+        .register("image", format!("https://127.0.0.1:{inbound}"))
+        .await;
     let _ = TOKEN.set(token);
 
     let channel = Channel::from_shared(format!("http://127.0.0.1:{outbound}"))?
@@ -213,7 +138,7 @@ async fn mesh(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(Some((channel, procs)))
+    Ok(Some((channel, procs, cloud)))
 }
 
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
@@ -433,8 +358,8 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(got == size as u64, "downloaded {got} bytes");
 
         // The same transfers through the sidecar pair.
-        let via = match mesh(dir.path(), &db.url, &listen).await? {
-            Some((channel, procs)) => {
+        let via = match mesh(dir.path(), &listen).await? {
+            Some((channel, procs, _cloud)) => {
                 let mut client = ImagesClient::new(channel).max_decoding_message_size(8 * MIB);
                 let img = client
                     .create_image(req(pb::CreateImageRequest {

@@ -19,6 +19,17 @@ use tonic::transport::Channel;
 const ADMIN_PASSWORD: &str = "mesh-admin-pw";
 const MIB: u32 = 1024 * 1024;
 
+/// A PKI and an identity server: what any set of sidecars needs.
+pub struct Cloud {
+    pub pki: tempfile::TempDir,
+    pub identity: SocketAddr,
+    /// The cloud admin's project-scoped token.
+    pub token: String,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _db: runtime::db::TestDatabase,
+}
+
 pub struct Mesh {
     /// Plaintext to the outbound sidecar, addressed to `image`.
     pub channel: Channel,
@@ -26,10 +37,7 @@ pub struct Mesh {
     pub outbound: SocketAddr,
     /// The cloud admin's project-scoped token.
     pub token: String,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    _pki: tempfile::TempDir,
-    _db: runtime::db::TestDatabase,
+    pub cloud: Cloud,
 }
 
 /// `m` with `token` as its bearer, nothing else: the sidecars set the rest.
@@ -44,17 +52,19 @@ async fn listener() -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-impl Mesh {
-    /// Starts identity and the sidecar pair in front of the image server at `image`.
-    pub async fn start(image: SocketAddr) -> Self {
+impl Cloud {
+    /// A CA with a leaf certificate per service in `services` (files
+    /// `<svc>.crt`, `<svc>.key`, `bundle.pem` in `pki`), identity on its own
+    /// database, and the admin's token.
+    pub async fn start(services: &[&str]) -> Self {
         let pki = tempfile::tempdir().unwrap();
         let ca = certs::Authority::create("test CA", time::Duration::days(1)).unwrap();
         ca.save(pki.path()).unwrap();
-        for svc in ["image", "compute-api"] {
+        for svc in services {
             let pair = ca
                 .issue(
                     &certs::service_id(svc, None).unwrap(),
-                    &[svc.into(), "localhost".into()],
+                    &[(*svc).into(), "localhost".into()],
                     time::Duration::hours(24),
                 )
                 .unwrap();
@@ -62,7 +72,6 @@ impl Mesh {
         }
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
-
         // Identity: keys, tokens, the catalog the sidecars resolve through.
         let db = runtime::db::TestDatabase::create().await.unwrap();
         let id_listener = listener().await;
@@ -133,6 +142,67 @@ impl Mesh {
             .into_inner()
             .token;
 
+        Self {
+            pki,
+            identity: id_addr,
+            token,
+            stops,
+            tasks,
+            _db: db,
+        }
+    }
+
+    fn identity_channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.identity))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// Lists `service`'s internal endpoint (its inbound sidecar) in the catalog.
+    pub async fn register(&self, service: &str, internal_url: String) {
+        let mut catalog = ipb::catalog_client::CatalogClient::new(self.identity_channel());
+        catalog
+            .create_service(auth(
+                ipb::CreateServiceRequest {
+                    name: service.into(),
+                    r#type: service.into(),
+                    ..Default::default()
+                },
+                &self.token,
+            ))
+            .await
+            .unwrap();
+        catalog
+            .create_endpoint(auth(
+                ipb::CreateEndpointRequest {
+                    service: service.into(),
+                    interface: ipb::Interface::Internal as i32,
+                    url: internal_url,
+                    ..Default::default()
+                },
+                &self.token,
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Mesh {
+    /// Starts identity and the sidecar pair in front of the image server at `image`.
+    pub async fn start(image: SocketAddr) -> Self {
+        let mut cloud = Cloud::start(&["image", "compute-api"]).await;
+        let id_addr = cloud.identity;
         // The two sidecars.
         let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sidecar/policy");
         let (image_internal, caller_internal, outbound) =
@@ -150,7 +220,7 @@ impl Mesh {
                 Some(outbound),
             ),
         ] {
-            let d = pki.path();
+            let d = cloud.pki.path();
             let config = sidecar::Config {
                 service: svc.into(),
                 upstream,
@@ -170,8 +240,8 @@ impl Mesh {
                 outbound: out,
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            stops.push(stop);
-            tasks.push(tokio::spawn(async move {
+            cloud.stops.push(stop);
+            cloud.tasks.push(tokio::spawn(async move {
                 if let Err(e) = sidecar::run(config, listeners, async {
                     let _ = stopped.await;
                 })
@@ -183,30 +253,7 @@ impl Mesh {
         }
 
         // The catalog names image's inbound sidecar.
-        let mut catalog = ipb::catalog_client::CatalogClient::new(id_channel);
-        catalog
-            .create_service(auth(
-                ipb::CreateServiceRequest {
-                    name: "image".into(),
-                    r#type: "image".into(),
-                    ..Default::default()
-                },
-                &token,
-            ))
-            .await
-            .unwrap();
-        catalog
-            .create_endpoint(auth(
-                ipb::CreateEndpointRequest {
-                    service: "image".into(),
-                    interface: ipb::Interface::Internal as i32,
-                    url: format!("https://{inbound}"),
-                    ..Default::default()
-                },
-                &token,
-            ))
-            .await
-            .unwrap();
+        cloud.register("image", format!("https://{inbound}")).await;
 
         let channel = Channel::from_shared(format!("http://{outbound_addr}"))
             .unwrap()
@@ -217,11 +264,8 @@ impl Mesh {
         let mesh = Self {
             channel,
             outbound: outbound_addr,
-            token,
-            stops,
-            tasks,
-            _pki: pki,
-            _db: db,
+            token: cloud.token.clone(),
+            cloud,
         };
         runtime::testing::wait_for(
             "the sidecar pair to forward to image",
@@ -244,16 +288,5 @@ impl Mesh {
     pub fn client(&self) -> proto::image::v1::images_client::ImagesClient<Channel> {
         proto::image::v1::images_client::ImagesClient::new(self.channel.clone())
             .max_decoding_message_size(8 * MIB as usize)
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        for s in self.stops.drain(..) {
-            let _ = s.send(());
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
