@@ -650,11 +650,16 @@ impl Compute {
         tx: tokio::sync::mpsc::Sender<Result<Server>>,
     ) -> Result<()> {
         let mut notes = self.inner.hub.subscribe();
-        let first = self.visible_server(c, id).await?;
+        // The event position first, then the state: a change in between is
+        // then both in `first` and after `seq`, and skipped by its revision
+        // (read the other way round, it would be in neither).
+        authenticated(c)?;
         let mut seq = {
             let db = self.inner.pool.get().await?;
             repo::last_event(&db, id).await?
         };
+        let first = self.visible_server(c, id).await?;
+        let mut sent = first.revision;
         let c = c.clone();
         let this = self.clone();
         tokio::spawn(async move {
@@ -701,6 +706,10 @@ impl Compute {
                 let Some(now) = now else { continue };
                 for e in events {
                     seq = e.seq;
+                    if e.revision <= sent {
+                        continue;
+                    }
+                    sent = e.revision;
                     let mut s = now.clone();
                     s.revision = e.revision;
                     s.vm_state = e.vm_state;
