@@ -318,36 +318,53 @@ impl Identity {
     pub async fn authenticate(&self, login: Login) -> Result<Issued> {
         let c = self.conn().await?;
         let now = now();
-        let (user_id, user_name, user_domain, methods, parent) = match login.credentials {
+        let (user_id, user_name, user_domain, methods, parent, scoped) = match login.credentials {
             Credentials::Password { user, password } => {
                 let u = self.check_password(&c, &user, &password).await?;
+                let scoped = self.resolve_scope(&c, u.id, login.scope).await?;
                 (
                     u.id,
                     u.name,
                     u.domain_id,
                     vec!["password".to_string()],
                     None,
+                    scoped,
                 )
             }
             Credentials::Token(t) => {
                 let parent = self.verify(&t)?;
                 let malformed = || Error::unauthenticated("token names a malformed user");
                 let id = Uuid::parse_str(&parent.sub).map_err(|_| malformed())?;
-                if repo::user_enabled(&c, id).await? != Some(true) {
+                let domain = Uuid::parse_str(&parent.user_domain_id).map_err(|_| malformed())?;
+                // The user's state and the scope are read together: the
+                // queries are pipelined on one connection (one wait, not
+                // three), and the user check still decides first.
+                let (enabled, scoped) = tokio::join!(
+                    repo::user_enabled(&c, id),
+                    self.resolve_scope(&c, id, login.scope)
+                );
+                if enabled? != Some(true) {
                     return Err(Error::unauthenticated(format!(
                         "re-scoping a token of user {id}: the user is disabled or gone"
                     )));
                 }
-                let domain = Uuid::parse_str(&parent.user_domain_id).map_err(|_| malformed())?;
+                let scoped = scoped?;
                 let mut methods = parent.methods.clone();
                 if !methods.iter().any(|m| m == "token") {
                     methods.push("token".into());
                 }
-                (id, parent.user_name.clone(), domain, methods, Some(parent))
+                (
+                    id,
+                    parent.user_name.clone(),
+                    domain,
+                    methods,
+                    Some(parent),
+                    scoped,
+                )
             }
         };
 
-        let (scope, roles, is_admin_project) = self.resolve_scope(&c, user_id, login.scope).await?;
+        let (scope, roles, is_admin_project) = scoped;
         let mut exp = now + self.max_ttl();
         let mut audit_ids = vec![new_audit_id()];
         if let Some(p) = &parent {
@@ -373,7 +390,8 @@ impl Identity {
         let token = signer
             .sign(&claims)
             .map_err(|e| Error::internal(format!("signing: {e}")))?;
-        let catalog = repo::catalog(&c).await?;
+        // Cached: every replica drops it when any replica changes the catalog.
+        let catalog = self.cached_catalog(&c).await?.as_ref().clone();
         metrics::counter!("identity_tokens_issued_total").increment(1);
         Ok(Issued {
             token,
