@@ -127,16 +127,7 @@ async fn a_crash_during_an_upload_is_healed_at_start_up() {
         .into_inner();
 
     // An upload that is half-way when the service is killed.
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(2);
-    let mut client = p.client();
-    let call = tokio::spawn(async move {
-        client
-            .upload(req(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &owner(),
-            ))
-            .await
-    });
+    let (tx, call) = open_upload(p.client(), &owner(), 2);
     for i in 0..8 {
         tx.send(pb::UploadRequest {
             image_id: if i == 0 {

@@ -279,16 +279,11 @@ async fn a_dropped_upload_stream_leaves_the_image_queued_and_no_bytes() {
     // The client talks through a relay that the test cuts, as a client
     // process that dies takes its connection with it.
     let relay = Relay::start(s.addr).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
-    let mut client = proto::image::v1::images_client::ImagesClient::new(relay.channel());
-    let call = tokio::spawn(async move {
-        client
-            .upload(req(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &owner(),
-            ))
-            .await
-    });
+    let (tx, call) = open_upload(
+        proto::image::v1::images_client::ImagesClient::new(relay.channel()),
+        &owner(),
+        4,
+    );
     tx.send(pb::UploadRequest {
         image_id: img.id.clone(),
         data: pattern(512 * 1024, 7).into(),
@@ -365,16 +360,7 @@ async fn an_idle_upload_is_abandoned() {
 async fn deleting_an_image_while_it_uploads_leaves_nothing() {
     let s = Server::start().await;
     let img = s.create_raw(&owner(), "racing").await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
-    let mut client = s.client();
-    let call = tokio::spawn(async move {
-        client
-            .upload(req(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &owner(),
-            ))
-            .await
-    });
+    let (tx, call) = open_upload(s.client(), &owner(), 4);
     tx.send(pb::UploadRequest {
         image_id: img.id.clone(),
         data: pattern(100_000, 10).into(),

@@ -91,16 +91,7 @@ fn chunk(id: &str, seed: u8) -> pb::UploadRequest {
 async fn a_client_that_cancels_its_stream_midway_leaves_the_image_queued() {
     let s = Server::start().await;
     let img = s.create_raw(&owner(), "cancelled").await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(4);
-    let mut client = s.client();
-    let call = tokio::spawn(async move {
-        client
-            .upload(req(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &owner(),
-            ))
-            .await
-    });
+    let (tx, call) = open_upload(s.client(), &owner(), 4);
     tx.send(chunk(&img.id, 1)).await.unwrap();
     tx.send(chunk("", 2)).await.unwrap();
     saving(&s, &img.id).await;

@@ -366,3 +366,19 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
 
 pub mod mesh;
 pub mod raw;
+
+/// The call of an upload whose messages a test sends one at a time.
+pub type UploadCall = tokio::task::JoinHandle<Result<tonic::Response<pb::Image>, tonic::Status>>;
+
+/// Opens an upload on `client` as `who` in a task; the test feeds it through
+/// the sender (holding `depth` messages) and ends it by dropping the sender
+/// (a clean end) or aborting the call (a cancel).
+pub fn open_upload(
+    mut client: ImagesClient<Channel>,
+    who: &Caller,
+    depth: usize,
+) -> (tokio::sync::mpsc::Sender<pb::UploadRequest>, UploadCall) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadRequest>(depth);
+    let r = req(tokio_stream::wrappers::ReceiverStream::new(rx), who);
+    (tx, tokio::spawn(async move { client.upload(r).await }))
+}
