@@ -53,7 +53,13 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             service: String::new(),
-            server: ServerConfig::loopback(ports::SIDECAR.0, ports::SIDECAR.1),
+            // No metrics listener unless asked for: several sidecars run on
+            // one machine, and a default port would collide (with the
+            // defaults merged under a file's `[server]`, a file cannot unset it).
+            server: ServerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], ports::SIDECAR.0)),
+                metrics_listen: None,
+            },
             public_listen: None,
             outbound_listen: None,
             upstream: SocketAddr::from(([127, 0, 0, 1], 0)),

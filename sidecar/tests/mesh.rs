@@ -865,3 +865,24 @@ async fn the_binary_reads_the_server_table_and_answers_healthcheck_over_mtls() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn one_connection_carries_thousands_of_calls() {
+    // Each request once ended with an extra empty DATA frame on a stream the
+    // service had answered and reset; h2 counted the resets and closed the
+    // connection after about 1,000 of them.
+    let pki = Pki::new();
+    let echo = Echo::start().await;
+    let mut spec = SidecarSpec::new("echo", echo.addr, "http://127.0.0.1:1".into());
+    spec.policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy/open.toml");
+    let side = Sidecar::start(&pki, spec).await;
+    let (ch, connections) = counted_channel(&pki, "compute-api", side.internal, "echo");
+    let mut c = HealthClient::new(ch);
+    for i in 0..1500 {
+        if let Err(e) = c.check(HealthCheckRequest::default()).await {
+            panic!("call {i} failed: {e:?}");
+        }
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    side.stop().await;
+}
