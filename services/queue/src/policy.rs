@@ -57,6 +57,20 @@ pub const RULES: &[Rule] = &[
         publishers: &["compute-api", "scheduler", "compute-agent"],
         consumers: &["conductor"],
     },
+    // Port status changes ("vif plugged"): only network emits them; the
+    // compute agents of every host wait on them, the API may watch them.
+    Rule {
+        pattern: "network.port",
+        publishers: &["network"],
+        consumers: &["compute-agent", "compute-api", "conductor"],
+    },
+    // Server state changes: written by the compute control plane, read by any
+    // service (WatchServer, metering later).
+    Rule {
+        pattern: "compute.server",
+        publishers: &["compute-api", "conductor"],
+        consumers: &["*"],
+    },
     // Notifications: any service emits, any service listens.
     Rule {
         pattern: "notifications.{any}",
@@ -214,6 +228,21 @@ mod tests {
         assert!(authorize(&sched, Action::Publish, "compute.a.b").is_err());
         assert!(authorize(&sched, Action::Delete, "compute.h1").is_err());
         assert!(authorize(&h1, Action::Publish, "conductor").is_ok());
+    }
+
+    #[test]
+    fn port_events_come_only_from_network_and_reach_every_compute_host() {
+        let network = svc("spiffe://cirrus.local/svc/network");
+        let h1 = svc("spiffe://cirrus.local/svc/compute-agent/host/h1");
+        let agent = svc("spiffe://cirrus.local/svc/network-agent/host/h1");
+        assert!(authorize(&network, Action::Publish, "network.port").is_ok());
+        assert!(authorize(&h1, Action::Consume, "network.port").is_ok());
+        assert!(authorize(&h1, Action::Publish, "network.port").is_err());
+        assert!(authorize(&agent, Action::Publish, "network.port").is_err());
+        let conductor = svc("spiffe://cirrus.local/svc/conductor");
+        assert!(authorize(&conductor, Action::Publish, "compute.server").is_ok());
+        assert!(authorize(&h1, Action::Publish, "compute.server").is_err());
+        assert!(authorize(&h1, Action::Consume, "compute.server").is_ok());
     }
 
     #[test]
