@@ -43,7 +43,7 @@ pub const RULES: &[Rule] = &[
     // Casts to one compute host: build, reboot, delete, ...
     Rule {
         pattern: "compute.{host}",
-        publishers: &["scheduler", "conductor"],
+        publishers: &["scheduler", "conductor", "compute-api"],
         consumers: &["compute-agent@{host}"],
     },
     // Casts to the scheduler and the conductor.
@@ -228,6 +228,12 @@ mod tests {
         assert!(authorize(&sched, Action::Publish, "compute.a.b").is_err());
         assert!(authorize(&sched, Action::Delete, "compute.h1").is_err());
         assert!(authorize(&h1, Action::Publish, "conductor").is_ok());
+        let api = svc("spiffe://cirrus.local/svc/compute-api");
+        assert!(
+            authorize(&api, Action::Publish, "compute.h1").is_ok(),
+            "actions on placed servers"
+        );
+        assert!(authorize(&api, Action::Consume, "compute.h1").is_err());
     }
 
     #[test]
