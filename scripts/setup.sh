@@ -11,7 +11,6 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v tar >/dev/null 2>&1 || need_apt+=(tar)
-command -v mold >/dev/null 2>&1 || need_apt+=(mold)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   apt-get update -qq
