@@ -125,7 +125,10 @@ async fn main() {
             .into_inner();
         watch.message().await.unwrap().unwrap();
         let t = Instant::now();
-        cloud.bind(&a, &p.id, host.host()).await.unwrap();
+        cloud
+            .bind(&via(&a, host.host()), &p.id, host.host())
+            .await
+            .unwrap();
         loop {
             let e = tokio::time::timeout(Duration::from_secs(30), watch.message())
                 .await
@@ -151,7 +154,10 @@ async fn main() {
         let t = Instant::now();
         let p = cloud.port(&a, &dnet.id, None, &[]).await;
         let g = host.plug(i, &p);
-        cloud.bind(&a, &p.id, host.host()).await.unwrap();
+        cloud
+            .bind(&via(&a, host.host()), &p.id, host.host())
+            .await
+            .unwrap();
         let got = g.dhcp().await.unwrap();
         assert_eq!(
             got.split_whitespace().next(),

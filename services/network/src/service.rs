@@ -9,8 +9,13 @@
 //!   and admins. Anything a caller may not see is NOT_FOUND.
 //! - `shared`, another `project_id`, `network:*` device owners and quotas
 //!   are admin-only; segmentation ids are shown to admins only.
-//! - a compute agent (`.../svc/compute-agent/host/<h>`) may bind ports to
-//!   `<h>` only, and read and watch ports;
+//! - a port's `binding_host` is set by an admin, or by the compute agent of
+//!   that host (`.../svc/compute-agent/host/<h>`, the sidecar's verified
+//!   peer), either with the user's token it passes along (then the port must
+//!   be the user's project's) or with its identity alone; a compute agent
+//!   without a token may also create ports for a server (`project_id`,
+//!   `device_id` and a `compute:*` owner required) on a network that project
+//!   may use, and read and watch ports;
 //! - a network agent (`.../svc/network-agent/host/<h>`) sees and wires only
 //!   the ports bound to `<h>`.
 
@@ -47,6 +52,9 @@ pub enum Actor {
         project: String,
         can_write: bool,
         admin: bool,
+        /// The compute agent's host when the user's token came through a
+        /// compute agent (the verified peer): it may bind to that host.
+        via_host: Option<String>,
     },
     ComputeAgent {
         host: String,
@@ -58,6 +66,10 @@ pub enum Actor {
 
 impl Actor {
     pub fn from_caller(c: &Caller) -> Result<Self> {
+        let peer = c.peer.as_deref().unwrap_or_default();
+        let compute_host = peer
+            .strip_prefix(SPIFFE_COMPUTE_AGENT)
+            .filter(|h| valid_host(h));
         if c.is_authenticated() {
             let admin = c.is_admin;
             let project = match &c.project_id {
@@ -72,19 +84,16 @@ impl Actor {
                 project,
                 can_write: admin || c.has_role("member") || c.has_role("admin"),
                 admin,
+                via_host: compute_host.map(str::to_string),
             });
         }
-        let peer = c.peer.as_deref().unwrap_or_default();
         if let Some(h) = peer
             .strip_prefix(SPIFFE_NETWORK_AGENT)
             .filter(|h| valid_host(h))
         {
             return Ok(Actor::NetworkAgent { host: h.into() });
         }
-        if let Some(h) = peer
-            .strip_prefix(SPIFFE_COMPUTE_AGENT)
-            .filter(|h| valid_host(h))
-        {
+        if let Some(h) = compute_host {
             return Ok(Actor::ComputeAgent { host: h.into() });
         }
         Err(Error::unauthenticated(format!(
@@ -684,13 +693,35 @@ impl Net {
     }
 
     pub async fn create_port(&self, who: &Actor, req: NewPort) -> Result<Port> {
-        let mut project = who.writer()?.to_string();
-        if let Some(p) = req.project_id.clone().filter(|p| *p != project) {
-            if !who.is_admin() {
-                return Err(Error::forbidden("only an administrator may set project_id"));
+        let project = match who {
+            // A compute agent without a token creates its servers' ports:
+            // for the server's project, marked as a server's port.
+            Actor::ComputeAgent { .. } => {
+                let Some(p) = req.project_id.clone() else {
+                    return Err(Error::invalid(
+                        "project_id",
+                        "a compute agent must name the server's project",
+                    ));
+                };
+                if req.device_id.is_empty() || !req.device_owner.starts_with("compute:") {
+                    return Err(Error::invalid(
+                        "device_owner",
+                        "a compute agent creates only server ports (device_id and a compute:* device_owner)",
+                    ));
+                }
+                p
             }
-            project = p;
-        }
+            _ => {
+                let mut project = who.writer()?.to_string();
+                if let Some(p) = req.project_id.clone().filter(|p| *p != project) {
+                    if !who.is_admin() {
+                        return Err(Error::forbidden("only an administrator may set project_id"));
+                    }
+                    project = p;
+                }
+                project
+            }
+        };
         if req.device_owner.starts_with("network:") && !who.is_admin() {
             return Err(Error::forbidden(
                 "only an administrator may set a network:* device_owner",
@@ -893,15 +924,30 @@ impl Net {
     pub async fn bind_port(&self, who: &Actor, id: Uuid, host: &str) -> Result<Port> {
         let conn = self.conn().await?;
         let p = match who {
-            Actor::ComputeAgent { host: own } => {
+            Actor::ComputeAgent { host: own }
+            | Actor::User {
+                via_host: Some(own),
+                admin: false,
+                ..
+            } => {
                 if own != host {
                     return Err(Error::forbidden(format!(
                         "a compute agent may bind ports to its own host ({own}) only"
                     )));
                 }
-                self.visible_port(&conn, who, id).await?
+                match who {
+                    Actor::ComputeAgent { .. } => self.visible_port(&conn, who, id).await?,
+                    _ => self.owned_port(&conn, who, id).await?,
+                }
             }
-            _ => self.owned_port(&conn, who, id).await?,
+            Actor::User { admin: true, .. } => self.owned_port(&conn, who, id).await?,
+            _ => {
+                // Check visibility first: an unseen port stays NOT_FOUND.
+                self.owned_port(&conn, who, id).await?;
+                return Err(Error::forbidden(format!(
+                    "only an administrator or the compute agent of host {host} may bind a port to it"
+                )));
+            }
         };
         let agent = repo::get_agent(&conn, host, self.down_secs()).await?;
         let live = agent.filter(|a| a.alive);
@@ -934,8 +980,16 @@ impl Net {
     pub async fn unbind_port(&self, who: &Actor, id: Uuid) -> Result<Port> {
         let mut conn = self.conn().await?;
         let p = match who {
-            Actor::ComputeAgent { host } => {
-                let p = self.visible_port(&conn, who, id).await?;
+            Actor::ComputeAgent { host }
+            | Actor::User {
+                via_host: Some(host),
+                admin: false,
+                ..
+            } => {
+                let p = match who {
+                    Actor::ComputeAgent { .. } => self.visible_port(&conn, who, id).await?,
+                    _ => self.owned_port(&conn, who, id).await?,
+                };
                 if p.binding_host != *host {
                     return Err(Error::forbidden(format!(
                         "port {id} is not bound to this compute agent's host"
@@ -943,7 +997,18 @@ impl Net {
                 }
                 p
             }
-            _ => self.owned_port(&conn, who, id).await?,
+            Actor::User { admin: true, .. } => self.owned_port(&conn, who, id).await?,
+            _ => {
+                let p = self.owned_port(&conn, who, id).await?;
+                return Err(Error::forbidden(format!(
+                    "only an administrator or the compute agent of host {} may unbind port {id}",
+                    if p.binding_host.is_empty() {
+                        "-"
+                    } else {
+                        &p.binding_host
+                    }
+                )));
+            }
         };
         let tx = conn.transaction().await?;
         repo::set_binding(&tx, p.id, "", "", "").await?;

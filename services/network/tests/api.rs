@@ -535,7 +535,7 @@ async fn binding_needs_a_live_agent_and_agents_see_only_their_host() {
         p.id
     );
     assert_status(
-        cloud.bind(&a, &p.id, "ghost").await,
+        cloud.bind(&via(&a, "ghost"), &p.id, "ghost").await,
         Code::FailedPrecondition,
         &why,
     );
@@ -558,7 +558,7 @@ async fn binding_needs_a_live_agent_and_agents_see_only_their_host() {
         ))
         .await
         .unwrap();
-    let bound = cloud.bind(&a, &p.id, "h1").await.unwrap();
+    let bound = cloud.bind(&via(&a, "h1"), &p.id, "h1").await.unwrap();
     assert_eq!(bound.binding.as_ref().unwrap().bridge, "br-int");
     assert_eq!(bound.status, "DOWN");
 
@@ -714,4 +714,206 @@ async fn quotas_count_and_refuse() {
         .find(|g| g.name == "default")
         .unwrap();
     assert_eq!(d.rules.len(), 2, "{d:?}");
+}
+
+#[tokio::test]
+async fn compute_agents_create_and_bind_ports_only_for_their_host() {
+    let cloud = Cloud::start(1).await;
+    let a = member_a();
+    let net = cloud.network(&a, "servers").await;
+    cloud.subnet(&a, &net.id, "10.61.0.0/24").await;
+    let b_net = cloud.network(&member_b(), "b-private").await;
+    let mut agents = AgentsClient::new(cloud.replicas[0].channel.clone());
+    for h in ["h1", "h2"] {
+        agents
+            .heartbeat(req(
+                pb::HeartbeatRequest {
+                    bridge: "br-int".into(),
+                    ..Default::default()
+                },
+                &workload(&format!("spiffe://cirrus.local/svc/network-agent/host/{h}")),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut c = cloud.client();
+    let server_port = |network: &str, project: &str| pb::CreatePortRequest {
+        network_id: network.into(),
+        device_id: "vm-1".into(),
+        device_owner: "compute:nova".into(),
+        project_id: project.into(),
+        ..Default::default()
+    };
+
+    // With the user's token, passed along by the compute agent of h1.
+    let a1 = via(&a, "h1");
+    let p = c
+        .create_port(req(server_port(&net.id, ""), &a1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            p.device_id.as_str(),
+            p.device_owner.as_str(),
+            p.project_id.as_str()
+        ),
+        ("vm-1", "compute:nova", runtime::testing::PROJECT_A)
+    );
+    let bound = cloud.bind(&a1, &p.id, "h1").await.unwrap();
+    assert_eq!(bound.binding.unwrap().host, "h1");
+    assert_status(
+        cloud.bind(&a1, &p.id, "h2").await,
+        Code::PermissionDenied,
+        "a compute agent may bind ports to its own host (h1) only",
+    );
+    // The same member's token from anywhere else may not bind, nor unbind.
+    assert_status(
+        cloud.bind(&a, &p.id, "h2").await,
+        Code::PermissionDenied,
+        "only an administrator or the compute agent of host h2 may bind a port to it",
+    );
+    assert_status(
+        c.unbind_port(req(
+            pb::UnbindPortRequest {
+                port_id: p.id.clone(),
+            },
+            &a,
+        ))
+        .await,
+        Code::PermissionDenied,
+        &format!(
+            "only an administrator or the compute agent of host h1 may unbind port {}",
+            p.id
+        ),
+    );
+    // h2's agent (with a token) may not unbind h1's port; an admin binds anywhere.
+    assert_status(
+        c.unbind_port(req(
+            pb::UnbindPortRequest {
+                port_id: p.id.clone(),
+            },
+            &via(&a, "h2"),
+        ))
+        .await,
+        Code::PermissionDenied,
+        &format!("port {} is not bound to this compute agent's host", p.id),
+    );
+    assert_eq!(
+        cloud
+            .bind(&admin(), &p.id, "h2")
+            .await
+            .unwrap()
+            .binding
+            .unwrap()
+            .host,
+        "h2"
+    );
+
+    // With only its identity: for the server's project, a server's port.
+    let c1 = workload("spiffe://cirrus.local/svc/compute-agent/host/h1");
+    let q = c
+        .create_port(req(server_port(&net.id, runtime::testing::PROJECT_A), &c1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.project_id, runtime::testing::PROJECT_A);
+    assert_eq!(q.security_group_ids.len(), 1, "the project's default group");
+    assert_eq!(
+        cloud
+            .bind(&c1, &q.id, "h1")
+            .await
+            .unwrap()
+            .binding
+            .unwrap()
+            .host,
+        "h1"
+    );
+    assert_status(
+        cloud.bind(&c1, &q.id, "h2").await,
+        Code::PermissionDenied,
+        "a compute agent may bind ports to its own host (h1) only",
+    );
+    assert_status(
+        c.create_port(req(server_port(&net.id, ""), &c1)).await,
+        Code::InvalidArgument,
+        "project_id: a compute agent must name the server's project",
+    );
+    assert_status(
+        c.create_port(req(
+            pb::CreatePortRequest {
+                device_owner: "network:dhcp".into(),
+                ..server_port(&net.id, runtime::testing::PROJECT_A)
+            },
+            &c1,
+        ))
+        .await,
+        Code::InvalidArgument,
+        "device_owner: a compute agent creates only server ports (device_id and a compute:* device_owner)",
+    );
+    // Project A's server may not use project B's private network.
+    assert_status(
+        c.create_port(req(
+            server_port(&b_net.id, runtime::testing::PROJECT_A),
+            &c1,
+        ))
+        .await,
+        Code::NotFound,
+        &format!("network {} not found", b_net.id),
+    );
+    // The agent's port is project A's: A's member sees it, B's does not.
+    cloud.get_port(&a, &q.id).await;
+    assert_status(
+        c.get_port(req(pb::GetRequest { id: q.id.clone() }, &member_b()))
+            .await,
+        Code::NotFound,
+        &format!("port {} not found", q.id),
+    );
+}
+
+#[tokio::test]
+async fn quota_holds_exactly_under_concurrent_creates_on_sharded_usage() {
+    let cloud = Cloud::start(2).await;
+    let a = member_a();
+    cloud
+        .client()
+        .set_quota(req(
+            pb::SetQuotaRequest {
+                project_id: runtime::testing::PROJECT_A.into(),
+                limits: [("ports".to_string(), 30)].into_iter().collect(),
+            },
+            &admin(),
+        ))
+        .await
+        .unwrap();
+    let net = cloud.network(&a, "qc").await;
+    cloud.subnet(&a, &net.id, "10.62.0.0/24").await;
+    // 80 creates at once through two replicas: exactly 30 pass.
+    let mut tasks = Vec::new();
+    for i in 0..80 {
+        let mut c = cloud.client_of(i % 2);
+        let a = a.clone();
+        let r = port_req(&net.id);
+        tasks.push(tokio::spawn(async move { c.create_port(req(r, &a)).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert_eq!(s.message(), "quota exceeded for ports: limit 30");
+            }
+        }
+    }
+    assert_eq!(ok, 30);
+    assert_eq!(count_ports(&cloud, &net.id).await, 30);
+    let q = cloud
+        .client()
+        .get_quota(req(pb::GetQuotaRequest::default(), &a))
+        .await
+        .unwrap()
+        .into_inner();
+    let ports = q.items.iter().find(|i| i.resource == "ports").unwrap();
+    assert_eq!((ports.limit, ports.used), (30, 30));
 }

@@ -27,7 +27,10 @@ async fn guests_get_their_ips_by_dhcp_ping_each_other_and_another_network_cannot
     let g2 = host.plug(2, &a2);
     let g3 = host.plug(3, &b1);
     for p in [&a1, &a2, &b1] {
-        let bound = cloud.bind(&a, &p.id, host.host()).await.unwrap();
+        let bound = cloud
+            .bind(&via(&a, host.host()), &p.id, host.host())
+            .await
+            .unwrap();
         let b = bound.binding.unwrap();
         assert_eq!(b.vif_type, pb::VifType::Ovs as i32);
         assert_eq!(b.interface_id, p.id);
@@ -114,7 +117,10 @@ async fn security_groups_are_enforced_statefully_and_follow_membership() {
     let g1 = host.plug(2, &c1);
     let g2 = host.plug(3, &c2);
     for p in [&server, &c1, &c2] {
-        cloud.bind(&a, &p.id, host.host()).await.unwrap();
+        cloud
+            .bind(&via(&a, host.host()), &p.id, host.host())
+            .await
+            .unwrap();
     }
     for p in [&server, &c1, &c2] {
         cloud.wait_status(&a, &p.id, "ACTIVE").await;
@@ -230,7 +236,10 @@ async fn agent_restart_keeps_a_ping_flowing_and_picks_up_a_port_made_while_it_wa
     let g1 = host.plug(1, &p1);
     let g2 = host.plug(2, &p2);
     for p in [&p1, &p2] {
-        cloud.bind(&a, &p.id, host.host()).await.unwrap();
+        cloud
+            .bind(&via(&a, host.host()), &p.id, host.host())
+            .await
+            .unwrap();
     }
     for p in [&p1, &p2] {
         cloud.wait_status(&a, &p.id, "ACTIVE").await;
@@ -269,7 +278,10 @@ async fn agent_restart_keeps_a_ping_flowing_and_picks_up_a_port_made_while_it_wa
     // While the agent is away: a new port, plugged and bound (its last heartbeat is recent).
     let p3 = cloud.port(&a, &net.id, Some("10.70.0.13"), &[]).await;
     let g3 = host.plug(3, &p3);
-    cloud.bind(&a, &p3.id, host.host()).await.unwrap();
+    cloud
+        .bind(&via(&a, host.host()), &p3.id, host.host())
+        .await
+        .unwrap();
     host.run();
     cloud.wait_status(&a, &p3.id, "ACTIVE").await;
     assert_eq!(
@@ -303,7 +315,10 @@ async fn a_crashed_agent_leaves_nothing_orphaned_once_back_and_unknown_interface
     cloud.subnet(&a, &net.id, "10.80.0.0/24").await;
     let p = cloud.port(&a, &net.id, None, &[]).await;
     let _g = host.plug(1, &p);
-    cloud.bind(&a, &p.id, host.host()).await.unwrap();
+    cloud
+        .bind(&via(&a, host.host()), &p.id, host.host())
+        .await
+        .unwrap();
     cloud.wait_status(&a, &p.id, "ACTIVE").await;
     let dhcp_ns = format!("{}dhcp-{}", host.config.namespace_prefix, net.id);
     assert!(sh(&["ip", "netns", "list"]).contains(&dhcp_ns));

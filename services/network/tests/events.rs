@@ -38,7 +38,7 @@ async fn status_changes_are_published_to_network_port_once_each() {
         .heartbeat(req(pb::HeartbeatRequest::default(), &h1))
         .await
         .unwrap();
-    cloud.bind(&a, &p.id, "h1").await.unwrap();
+    cloud.bind(&via(&a, "h1"), &p.id, "h1").await.unwrap();
     let report = |wired: bool| pb::ReportPortsRequest {
         ports: vec![pb::PortReport {
             port_id: p.id.clone(),

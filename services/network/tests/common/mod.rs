@@ -16,6 +16,17 @@ use runtime::db::TestDatabase;
 use runtime::testing::{Served, admin, req, wait_for};
 use tonic::transport::Channel;
 
+/// `who`'s token as the compute agent of `host` passes it along (the
+/// sidecar sets the verified peer beside the token's claims).
+pub fn via(who: &Caller, host: &str) -> Caller {
+    Caller {
+        peer: Some(format!(
+            "spiffe://cirrus.local/svc/compute-agent/host/{host}"
+        )),
+        ..who.clone()
+    }
+}
+
 pub fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..6].to_string()
 }
