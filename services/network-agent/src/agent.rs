@@ -133,10 +133,11 @@ impl Agent {
     pub fn new(config: Arc<Config>, channel: Channel) -> Self {
         Self {
             client: Client::new(channel, &config.host),
-            bridge: Bridge {
-                name: config.bridge.clone(),
-                datapath_type: config.datapath_type.clone(),
-            },
+            bridge: Bridge::new(
+                &config.bridge,
+                &config.datapath_type,
+                crate::ovsdb::Ovsdb::new(&config.ovsdb_socket),
+            ),
             dhcp: Dhcp {
                 prefix: config.namespace_prefix.clone(),
                 state_dir: config.state_dir.clone(),

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod dhcp;
 pub mod flows;
 pub mod ovs;
+pub mod ovsdb;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ pub struct Config {
     pub namespace_prefix: String,
     /// dnsmasq files and scratch space.
     pub state_dir: PathBuf,
+    /// The OVSDB server's unix socket (JSON-RPC).
+    pub ovsdb_socket: PathBuf,
     pub heartbeat_secs: u64,
     /// How long one `SyncHost` may wait for a change (then a full resync).
     pub sync_wait_ms: u32,
@@ -67,6 +70,7 @@ impl Default for Config {
             datapath_type: "netdev".into(),
             namespace_prefix: "cirrus-".into(),
             state_dir: PathBuf::from(".state/network-agent"),
+            ovsdb_socket: PathBuf::from(ovsdb::DEFAULT_SOCKET),
             heartbeat_secs: 5,
             sync_wait_ms: 10_000,
         }
@@ -253,10 +257,11 @@ pub async fn teardown(config: &Config) -> anyhow::Result<()> {
     {
         let _ = ovs::delete_namespace(&ns).await;
     }
-    let b = ovs::Bridge {
-        name: config.bridge.clone(),
-        datapath_type: config.datapath_type.clone(),
-    };
+    let b = ovs::Bridge::new(
+        &config.bridge,
+        &config.datapath_type,
+        ovsdb::Ovsdb::new(&config.ovsdb_socket),
+    );
     // DHCP veths die with their namespace; guest-side leftovers go with the bridge.
     if let Ok(ifaces) = b.interfaces().await {
         for i in ifaces {

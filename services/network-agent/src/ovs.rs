@@ -1,12 +1,21 @@
-//! The real dataplane driver: Open vSwitch through `ovs-vsctl` and
-//! `ovs-ofctl`, network namespaces and veth pairs through `ip`, each a
-//! bounded child process. Nothing here decides; [`crate::agent`] does.
+//! The real dataplane driver: Open vSwitch's database through its JSON-RPC
+//! socket ([`crate::ovsdb`]: reading the bridge and setting tags, one round
+//! trip each), `ovs-vsctl` only to add or delete a port (rare), flows with
+//! `ovs-ofctl replace-flows` (skipped when the table did not change),
+//! network namespaces and veth pairs through `ip` (each a bounded child
+//! process) but read from `/run/netns` and `/sys/class/net` without a fork.
+//! Nothing here decides; [`crate::agent`] does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tokio::process::Command;
+use tokio::sync::Mutex;
+
+use crate::ovsdb::{self, Ovsdb};
 
 /// Every command's bound.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -77,43 +86,27 @@ impl Interface {
     }
 }
 
-fn ovs_map(v: &serde_json::Value) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    if let Some(pairs) = v.get(1).and_then(|p| p.as_array()) {
-        for p in pairs {
-            if let (Some(k), Some(v)) = (
-                p.get(0).and_then(|k| k.as_str()),
-                p.get(1).and_then(|v| v.as_str()),
-            ) {
-                out.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    out
-}
-
-fn ovs_int(v: &serde_json::Value) -> Option<i64> {
-    v.as_i64()
-}
-
-fn rows(json: &str) -> Result<Vec<Vec<serde_json::Value>>> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| DriverError::Parse(format!("ovsdb json: {e}")))?;
-    let data = v
-        .get("data")
-        .and_then(|d| d.as_array())
-        .ok_or_else(|| DriverError::Parse("ovsdb json without data".into()))?;
-    Ok(data.iter().filter_map(|r| r.as_array().cloned()).collect())
-}
-
 /// The integration bridge and what is plugged into it.
 #[derive(Debug, Clone)]
 pub struct Bridge {
     pub name: String,
     pub datapath_type: String,
+    pub ovsdb: Ovsdb,
+    /// The flow table last installed by this process (a pass that computes
+    /// the same table forks nothing). Empty after a start: installed once.
+    pub installed: Arc<Mutex<String>>,
 }
 
 impl Bridge {
+    pub fn new(name: &str, datapath_type: &str, ovsdb: Ovsdb) -> Self {
+        Self {
+            name: name.into(),
+            datapath_type: datapath_type.into(),
+            ovsdb,
+            installed: Arc::default(),
+        }
+    }
+
     /// Creates the bridge if missing: `fail_mode=secure` (no flows: no
     /// traffic, never a learning switch while the agent is away).
     pub async fn ensure(&self) -> Result<()> {
@@ -138,105 +131,100 @@ impl Bridge {
         Ok(())
     }
 
-    /// Every interface of the bridge's ports but the bridge's own.
+    /// Every interface of the bridge's ports but the bridge's own: one
+    /// OVSDB transaction (Bridge → Ports → Interfaces).
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
-        let names = vsctl(&["list-ports", &self.name]).await?;
-        let names: Vec<&str> = names
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
+        let r = self
+            .ovsdb
+            .transact(vec![
+                json!({"op": "select", "table": "Bridge", "where": [["name", "==", self.name]],
+                       "columns": ["ports"]}),
+                json!({"op": "select", "table": "Port", "where": [],
+                       "columns": ["_uuid", "name", "tag", "other_config", "interfaces"]}),
+                json!({"op": "select", "table": "Interface", "where": [],
+                       "columns": ["_uuid", "name", "ofport", "external_ids"]}),
+            ])
+            .await?;
+        let rows = |i: usize| -> Vec<Value> {
+            r.get(i)
+                .and_then(|x| x.get("rows"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let Some(bridge) = rows(0).into_iter().next() else {
+            return Err(DriverError::Parse(format!("no bridge {}", self.name)));
+        };
+        let mine: BTreeSet<String> = ovsdb::set_items(&bridge["ports"])
+            .iter()
+            .filter_map(|u| ovsdb::uuid_of(u).map(str::to_string))
             .collect();
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ifaces = vsctl(&[
-            "--format=json",
-            "--data=json",
-            "--columns=name,ofport,external_ids",
-            "list",
-            "Interface",
-        ])
-        .await?;
-        let ports = vsctl(&[
-            "--format=json",
-            "--data=json",
-            "--columns=name,tag,other_config",
-            "list",
-            "Port",
-        ])
-        .await?;
-        let mut port_info: BTreeMap<String, (Option<u16>, BTreeMap<String, String>)> =
-            BTreeMap::new();
-        for r in rows(&ports)? {
-            if let Some(name) = r.first().and_then(|n| n.as_str()) {
-                let tag = r
-                    .get(1)
-                    .and_then(ovs_int)
-                    .and_then(|t| u16::try_from(t).ok());
-                let oc = r.get(2).map(ovs_map).unwrap_or_default();
-                port_info.insert(name.to_string(), (tag, oc));
-            }
-        }
+        let ifaces: BTreeMap<String, Value> = rows(2)
+            .into_iter()
+            .filter_map(|i| Some((ovsdb::uuid_of(&i["_uuid"])?.to_string(), i)))
+            .collect();
         let mut out = Vec::new();
-        for r in rows(&ifaces)? {
-            let Some(name) = r.first().and_then(|n| n.as_str()) else {
+        for p in rows(1) {
+            let Some(uuid) = ovsdb::uuid_of(&p["_uuid"]) else {
                 continue;
             };
-            if !names.contains(&name) {
+            let name = p["name"].as_str().unwrap_or_default();
+            if !mine.contains(uuid) || name == self.name {
                 continue;
             }
-            let (tag, other_config) = port_info.get(name).cloned().unwrap_or_default();
-            out.push(Interface {
-                name: name.to_string(),
-                ofport: r.get(1).and_then(ovs_int).unwrap_or(-1),
-                external_ids: r.get(2).map(ovs_map).unwrap_or_default(),
-                tag,
-                other_config,
-            });
+            let tag = ovsdb::opt_int(&p["tag"]).and_then(|t| u16::try_from(t).ok());
+            let other_config = ovsdb::map_of(&p["other_config"]);
+            for iu in ovsdb::set_items(&p["interfaces"]) {
+                let Some(i) = ovsdb::uuid_of(&iu).and_then(|u| ifaces.get(u)) else {
+                    continue;
+                };
+                out.push(Interface {
+                    name: i["name"].as_str().unwrap_or(name).to_string(),
+                    ofport: ovsdb::opt_int(&i["ofport"]).unwrap_or(-1),
+                    external_ids: ovsdb::map_of(&i["external_ids"]),
+                    tag,
+                    other_config: other_config.clone(),
+                });
+            }
         }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    /// Sets tags (and the network each tag stands for) in one transaction.
+    /// Sets tags (and the network each tag stands for) in one OVSDB transaction.
     pub async fn set_tags(&self, changes: &[(String, u16, String)]) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut args: Vec<String> = Vec::new();
+        let mut ops = Vec::new();
         for (name, tag, net) in changes {
-            if !args.is_empty() {
-                args.push("--".into());
-            }
-            if net.is_empty() {
-                // Dead: no network; the key goes (an empty value is not valid).
-                args.extend([
-                    "set".into(),
-                    "Port".into(),
-                    name.clone(),
-                    format!("tag={tag}"),
-                    "--".into(),
-                    "remove".into(),
-                    "Port".into(),
-                    name.clone(),
-                    "other_config".into(),
-                    "cirrus-net".into(),
-                ]);
-            } else {
-                args.extend([
-                    "set".into(),
-                    "Port".into(),
-                    name.clone(),
-                    format!("tag={tag}"),
-                    format!("other_config:cirrus-net={net}"),
-                ]);
+            let at = json!([["name", "==", name]]);
+            ops.push(json!({"op": "update", "table": "Port", "where": at, "row": {"tag": tag}}));
+            // A map insert never overwrites a key: delete it first.
+            ops.push(json!({"op": "mutate", "table": "Port", "where": at,
+                "mutations": [["other_config", "delete", ["set", ["cirrus-net"]]]]}));
+            if !net.is_empty() {
+                ops.push(json!({"op": "mutate", "table": "Port", "where": at,
+                    "mutations": [["other_config", "insert", ["map", [["cirrus-net", net]]]]]}));
             }
         }
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        vsctl(&a).await?;
+        self.ovsdb.transact(ops).await?;
         Ok(())
     }
 
+    /// Whether `name` is on the bridge with `iface_id` and `owner` already.
+    async fn has_port(&self, name: &str, iface_id: &str, owner: &str) -> Result<bool> {
+        Ok(self.interfaces().await?.iter().any(|i| {
+            i.name == name
+                && i.iface_id() == Some(iface_id)
+                && i.external_ids.get("cirrus-owner").map(String::as_str) == Some(owner)
+        }))
+    }
+
     pub async fn add_port(&self, name: &str, iface_id: &str, owner: &str) -> Result<()> {
+        if self.has_port(name, iface_id, owner).await? {
+            return Ok(());
+        }
         let id = format!("external_ids:iface-id={iface_id}");
         let ow = format!("external_ids:cirrus-owner={owner}");
         vsctl(&[
@@ -260,8 +248,13 @@ impl Bridge {
         Ok(())
     }
 
-    /// Installs exactly `flows`, changing only what differs.
+    /// Installs exactly `flows`, changing only what differs; nothing at all
+    /// when this process installed the same table last.
     pub async fn replace_flows(&self, flows: &str, scratch: &Path) -> Result<()> {
+        let mut installed = self.installed.lock().await;
+        if *installed == flows {
+            return Ok(());
+        }
         let file = scratch.join(format!("flows-{}.txt", self.name));
         tokio::fs::write(&file, flows)
             .await
@@ -275,6 +268,7 @@ impl Bridge {
             &["-O", "OpenFlow13", "replace-flows", &self.name, &f],
         )
         .await?;
+        *installed = flows.to_string();
         Ok(())
     }
 
@@ -283,15 +277,31 @@ impl Bridge {
     }
 }
 
-/// Network namespaces whose name starts with `prefix`.
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+
+/// Network namespaces whose name starts with `prefix` (what `ip netns list`
+/// reads, without the fork).
 pub async fn namespaces(prefix: &str) -> Result<Vec<String>> {
-    let out = run("ip", &["netns", "list"]).await?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect())
+    let mut out = Vec::new();
+    let mut rd = match tokio::fs::read_dir(NETNS_DIR).await {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(DriverError::Command {
+                cmd: format!("read {NETNS_DIR}"),
+                detail: e.to_string(),
+            });
+        }
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(prefix) {
+            out.push(n);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Kills every process in `ns`, then deletes it.
@@ -305,6 +315,11 @@ pub async fn delete_namespace(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a link `name` exists in the agent's own namespace.
 pub async fn link_exists(name: &str) -> bool {
-    run("ip", &["link", "show", name]).await.is_ok()
+    !name.is_empty()
+        && !name.contains('/')
+        && tokio::fs::try_exists(format!("/sys/class/net/{name}"))
+            .await
+            .unwrap_or(false)
 }
