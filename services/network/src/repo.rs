@@ -818,7 +818,8 @@ pub async fn set_quota(
 
 pub async fn usage(c: &impl GenericClient, project: &str) -> Result<Vec<(String, i64)>> {
     Ok(c.query(
-        "SELECT resource, used FROM usage WHERE project_id = $1",
+        "SELECT resource, GREATEST(sum(used), 0)::bigint FROM usage WHERE project_id = $1 \
+         GROUP BY resource",
         &[&project],
     )
     .await?
@@ -827,9 +828,26 @@ pub async fn usage(c: &impl GenericClient, project: &str) -> Result<Vec<(String,
     .collect())
 }
 
+/// Usage counter shards per (project, resource).
+pub const USAGE_SHARDS: i16 = 16;
+
+fn random_shard() -> i16 {
+    (uuid::Uuid::new_v4().as_bytes()[0] % USAGE_SHARDS as u8) as i16
+}
+
 /// Adds `n` to the usage unless that passes `limit` (negative: no limit);
-/// `false` when it would. Run it last in the transaction: its row lock is
-/// then held only until commit.
+/// `false` when it would. Run it last in the transaction: a shard's row
+/// lock is then held only until commit.
+///
+/// Exactness with shards: a charge locks one random shard (so each shard has
+/// at most one uncharged-but-uncommitted charge in flight), then reads the
+/// sum afresh. Whatever may still commit is either in that sum or holds
+/// another shard's lock, so `sum + (shards - 1) <= limit` proves the limit
+/// holds whatever the others do (charges are of 1). Nearer the limit (or for
+/// a charge of more than 1) the fast attempt is rolled back to a savepoint
+/// and the exact path locks every shard in order (no deadlock: fast charges
+/// hold one shard and wait for nothing else of the resource), sees no charge
+/// in flight, and decides on the exact sum.
 pub async fn charge(
     c: &impl GenericClient,
     project: &str,
@@ -837,26 +855,60 @@ pub async fn charge(
     n: i64,
     limit: i64,
 ) -> Result<bool> {
-    let limit = if limit < 0 { i64::MAX } else { limit };
+    let add = "INSERT INTO usage AS u (project_id, resource, shard, used) VALUES ($1, $2, $3, $4) \
+               ON CONFLICT (project_id, resource, shard) DO UPDATE SET used = u.used + EXCLUDED.used";
+    if limit < 0 {
+        c.execute(add, &[&project, &resource, &random_shard(), &n])
+            .await?;
+        return Ok(true);
+    }
     if n > limit {
         return Ok(false);
     }
+    let sum =
+        "SELECT COALESCE(sum(used), 0)::bigint FROM usage WHERE project_id = $1 AND resource = $2";
+    if n == 1 {
+        c.batch_execute("SAVEPOINT cirrus_quota").await?;
+        c.execute(add, &[&project, &resource, &random_shard(), &n])
+            .await?;
+        let used: i64 = c.query_one(sum, &[&project, &resource]).await?.get(0);
+        if used + i64::from(USAGE_SHARDS - 1) <= limit {
+            c.batch_execute("RELEASE SAVEPOINT cirrus_quota").await?;
+            return Ok(true);
+        }
+        c.batch_execute("ROLLBACK TO SAVEPOINT cirrus_quota; RELEASE SAVEPOINT cirrus_quota")
+            .await?;
+    }
+    // Exact: every shard exists and is locked, so nothing is in flight.
+    c.execute(
+        "INSERT INTO usage (project_id, resource, shard, used) \
+         SELECT $1, $2, s::smallint, 0 FROM generate_series(0, $3::int - 1) s \
+         ON CONFLICT DO NOTHING",
+        &[&project, &resource, &i32::from(USAGE_SHARDS)],
+    )
+    .await?;
     let rows = c
         .query(
-            "INSERT INTO usage AS u (project_id, resource, used) VALUES ($1, $2, $3) \
-             ON CONFLICT (project_id, resource) DO UPDATE SET used = u.used + EXCLUDED.used \
-             WHERE u.used + EXCLUDED.used <= $4 RETURNING used",
-            &[&project, &resource, &n, &limit],
+            "SELECT used FROM usage WHERE project_id = $1 AND resource = $2 \
+             ORDER BY shard FOR UPDATE",
+            &[&project, &resource],
         )
         .await?;
-    Ok(!rows.is_empty())
+    let used: i64 = rows.iter().map(|r| r.get::<_, i64>(0)).sum();
+    if used + n > limit {
+        return Ok(false);
+    }
+    c.execute(add, &[&project, &resource, &0i16, &n]).await?;
+    Ok(true)
 }
 
 pub async fn refund(c: &impl GenericClient, project: &str, resource: &str, n: i64) -> Result<()> {
     if n > 0 {
+        // Any shard: only the sum means anything.
         c.execute(
-            "UPDATE usage SET used = GREATEST(used - $3, 0) WHERE project_id = $1 AND resource = $2",
-            &[&project, &resource, &n],
+            "INSERT INTO usage AS u (project_id, resource, shard, used) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (project_id, resource, shard) DO UPDATE SET used = u.used + EXCLUDED.used",
+            &[&project, &resource, &random_shard(), &-n],
         )
         .await?;
     }
