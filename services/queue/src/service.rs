@@ -497,10 +497,14 @@ fn reserve(registry: &Registry, inserts: &[repo::Insert<'_>]) -> Reserved {
 /// After the commit: each consumer gets its delivery (or its slot back).
 fn hand_out(pool: &Pool, r: Reserved, inserts: &[repo::Insert<'_>], leased: Vec<repo::Leased>) {
     let mut takers = r.takers;
-    for l in leased {
-        let Some((taker, i)) = takers.remove(&l.token) else {
-            continue;
-        };
+    // RETURNING promises no row order (a clean-clone CI run saw a batch come
+    // back reversed): hand out in publish order, the batch's own.
+    let mut handed: Vec<(Arc<Taker>, usize, repo::Leased)> = leased
+        .into_iter()
+        .filter_map(|l| takers.remove(&l.token).map(|(t, i)| (t, i, l)))
+        .collect();
+    handed.sort_by_key(|(_, i, l)| (*i, l.seq));
+    for (taker, i, l) in handed {
         let m = &inserts[i];
         let d = Delivery {
             seq: l.seq,
