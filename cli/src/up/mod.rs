@@ -4,14 +4,22 @@
 //! cluster CA and a short-lived certificate per workload ([`pki`]),
 //! bootstraps identity, runs every service of the table in [`services`] and
 //! its sidecar as supervised children with their logs in the state directory
-//! ([`supervisor`]), registers them in the catalog ([`register`]), prints the
-//! endpoints, renews certificates while it runs, and stops everything on
-//! Ctrl-C, SIGTERM or `cirrus down`. A second `cirrus up` reuses the state.
+//! ([`supervisor`]), registers them in the catalog ([`register`]), makes the
+//! defaults a user needs to boot a server ([`defaults`]: the tiny guest's
+//! images, a network), prints the endpoints and the command that boots a
+//! server, renews certificates while it runs, and stops everything on
+//! Ctrl-C, SIGTERM or `cirrus down`, clearing what the agents made on this
+//! machine ([`host`]). What the machine offers (host name, Open vSwitch,
+//! libvirt driver) is found at start ([`site`]). A second `cirrus up`
+//! reuses the state.
 
+mod defaults;
+mod host;
 mod pki;
 mod postgres;
 mod register;
 mod services;
+mod site;
 mod state;
 mod supervisor;
 
@@ -25,8 +33,8 @@ use clap::Args;
 
 use crate::output::Record;
 use crate::session::{Ctx, Profile};
-use services::{Plan, Ports, SERVICES, local};
-use state::{State, pid_alive, tail, terminate};
+use services::{Listing, Plan, Ports, SERVICES, Site, local};
+use state::{Cluster, State, pid_alive, tail, terminate};
 use supervisor::{ProcStatus, Supervisor};
 
 #[derive(Args, Clone)]
@@ -41,6 +49,19 @@ pub struct UpArgs {
     /// Return once the cloud is up, leaving it running in the background.
     #[arg(long, short)]
     pub detach: bool,
+    /// The compute agent's libvirt driver: `qemu` (real guests through
+    /// libvirtd, qemu:///system) or `test` (libvirt's test driver, simulated
+    /// servers). Default: qemu when libvirtd answers, else test (said so).
+    #[arg(long, value_enum)]
+    pub driver: Option<site::Driver>,
+    /// This machine's name for its agents (kept in the state directory;
+    /// default: the machine's host name). Two clouds on one machine need two.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The Open vSwitch integration bridge the network agent owns (kept in
+    /// the state directory; default br-int). Two clouds on one machine need two.
+    #[arg(long)]
+    pub bridge: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -66,6 +87,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             Ports::SPAN
         );
     }
+    if let Some(h) = &args.host {
+        site::check_host(h)?;
+    }
+    if let Some(b) = &args.bridge {
+        site::check_bridge(b)?;
+    }
     let _ = std::fs::remove_file(state.path("ready"));
     if args.detach {
         return detach(&state, &args).await;
@@ -88,6 +115,12 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         .arg(&state.dir)
         .arg("--port-base")
         .arg(args.port_base.to_string())
+        .args(args.host.iter().flat_map(|h| ["--host", h.as_str()]))
+        .args(args.bridge.iter().flat_map(|b| ["--bridge", b.as_str()]))
+        .args(args.driver.iter().flat_map(|d| match d {
+            site::Driver::Test => ["--driver", "test"],
+            site::Driver::Qemu => ["--driver", "qemu"],
+        }))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -95,7 +128,8 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
     let mut child = child
         .spawn()
         .context("starting cirrus up in the background")?;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let limit = Duration::from_secs(600);
+    let deadline = Instant::now() + limit;
     loop {
         if let Ok(summary) = std::fs::read_to_string(state.path("ready")) {
             print!("{summary}");
@@ -113,7 +147,8 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "cirrus up was not ready within 180 s; see {}",
+                "cirrus up was not ready within {} s; see {}",
+                limit.as_secs(),
                 state.log("up").display()
             );
         }
@@ -127,16 +162,20 @@ async fn run_foreground(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         .map(Path::to_path_buf)
         .context("cannot locate the cirrus binary's directory")?;
     let db = postgres::open(state).await?;
+    let site = site(state, args).await?;
     let mut children = Supervisor::new(state);
     let result = async {
-        let summary = start(state, args, &bin_dir, &db.admin_url, &mut children).await?;
+        let summary = start(state, args, &site, &bin_dir, &db.admin_url, &mut children).await?;
         std::fs::write(state.path("ready"), &summary)?;
         print!("{summary}");
         println!("Stop with Ctrl-C or `cirrus down`.");
-        supervise(state, &mut children).await
+        supervise(state, &site.host, &mut children).await
     }
     .await;
     children.stop_all().await;
+    for problem in host::teardown(state).await {
+        eprintln!("cirrus down: {problem}");
+    }
     if db.private {
         postgres::stop_private(state).await;
     }
@@ -169,18 +208,48 @@ fn write_profiles(state: &State, identity: Ports) -> anyhow::Result<Profile> {
     Ok(profile)
 }
 
-/// Starts every service of the table and its sidecar; returns the summary.
+/// This machine as the cloud sees it: the host name and bridge (given, or
+/// remembered, or the defaults; then remembered), this cloud's namespace
+/// prefix and the compute agent's hypervisor.
+async fn site(state: &State, args: &UpArgs) -> anyhow::Result<Site> {
+    let mut cluster = Cluster::load(state)?;
+    if let Some(h) = &args.host {
+        cluster.host = h.clone();
+    } else if cluster.host.is_empty() {
+        cluster.host = site::machine_host();
+    }
+    if let Some(b) = &args.bridge {
+        cluster.bridge = b.clone();
+    } else if cluster.bridge.is_empty() {
+        cluster.bridge = "br-int".into();
+    }
+    cluster.save(state)?;
+    let hv = site::hypervisor(args.driver).await?;
+    Ok(Site {
+        host: cluster.host.clone(),
+        bridge: cluster.bridge.clone(),
+        namespace_prefix: cluster.namespace_prefix(),
+        libvirt_uri: hv.libvirt_uri,
+        domain_type: hv.domain_type,
+        driver_note: hv.note,
+    })
+}
+
+/// Starts every service of the table and its sidecar, then the defaults;
+/// returns the summary.
 async fn start(
     state: &State,
     args: &UpArgs,
+    site: &Site,
     bin_dir: &Path,
     db_admin_url: &str,
     children: &mut Supervisor,
 ) -> anyhow::Result<String> {
-    pki::ensure(state)?;
+    pki::ensure(state, &site.host)?;
     // The default policies, written once; an operator may edit them.
     std::fs::create_dir_all(state.path("policy"))?;
-    for (svc, text) in sidecar::policy::DEFAULTS {
+    let agent_policy = (services::AGENT_POLICY, services::AGENT_POLICY_TEXT);
+    for (svc, text) in sidecar::policy::DEFAULTS.into_iter().chain([agent_policy]) {
         let p = state.path(&format!("policy/{svc}.toml"));
         if !p.exists() {
             std::fs::write(&p, text)?;
@@ -188,16 +257,34 @@ async fn start(
     }
     let identity = Ports::of(args.port_base, SERVICES[0].slot);
     let profile = write_profiles(state, identity)?;
+    let network_blocker = site::network_agent_blocker().await;
+    // The tiny guest builds (when missing) while the services start.
+    let guest = tokio::spawn(defaults::guest_dir(bin_dir.to_path_buf()));
 
     let mut lines = Vec::new();
+    let mut notes = Vec::new();
     for spec in SERVICES {
         let svc = spec.name;
+        if svc == "network-agent"
+            && let Some(why) = &network_blocker
+        {
+            let _ = std::fs::remove_file(state.path("network-agent.toml"));
+            notes.push(format!(
+                "  NOTE: the network agent is not running: {why}; servers get no network on this host"
+            ));
+            continue;
+        }
+        let database_url = match spec.schema {
+            Some(schema) => runtime::db::provision(db_admin_url, schema).await?,
+            None => String::new(),
+        };
         let plan = Plan {
             state,
             spec,
             ports: Ports::of(args.port_base, spec.slot),
             identity,
-            database_url: runtime::db::provision(db_admin_url, svc).await?,
+            site,
+            database_url,
         };
         let ports = plan.ports;
         let conf = state.path(&format!("{svc}.toml"));
@@ -206,36 +293,60 @@ async fn start(
         std::fs::write(&side_conf, services::sidecar_config(&plan)?)?;
         let bin = service_binary(bin_dir, svc)?;
 
-        if svc == "identity" {
-            bootstrap(state, &bin, &conf, &profile, ports).await?;
-        }
-        children.start(svc, &bin, &conf, &state.log(svc))?;
-        wait_for(svc, local(ports.service), Check::Health, children, state).await?;
         let name = format!("{svc}-sidecar");
         let side = service_binary(bin_dir, "sidecar")?;
-        children.start(&name, &side, &side_conf, &state.log(&name))?;
-        wait_for(
-            &name,
-            local(ports.internal),
-            Check::Listening,
-            children,
-            state,
-        )
-        .await?;
-        if svc != "identity" {
-            register::register(&profile, identity, svc, ports).await?;
+        if svc == "identity" {
+            // Identity first: its sidecar follows it on loopback.
+            bootstrap(state, &bin, &conf, &profile, ports).await?;
+            children.start(svc, &bin, &conf, &state.log(svc))?;
+            wait_for(svc, local(ports.service), Check::Health, children, state).await?;
+            children.start(&name, &side, &side_conf, &state.log(&name))?;
+            let internal = local(ports.internal);
+            wait_for(&name, internal, Check::Listening, children, state).await?;
+        } else {
+            // The sidecar first: a service (an agent above all) calls out
+            // through it as it starts.
+            children.start(&name, &side, &side_conf, &state.log(&name))?;
+            let internal = local(ports.internal);
+            wait_for(&name, internal, Check::Listening, children, state).await?;
+            children.start(svc, &bin, &conf, &state.log(svc))?;
+            wait_for(svc, local(ports.service), Check::Health, children, state).await?;
         }
+        register::register(&profile, identity, svc, spec.listing, ports).await?;
+        let public = match spec.listing {
+            Listing::Public(_) => format!("public https://{}", local(ports.public)),
+            _ if svc == "identity" => format!("public https://{}", local(ports.public)),
+            Listing::Internal(_) => "(internal only)".to_string(),
+            Listing::None => format!("host {}", site.host),
+        };
         lines.push(format!(
-            "  {svc:<9} public https://{}   internal https://{}   metrics http://{}/metrics   log {}\n",
-            local(ports.public),
+            "  {svc:<13} {public:<30} internal https://{}   metrics http://{}/metrics   log {}\n",
             local(ports.internal),
             local(ports.metrics),
             state.log(svc).display()
         ));
+        if svc == "compute-agent" {
+            children.set_note(svc, &format!("driver {}", site.driver_note));
+            notes.push(format!("  compute agent driver: {}", site.driver_note));
+        }
     }
+    let at = defaults::Endpoints {
+        image: Ports::of(args.port_base, services::spec("image").map_or(0, |s| s.slot)),
+        network: Ports::of(args.port_base, services::spec("network").map_or(0, |s| s.slot)),
+        compute: Ports::of(
+            args.port_base,
+            services::spec("compute-api").map_or(0, |s| s.slot),
+        ),
+    };
+    let guest = guest
+        .await
+        .unwrap_or_else(|e| Err(format!("the guest build failed: {e}")));
+    let made = defaults::ensure(&profile, &at, guest).await?;
     let profile_path = state.path("admin.toml");
     Ok(format!(
-        "Cirrus is up.\n{}  postgres  {}\n\
+        "Cirrus is up.\n{}  postgres  {}\n{}\n{}\n\
+         Boot a server:\n\
+         \x20 CIRRUS_PROFILE={} cirrus server create demo --flavor {} --image {} --network {} --wait\n\
          Admin credentials: {} (public endpoint, TLS with the cluster CA)\n\
          \x20 and {} (internal endpoint, mTLS with the operator certificate)\n\
          \x20 export CIRRUS_PROFILE={}\n\
@@ -244,6 +355,12 @@ async fn start(
          grpcurl: grpcurl -cacert {} -servername identity {} list\n",
         lines.concat(),
         db_admin_url,
+        notes.join("\n"),
+        made.join("\n"),
+        profile_path.display(),
+        defaults::FLAVOR,
+        defaults::IMAGE,
+        defaults::NETWORK,
         profile_path.display(),
         state.path("admin-internal.toml").display(),
         profile_path.display(),
@@ -287,7 +404,7 @@ async fn bootstrap(
 
 /// Waits for a signal, or for a child that keeps failing (which stops
 /// everything); restarts children that exit; renews certificates.
-async fn supervise(state: &State, children: &mut Supervisor) -> anyhow::Result<()> {
+async fn supervise(state: &State, host: &str, children: &mut Supervisor) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut renew = tokio::time::interval(Duration::from_secs(60));
     let signal = runtime::serve::shutdown_signal();
@@ -296,7 +413,7 @@ async fn supervise(state: &State, children: &mut Supervisor) -> anyhow::Result<(
         tokio::select! {
             () = &mut signal => return Ok(()),
             _ = renew.tick() => {
-                if let Err(e) = pki::renew(state) {
+                if let Err(e) = pki::renew(state, host) {
                     eprintln!("certificate renewal failed: {e:#}");
                 }
             }
@@ -358,6 +475,13 @@ pub async fn down(state_dir: &Path) -> anyhow::Result<()> {
     let Some(pid) = State::running(state_dir) else {
         let _ = std::fs::remove_file(state_dir.join("up.pid"));
         println!("cirrus is not running from {}", state_dir.display());
+        // What a `cirrus up` that died without cleaning up left on the host.
+        if state_dir.join("cluster.toml").is_file() {
+            let state = State::new(state_dir)?;
+            for problem in host::teardown(&state).await {
+                eprintln!("cirrus down: {problem}");
+            }
+        }
         return Ok(());
     };
     terminate(pid).await;
@@ -374,7 +498,7 @@ pub async fn down(state_dir: &Path) -> anyhow::Result<()> {
 
 impl Record for ProcStatus {
     const COLUMNS: &'static [&'static str] =
-        &["Name", "PID", "State", "Restarts", "Last Exit", "Log"];
+        &["Name", "PID", "State", "Restarts", "Last Exit", "Log", "Note"];
     fn values(&self) -> Vec<String> {
         // Between the supervisor's rounds a child may already be gone.
         let state = match self.pid {
@@ -388,6 +512,7 @@ impl Record for ProcStatus {
             self.restarts.to_string(),
             self.last_exit.clone(),
             self.log.display().to_string(),
+            self.note.clone(),
         ]
     }
 }

@@ -8,22 +8,23 @@ use super::state::State;
 /// How long workload certificates live; they are renewed at a third left.
 const CERT_HOURS: i64 = 24;
 
-/// Makes the CA once, and a certificate for every workload that lacks a fresh one.
-pub fn ensure(state: &State) -> anyhow::Result<()> {
+/// Makes the CA once, and a certificate for every workload that lacks a fresh
+/// one; agents' certificates name `host` (`.../svc/<agent>/host/<host>`).
+pub fn ensure(state: &State, host: &str) -> anyhow::Result<()> {
     let dir = state.pki();
     if !dir.join("ca.crt").is_file() {
         certs::Authority::create("Cirrus cluster CA", time::Duration::days(3650))?.save(&dir)?;
     }
-    renew(state)
+    renew(state, host)
 }
 
 /// Re-issues certificates with less than a third of their life left.
-pub fn renew(state: &State) -> anyhow::Result<()> {
+pub fn renew(state: &State, host: &str) -> anyhow::Result<()> {
     let dir = state.pki();
     let validity = time::Duration::hours(CERT_HOURS);
     let mut ca = None;
     let workloads = SERVICES.iter().map(|s| {
-        let id = certs::service_id(s.name, None);
+        let id = certs::service_id(s.name, s.agent.then_some(host));
         (
             s.name.to_string(),
             id,

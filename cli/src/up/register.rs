@@ -1,13 +1,26 @@
 //! Lists each service's sidecar endpoints in identity's catalog, once: the
-//! sidecars resolve service names through it.
+//! sidecars resolve service names through it, the CLI finds public
+//! endpoints in it.
 
 use proto::identity::v1 as pb;
 
-use super::services::{Ports, local};
+use super::services::{Listing, Ports, local};
 use crate::session::{Profile, Session, login};
 
-/// Registers `svc`'s public and internal endpoints, replacing stale ones.
-pub async fn register(admin: &Profile, identity: Ports, svc: &str, p: Ports) -> anyhow::Result<()> {
+/// Registers `svc`'s endpoints as `listing` says, replacing stale ones (and
+/// removing a public endpoint an internal-only service no longer has).
+pub async fn register(
+    admin: &Profile,
+    identity: Ports,
+    svc: &str,
+    listing: Listing,
+    p: Ports,
+) -> anyhow::Result<()> {
+    let (kind, public) = match listing {
+        Listing::None => return Ok(()),
+        Listing::Public(t) => (t, true),
+        Listing::Internal(t) => (t, false),
+    };
     // Straight to identity on loopback: the launcher is the operator.
     let mut direct = admin.clone();
     direct.url = format!("http://{}", local(identity.service));
@@ -18,7 +31,7 @@ pub async fn register(admin: &Profile, identity: Ports, svc: &str, p: Ports) -> 
         None => {
             let req = s.req(pb::CreateServiceRequest {
                 name: svc.into(),
-                r#type: svc.into(),
+                r#type: kind.into(),
                 description: format!("Cirrus {svc} service"),
                 enabled: None,
             });
@@ -26,13 +39,12 @@ pub async fn register(admin: &Profile, identity: Ports, svc: &str, p: Ports) -> 
         }
     };
     let existing = s.endpoints(service_id.clone()).await?;
-    for (interface, port) in [
-        (pb::Interface::Public, p.public),
-        (pb::Interface::Internal, p.internal),
-    ] {
-        let url = format!("https://{}", local(port));
+    let mut wanted = vec![(pb::Interface::Internal, Some(p.internal))];
+    wanted.push((pb::Interface::Public, public.then_some(p.public)));
+    for (interface, port) in wanted {
+        let url = port.map(|port| format!("https://{}", local(port)));
         match existing.iter().find(|e| e.interface == interface as i32) {
-            Some(e) if e.url == url => continue,
+            Some(e) if Some(&e.url) == url.as_ref() => continue,
             Some(e) => {
                 let req = s.req(pb::DeleteRequest {
                     id: e.id.clone(),
@@ -42,6 +54,7 @@ pub async fn register(admin: &Profile, identity: Ports, svc: &str, p: Ports) -> 
             }
             None => {}
         }
+        let Some(url) = url else { continue };
         let req = s.req(pb::CreateEndpointRequest {
             service: service_id.clone(),
             interface: interface as i32,

@@ -45,6 +45,11 @@ pub struct Cluster {
     pub database: String,
     /// Set when Cirrus runs its own private Postgres in the state directory.
     pub private_pg_port: Option<u16>,
+    /// The host name of this machine's agents, kept between runs: servers
+    /// are placed on a host by name, so a renamed host would orphan them.
+    pub host: String,
+    /// The OVS integration bridge this cloud's network agent owns.
+    pub bridge: String,
 }
 
 impl Cluster {
@@ -76,6 +81,12 @@ impl Cluster {
             c.database = format!("cirrus_{}", &c.id.replace('-', "")[..8]);
         }
         Ok(c)
+    }
+
+    /// The prefix of this cloud's network namespaces: its own, so that two
+    /// clouds on one machine never remove each other's.
+    pub fn namespace_prefix(&self) -> String {
+        format!("cirrus-{}-", &self.id.replace('-', "")[..6])
     }
 
     pub fn save(&self, state: &State) -> anyhow::Result<()> {

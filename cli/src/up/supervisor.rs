@@ -41,6 +41,9 @@ pub struct ProcStatus {
     /// How it ended last, e.g. `signal: 9 (SIGKILL)`.
     pub last_exit: String,
     pub log: PathBuf,
+    /// What to know about it (the compute agent's hypervisor, for one).
+    #[serde(default)]
+    pub note: String,
 }
 
 /// How to start one child, again and again.
@@ -86,6 +89,7 @@ struct Proc {
     exits: VecDeque<Instant>,
     restarts: u32,
     last_exit: String,
+    note: String,
 }
 
 /// The children of one `cirrus up`, in start order.
@@ -140,9 +144,18 @@ impl Supervisor {
             exits: VecDeque::new(),
             restarts: 0,
             last_exit: String::new(),
+            note: String::new(),
         });
         self.write_status();
         Ok(())
+    }
+
+    /// Sets what `cirrus status` says about `name`.
+    pub fn set_note(&mut self, name: &str, note: &str) {
+        if let Some(p) = self.procs.iter_mut().find(|p| p.name == name) {
+            p.note = note.into();
+        }
+        self.write_status();
     }
 
     /// While the cloud starts, any exit is a failure to start.
@@ -247,6 +260,7 @@ impl Supervisor {
                 restarts: p.restarts,
                 last_exit: p.last_exit.clone(),
                 log: p.launch.log.clone(),
+                note: p.note.clone(),
             })
             .collect();
         let tmp = self.status_file.with_extension("tmp");
