@@ -76,6 +76,69 @@ impl ServerConfig {
     }
 }
 
+/// A Unix domain socket a service and its sidecar share (issue 13: nothing
+/// local may bypass the sidecar). A service whose config carries one (a
+/// `[socket]` table, returned by `runtime::process::Service::socket`) listens
+/// only there, not on TCP; a sidecar connects to it (`upstream_socket`) and
+/// serves its outbound side on one (`[outbound_socket]`).
+///
+/// Who may connect is decided by the file system: the socket is created
+/// with `mode` (0660: owner and group), owned by `group` when given (the
+/// group the service's user and its sidecar's user share), in a directory
+/// that admits no other user (created 0750 when missing; a directory that
+/// grants "other" any access is refused at start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    /// The socket's path, e.g. `.state/run/identity/api.sock`.
+    pub path: std::path::PathBuf,
+    /// The group to own the socket (and the directory when it is created):
+    /// a name from `/etc/group` or a numeric gid; absent keeps the process's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The socket's permission bits (connecting needs write permission).
+    #[serde(default = "SocketConfig::default_mode")]
+    pub mode: u32,
+}
+
+impl SocketConfig {
+    /// Owner and group read/write, nothing for others.
+    pub const DEFAULT_MODE: u32 = 0o660;
+
+    fn default_mode() -> u32 {
+        Self::DEFAULT_MODE
+    }
+
+    /// A socket at `path` with the default mode and the process's group.
+    pub fn at(path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            group: None,
+            mode: Self::DEFAULT_MODE,
+        }
+    }
+
+    /// Checks what serde cannot: a path, and a mode that admits no other user.
+    pub fn validate(&self, what: &str) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError(format!("{what}.path is required")));
+        }
+        if self.mode & !0o777 != 0 {
+            return Err(ConfigError(format!(
+                "{what}.mode {:o} has bits beyond 0777",
+                self.mode
+            )));
+        }
+        if self.mode & 0o007 != 0 {
+            return Err(ConfigError(format!(
+                "{what}.mode {:o} lets any local user connect: use 0660 or 0600",
+                self.mode
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The `[database]` table of every service that owns state: a Postgres URL
 /// and the one schema the service works in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +209,41 @@ mod tests {
     struct Sample {
         listen: String,
         ttl_secs: u64,
+    }
+
+    #[test]
+    fn a_socket_table_defaults_its_mode_and_refuses_modes_open_to_others() {
+        #[derive(Debug, Default, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct WithSocket {
+            socket: Option<SocketConfig>,
+        }
+        let dir = std::env::temp_dir().join(format!("cirrus-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[socket]\npath = \"/run/x/api.sock\"\n").unwrap();
+        let c: WithSocket = load(Some(&path)).unwrap();
+        let s = c.socket.unwrap();
+        assert_eq!(s, SocketConfig::at("/run/x/api.sock"));
+        assert_eq!(s.mode, 0o660);
+        s.validate("socket").unwrap();
+        let open = SocketConfig {
+            mode: 0o666,
+            ..s.clone()
+        };
+        assert_eq!(
+            open.validate("socket").unwrap_err().to_string(),
+            "invalid configuration: socket.mode 666 lets any local user connect: use 0660 or 0600"
+        );
+        std::fs::write(
+            &path,
+            "[socket]\npath = \"/a\"\nmode = 0o600\ngroup = \"cirrus\"\n",
+        )
+        .unwrap();
+        let s = load::<WithSocket>(Some(&path)).unwrap().socket.unwrap();
+        assert_eq!((s.mode, s.group.as_deref()), (0o600, Some("cirrus")));
+        assert!(WithSocket::default().socket.is_none());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

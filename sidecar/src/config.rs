@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use runtime::config::{ServerConfig, ports};
+use runtime::config::{ServerConfig, SocketConfig, ports};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,10 +20,22 @@ pub struct Config {
     pub server: ServerConfig,
     /// Server-TLS listener for users and their clients (the public endpoint); none to serve no public side.
     pub public_listen: Option<SocketAddr>,
-    /// Plaintext loopback listener the service calls `http://<service-name>` through; none for no outbound.
+    /// Plaintext loopback TCP listener the service calls `http://<service-name>`
+    /// through; none for no outbound. Any local process can speak as this
+    /// workload there: a development set-up (logged); use `[outbound_socket]`.
     pub outbound_listen: Option<SocketAddr>,
-    /// The service itself, on loopback.
+    /// `[outbound_socket]`: the Unix socket the service calls
+    /// `http://<service-name>` through, which only the service's user and
+    /// this sidecar's group can open (issue 13).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound_socket: Option<SocketConfig>,
+    /// The service itself on loopback TCP (development), and the authority
+    /// requests to it carry.
     pub upstream: SocketAddr,
+    /// The service's Unix socket (its `[socket] path`): when set, the
+    /// service is reached there and `upstream` is only the authority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_socket: Option<PathBuf>,
     /// This workload's certificate, key and the trust bundle (PEM), re-read when they change.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -62,7 +74,9 @@ impl Default for Config {
             },
             public_listen: None,
             outbound_listen: None,
+            outbound_socket: None,
             upstream: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream_socket: None,
             cert: PathBuf::new(),
             key: PathBuf::new(),
             bundle: PathBuf::new(),
@@ -114,6 +128,19 @@ impl Config {
         {
             return bad("outbound_listen must be a loopback address: it is plaintext".into());
         }
+        if let Some(s) = &self.outbound_socket {
+            s.validate("outbound_socket")?;
+            if self.outbound_listen.is_some() {
+                return bad(
+                    "outbound_listen and outbound_socket exclude each other: choose one".into(),
+                );
+            }
+        }
+        if let Some(p) = &self.upstream_socket
+            && p.as_os_str().is_empty()
+        {
+            return bad("upstream_socket must be a path".into());
+        }
         Ok(())
     }
 }
@@ -129,6 +156,11 @@ impl runtime::process::Service for Config {
 
     fn validate(&self) -> Result<(), runtime::config::ConfigError> {
         Config::validate(self)
+    }
+
+    /// The internal listener authenticates every peer by mTLS.
+    fn trusts_local_callers(&self) -> bool {
+        false
     }
 
     /// `listener` is `server.listen` (internal); the public and outbound

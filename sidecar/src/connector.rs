@@ -174,3 +174,117 @@ impl hyper::rt::Write for MeshStream {
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
+
+/// How the inbound path reaches the service beside it: a Unix socket (the
+/// production set-up, issue 13: only the service's user and its sidecar can
+/// open it) or, for development, loopback TCP.
+#[derive(Clone)]
+pub enum LocalConnector {
+    Tcp(hyper_util::client::legacy::connect::HttpConnector),
+    Unix(Arc<std::path::Path>),
+}
+
+impl tower::Service<Uri> for LocalConnector {
+    type Response = LocalStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<LocalStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Self::Tcp(h) => h.poll_ready(cx).map_err(Into::into),
+            Self::Unix(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self {
+            Self::Tcp(h) => {
+                let f = h.call(uri);
+                Box::pin(async move { Ok(LocalStream::Tcp(f.await?)) })
+            }
+            Self::Unix(path) => {
+                let path = path.clone();
+                Box::pin(async move {
+                    let s = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tokio::net::UnixStream::connect(&*path),
+                    )
+                    .await
+                    .map_err(|_| format!("connecting to {} timed out", path.display()))?
+                    .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+                    Ok(LocalStream::Unix(TokioIo::new(s)))
+                })
+            }
+        }
+    }
+}
+
+/// A connection to the local service.
+pub enum LocalStream {
+    Tcp(TokioIo<TcpStream>),
+    Unix(TokioIo<tokio::net::UnixStream>),
+}
+
+impl Connection for LocalStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            LocalStream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            LocalStream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl hyper::rt::Read for LocalStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl hyper::rt::Write for LocalStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+}

@@ -12,7 +12,10 @@
 //! - [`config`]: what the operator sets.
 //!
 //! [`run`] serves the internal (mTLS), public (server TLS) and outbound
-//! (loopback plaintext) listeners until shutdown, then drains. The binary's
+//! (plaintext: a Unix socket only the service can open, or loopback TCP in
+//! development) listeners until shutdown, then drains. The service itself
+//! is reached on its Unix socket (`upstream_socket`) or, in development, on
+//! loopback TCP; both TCP set-ups are logged as such at start. The binary's
 //! `main` is the shared `runtime::process::service_main` ([`Config`]
 //! implements `runtime::process::Service`): it binds `server.listen` (the
 //! internal listener) and [`Config::run`] binds the other two.
@@ -133,7 +136,7 @@ pub async fn run(
         policy,
         authn,
         upstream: config.upstream.to_string().parse()?,
-        client: stack::upstream_client(),
+        client: stack::upstream_client(config.upstream_socket.as_deref()),
         limits: limits.clone(),
         inflight: inflight.clone(),
     });
@@ -162,6 +165,33 @@ pub async fn run(
         b
     };
 
+    match &config.upstream_socket {
+        Some(p) => {
+            tracing::info!(socket = %p.display(), "the service is reached on its Unix socket")
+        }
+        None => tracing::warn!(
+            upstream = %config.upstream,
+            "the service is reached on loopback TCP, where any local process can call it \
+             and claim an identity: a development set-up (set upstream_socket)"
+        ),
+    }
+    let outbound_listener = match (listeners.outbound, &config.outbound_socket) {
+        (Some(l), _) => {
+            tracing::warn!(
+                outbound = %l.local_addr()?,
+                "outbound on loopback TCP: any local process can speak as this workload; \
+                 a development set-up (set [outbound_socket])"
+            );
+            Some(Plain::Tcp(l))
+        }
+        (None, Some(s)) => {
+            let l = runtime::process::bind_unix(s)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.path.display()))?;
+            tracing::info!(socket = %s.path.display(), mode = %format!("{:o}", s.mode), "outbound on a Unix socket");
+            Some(Plain::Unix(l))
+        }
+        (None, None) => None,
+    };
     tracing::info!(service = %config.service, internal = %listeners.internal.local_addr()?, "sidecar serving");
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(accept_tls(
@@ -184,7 +214,7 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    if let Some(l) = listeners.outbound {
+    if let Some(l) = outbound_listener {
         tasks.push(tokio::spawn(accept_plain(
             l,
             outbound,
@@ -206,6 +236,9 @@ pub async fn run(
             .is_err()
     {
         tracing::warn!("drain took longer than {drain:?}; closing the remaining connections");
+    }
+    if let Some(s) = &config.outbound_socket {
+        let _ = std::fs::remove_file(&s.path);
     }
     reloader.abort();
     watcher.abort();
@@ -292,33 +325,62 @@ async fn accept_tls(
     }
 }
 
+/// The outbound listener: a Unix socket (production) or loopback TCP (development).
+enum Plain {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
 async fn accept_plain(
-    listener: TcpListener,
+    listener: Plain,
     stack: stack::Stack,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((t, _)) => t,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let accepted = tokio::select! {
+            r = async {
+                match &listener {
+                    Plain::Tcp(l) => l.accept().await.map(|(t, _)| {
+                        let _ = t.set_nodelay(true);
+                        Conn::Tcp(t)
+                    }),
+                    Plain::Unix(l) => l.accept().await.map(|(u, _)| Conn::Unix(u)),
                 }
-            },
+            } => r,
             () = stopped(&mut stop) => return,
         };
-        let _ = tcp.set_nodelay(true);
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let (stack, h2, watcher) = (stack.clone(), h2.clone(), graceful.watcher());
         tokio::spawn(async move {
             let svc = service_fn(move |req| stack.clone().oneshot(entering(req, None)));
-            let conn = h2.serve_connection(TokioIo::new(tcp), svc);
-            let _ = watcher.watch(conn).await;
+            let _ = match conn {
+                Conn::Tcp(t) => {
+                    watcher
+                        .watch(h2.serve_connection(TokioIo::new(t), svc))
+                        .await
+                }
+                Conn::Unix(u) => {
+                    watcher
+                        .watch(h2.serve_connection(TokioIo::new(u), svc))
+                        .await
+                }
+            };
         });
     }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 /// Resolves once shutdown has been signalled.

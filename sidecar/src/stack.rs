@@ -24,7 +24,7 @@ use tower::util::BoxCloneService;
 
 use crate::authn::Authn;
 use crate::catalog::Catalog;
-use crate::connector::{BoxError, MeshConnector};
+use crate::connector::{BoxError, LocalConnector, MeshConnector};
 use crate::layers;
 pub use crate::layers::rescue::Refusal;
 use crate::policy::Policy;
@@ -105,22 +105,30 @@ pub struct Inbound {
     pub service: String,
     pub policy: Arc<Policy>,
     pub authn: Authn,
-    /// The service itself, on loopback (`host:port`).
+    /// The service itself: the authority requests carry (`host:port`); the
+    /// client's connector decides where they go (a Unix socket or that address).
     pub upstream: http::uri::Authority,
-    pub client: Client<HttpConnector, BoxBody>,
+    pub client: Client<LocalConnector, BoxBody>,
     pub limits: Limits,
     pub inflight: Arc<Semaphore>,
 }
 
-/// The plaintext loopback client to the service behind this sidecar.
-pub fn upstream_client() -> Client<HttpConnector, BoxBody> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(2)));
+/// The plaintext client to the service behind this sidecar: over its Unix
+/// socket when `socket` is given, else over loopback TCP to the request's authority.
+pub fn upstream_client(socket: Option<&std::path::Path>) -> Client<LocalConnector, BoxBody> {
+    let connector = match socket {
+        Some(p) => LocalConnector::Unix(Arc::from(p)),
+        None => {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(Duration::from_secs(2)));
+            LocalConnector::Tcp(http)
+        }
+    };
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .http2_adaptive_window(true)
-        .build(http)
+        .build(connector)
 }
 
 /// The mTLS client to other sidecars.
@@ -160,7 +168,7 @@ pub fn inbound(i: Inbound) -> Stack {
         .layer(layers::deadline::layer(i.limits.request_timeout))
         // No request message past the limit reaches the service; nor a broken frame.
         .layer(layers::message_size::layer(i.limits.max_message_bytes))
-        // Send it to the service on loopback.
+        // Send it to the service (its Unix socket, or loopback TCP in development).
         .service(layers::forward::Forward::new(i.client, Some(i.upstream)));
     BoxCloneService::new(svc)
 }

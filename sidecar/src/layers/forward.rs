@@ -95,7 +95,7 @@ mod tests {
             .unwrap()
             .port();
         let f = Forward::new(
-            crate::stack::upstream_client(),
+            crate::stack::upstream_client(None),
             Some(format!("127.0.0.1:{port}").parse().unwrap()),
         );
         let e = f.oneshot(req("/a.B/C")).await.unwrap_err();
