@@ -313,13 +313,25 @@ fn network_agent_config(p: &Plan) -> anyhow::Result<String> {
 }
 
 fn compute_api_config(p: &Plan) -> anyhow::Result<String> {
-    to_toml(&compute_api::Config {
+    let mut c = toml::Value::try_from(compute_api::Config {
         server: p.server(),
         database: p.database(),
         sidecar_outbound: Some(p.outbound()),
         ..Default::default()
-    })
+    })?;
+    // Image, network and volume through the mesh (`[peers]`, each "mesh":
+    // by name through the sidecar). Set by key while that table is new, so
+    // that this builds with compute-api before and after it.
+    if let Some(peers) = c.get_mut("peers").and_then(toml::Value::as_table_mut) {
+        for peer in MESH_PEERS {
+            peers.insert(peer.into(), "mesh".into());
+        }
+    }
+    Ok(toml::to_string(&c)?)
 }
+
+/// The services compute-api looks things up in, through its sidecar.
+const MESH_PEERS: [&str; 3] = ["image", "network", "volume"];
 
 fn scheduler_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&scheduler::Config {
@@ -467,6 +479,12 @@ mod tests {
                     c.validate().unwrap();
                     assert_eq!(c.database.schema, "compute");
                     assert_eq!(c.sidecar_outbound, outbound);
+                    let raw: toml::Value = toml::from_str(&text).unwrap();
+                    if let Some(peers) = raw.get("peers") {
+                        for peer in MESH_PEERS {
+                            assert_eq!(peers.get(peer).and_then(|v| v.as_str()), Some("mesh"));
+                        }
+                    }
                 }
                 "scheduler" => {
                     let c = runtime::config::load::<scheduler::Config>(f).unwrap();
