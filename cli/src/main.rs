@@ -8,18 +8,30 @@
 //! A new noun (server, network, volume) is a new module and one line in
 //! [`Cmd`].
 
+mod api;
 mod catalog;
 mod common;
 mod domain;
+mod flavor;
+mod host;
+mod keypair;
+mod network;
 mod key;
 mod output;
 mod policy;
+mod port;
 mod project;
 mod role;
+mod security_group;
+mod server;
+mod server_group;
 mod session;
+mod snapshot;
+mod subnet;
 mod token;
 mod up;
 mod user;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +88,31 @@ enum Cmd {
     Catalog,
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    // The wave-2 services' nouns (network, volume, compute).
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
+    #[command(subcommand)]
+    Subnet(subnet::SubnetCmd),
+    #[command(subcommand)]
+    Port(port::PortCmd),
+    #[command(subcommand)]
+    SecurityGroup(security_group::SecurityGroupCmd),
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
+    #[command(subcommand)]
+    Server(server::ServerCmd),
+    #[command(subcommand)]
+    Flavor(flavor::FlavorCmd),
+    #[command(subcommand)]
+    Keypair(keypair::KeypairCmd),
+    #[command(subcommand)]
+    ServerGroup(server_group::ServerGroupCmd),
+    #[command(subcommand)]
+    Quota(host::QuotaCmd),
+    #[command(subcommand)]
+    Host(host::HostCmd),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +153,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Service(c) => catalog::service(c, &ctx).await?,
         Cmd::Endpoint(c) => catalog::endpoint(c, &ctx).await?,
         Cmd::Catalog => catalog::catalog(&ctx).await?,
+        Cmd::Network(c) => network::run(c, &ctx).await?,
+        Cmd::Subnet(c) => subnet::run(c, &ctx).await?,
+        Cmd::Port(c) => port::run(c, &ctx).await?,
+        Cmd::SecurityGroup(c) => security_group::run(c, &ctx).await?,
+        Cmd::Volume(c) => volume::run(c, &ctx).await?,
+        Cmd::Snapshot(c) => snapshot::run(c, &ctx).await?,
+        Cmd::Server(c) => server::run(c, &ctx).await?,
+        Cmd::Flavor(c) => flavor::run(c, &ctx).await?,
+        Cmd::Keypair(c) => keypair::run(c, &ctx).await?,
+        Cmd::ServerGroup(c) => server_group::run(c, &ctx).await?,
+        Cmd::Quota(c) => host::quota(c, &ctx).await?,
+        Cmd::Host(c) => host::host(c, &ctx).await?,
         // Exit 1 when denied, as `test` does: scripts can branch on it.
         Cmd::Policy(c) => return Ok(ExitCode::from(u8::from(!policy::run(c)?))),
     }
