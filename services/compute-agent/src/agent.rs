@@ -22,22 +22,63 @@ use crate::saga::{self, BUILD, Ctx, Step, StepError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Cast {
-    Build { server_id: Uuid, attempt: i32 },
-    Delete { server_id: Uuid },
-    Start { server_id: Uuid },
-    Stop { server_id: Uuid },
-    Reboot { server_id: Uuid, hard: bool },
-    Pause { server_id: Uuid },
-    Unpause { server_id: Uuid },
-    Suspend { server_id: Uuid },
-    Resume { server_id: Uuid },
+    /// `token`: the user's token (the request context), for the calls to
+    /// image, network and volume; absent in older casts.
+    Build {
+        server_id: Uuid,
+        attempt: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Delete {
+        server_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Live attach of a data volume to a server on this host.
+    AttachVolume {
+        server_id: Uuid,
+        volume_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    DetachVolume {
+        server_id: Uuid,
+        volume_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Start {
+        server_id: Uuid,
+    },
+    Stop {
+        server_id: Uuid,
+    },
+    Reboot {
+        server_id: Uuid,
+        hard: bool,
+    },
+    Pause {
+        server_id: Uuid,
+    },
+    Unpause {
+        server_id: Uuid,
+    },
+    Suspend {
+        server_id: Uuid,
+    },
+    Resume {
+        server_id: Uuid,
+    },
 }
 
 impl Cast {
     fn server_id(&self) -> Uuid {
         match self {
             Cast::Build { server_id, .. }
-            | Cast::Delete { server_id }
+            | Cast::Delete { server_id, .. }
+            | Cast::AttachVolume { server_id, .. }
+            | Cast::DetachVolume { server_id, .. }
             | Cast::Start { server_id }
             | Cast::Stop { server_id }
             | Cast::Reboot { server_id, .. }
@@ -61,6 +102,9 @@ struct Inner {
     /// One operation per server at a time.
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     builds: Semaphore,
+    env: saga::Env,
+    /// How far each server's serial log has been sent to conductor.
+    console_sent: Mutex<HashMap<Uuid, u64>>,
 }
 
 /// What an action does to libvirt and the states it ends in.
@@ -71,7 +115,7 @@ struct ActionPlan {
 }
 
 impl Agent {
-    pub fn new(config: Config, libvirt: Libvirt, conductor: Conductor) -> Self {
+    pub fn new(config: Config, libvirt: Libvirt, conductor: Conductor, env: saga::Env) -> Self {
         let builds = Semaphore::new(config.max_concurrent_builds);
         Self {
             inner: Arc::new(Inner {
@@ -80,6 +124,8 @@ impl Agent {
                 conductor,
                 locks: Mutex::new(HashMap::new()),
                 builds,
+                env,
+                console_sent: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -121,11 +167,8 @@ impl Agent {
                 ram_mb: c.ram_mb.unwrap_or(ram),
                 disk_gb: c.disk_gb,
                 availability_zone: c.availability_zone.clone(),
-                hypervisor_type: if c.libvirt_uri.starts_with("test:") {
-                    "test".into()
-                } else {
-                    "qemu".into()
-                },
+                // The domain type detected at start (kvm, qemu = TCG, test).
+                hypervisor_type: self.inner.libvirt.domain_type().to_string(),
                 architecture: "x86_64".into(),
                 cpu_allocation_ratio: c.cpu_allocation_ratio,
                 ram_allocation_ratio: c.ram_allocation_ratio,
@@ -159,16 +202,22 @@ impl Agent {
         let lock = self.lock_of(id);
         let _held = lock.lock().await;
         let result = match cast {
-            Cast::Build { attempt, .. } => {
+            Cast::Build { attempt, token, .. } => {
                 let _permit = self
                     .inner
                     .builds
                     .acquire()
                     .await
                     .map_err(|_| Status::unavailable("shutting down"))?;
-                self.build(id, attempt).await
+                self.build(id, attempt, token.as_deref()).await
             }
-            Cast::Delete { .. } => self.delete(id).await,
+            Cast::Delete { token, .. } => self.delete(id, token.as_deref()).await,
+            Cast::AttachVolume {
+                volume_id, token, ..
+            } => self.attach_volume(id, &volume_id, token.as_deref()).await,
+            Cast::DetachVolume {
+                volume_id, token, ..
+            } => self.detach_volume(id, &volume_id, token.as_deref()).await,
             other => self.action(id, &other).await,
         };
         match result {
@@ -182,27 +231,31 @@ impl Agent {
         }
     }
 
-    fn ctx<'a>(&'a self, id: Uuid, spec: &'a pb::BuildSpec) -> Ctx<'a> {
+    fn ctx<'a>(&'a self, id: Uuid, spec: &'a pb::BuildSpec, token: Option<&'a str>) -> Ctx<'a> {
+        let dir = self.dir(id);
         Ctx {
             host: self.host(),
             id,
             spec,
-            dir: self.dir(id),
+            journal: std::sync::Mutex::new(saga::load_journal(&dir)),
+            dir,
             libvirt: &self.inner.libvirt,
+            env: &self.inner.env,
+            token,
         }
     }
 
     /// The build saga: each step of [`BUILD`] in turn under its task state;
     /// on a failure, every undo of what ran, then the failure to conductor
     /// (which releases the claim and reschedules or records the fault).
-    async fn build(&self, id: Uuid, attempt: i32) -> Result<(), Status> {
+    async fn build(&self, id: Uuid, attempt: i32, token: Option<&str>) -> Result<(), Status> {
         let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
         if spec.vm_state != "building" || spec.attempt as i32 != attempt {
             tracing::info!(server = %id, vm_state = %spec.vm_state, "stale build cast");
             return Ok(());
         }
         let faults = &self.inner.config.faults;
-        let ctx = self.ctx(id, &spec);
+        let ctx = self.ctx(id, &spec, token);
         let mut task = spec.task_state.clone();
         let mut done: Vec<Step> = Vec::new();
         let mut failure: Option<StepError> = None;
@@ -226,6 +279,7 @@ impl Agent {
                     // Deleted, timed out or moved on: unwind, report nothing.
                     tracing::info!(server = %id, status = %s, "build interrupted");
                     let _ = saga::unwind(&done, &ctx).await;
+                    let _ = saga::remove_server_dir(&ctx.dir).await;
                     return Ok(());
                 }
                 task = row.task.to_string();
@@ -265,6 +319,9 @@ impl Agent {
                     .await
                     .map_err(|u| Status::internal(format!("unwinding failed: {}", u.message)))?;
             }
+            saga::remove_server_dir(&ctx.dir)
+                .await
+                .map_err(|u| Status::internal(format!("unwinding failed: {}", u.message)))?;
             self.console(
                 id,
                 format!("build failed on {}: {}", self.host(), e.message),
@@ -308,12 +365,13 @@ impl Agent {
         if outcome.outcome != "active" {
             tracing::info!(server = %id, outcome = %outcome.outcome, "build no longer wanted; unwinding");
             let _ = saga::unwind(&done, &ctx).await;
+            let _ = saga::remove_server_dir(&ctx.dir).await;
         }
         Ok(())
     }
 
     /// Destroys everything the build made (every undo), then tells conductor.
-    async fn delete(&self, id: Uuid) -> Result<(), Status> {
+    async fn delete(&self, id: Uuid, token: Option<&str>) -> Result<(), Status> {
         let spec = match self.inner.conductor.build_spec(&id.to_string()).await {
             Ok(s) => s,
             Err(s) if s.code() == Code::PermissionDenied => {
@@ -327,10 +385,14 @@ impl Agent {
             }
             Err(s) => return Err(s),
         };
-        let ctx = self.ctx(id, &spec);
+        let ctx = self.ctx(id, &spec, token);
         saga::unwind(&saga::all_steps(), &ctx)
             .await
             .map_err(|e| Status::internal(format!("delete failed: {}", e.message)))?;
+        saga::remove_server_dir(&ctx.dir)
+            .await
+            .map_err(|e| Status::internal(format!("delete failed: {}", e.message)))?;
+        self.forget_console(id);
         if spec.vm_state.is_empty() {
             return Ok(());
         }
@@ -380,7 +442,10 @@ impl Agent {
                 vm_state: "active",
                 power: Power::Running,
             },
-            Cast::Build { .. } | Cast::Delete { .. } => return None,
+            Cast::Build { .. }
+            | Cast::Delete { .. }
+            | Cast::AttachVolume { .. }
+            | Cast::DetachVolume { .. } => return None,
         })
     }
 
@@ -397,7 +462,10 @@ impl Agent {
             Cast::Pause { .. } => lv.pause(id),
             Cast::Unpause { .. } => lv.unpause(id),
             Cast::Suspend { .. } => lv.suspend(id),
-            Cast::Build { .. } | Cast::Delete { .. } => Ok(()),
+            Cast::Build { .. }
+            | Cast::Delete { .. }
+            | Cast::AttachVolume { .. }
+            | Cast::DetachVolume { .. } => Ok(()),
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -450,7 +518,7 @@ impl Agent {
             let lock = self.lock_of(id);
             let _held = lock.lock().await;
             let r = match (s.vm_state.as_str(), s.task_state.as_str()) {
-                (_, "deleting") => self.delete(id).await,
+                (_, "deleting") => self.delete(id, None).await,
                 ("building", _) => self.abandon_build(id).await,
                 (_, t) if !t.is_empty() => {
                     let cast = match t {
@@ -487,10 +555,11 @@ impl Agent {
 
     async fn abandon_build(&self, id: Uuid) -> Result<(), Status> {
         let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
-        let ctx = self.ctx(id, &spec);
+        let ctx = self.ctx(id, &spec, None);
         saga::unwind(&saga::all_steps(), &ctx)
             .await
             .map_err(|e| Status::internal(format!("unwinding failed: {}", e.message)))?;
+        let _ = saga::remove_server_dir(&ctx.dir).await;
         self.inner
             .conductor
             .build_result(pb::ReportBuildResultRequest {
@@ -506,6 +575,229 @@ impl Agent {
                 ..Default::default()
             })
             .await?;
+        Ok(())
+    }
+
+    /// Live attach of a data volume (the cast's agent side): the volume is
+    /// reserved and connected, plugged into the running guest and its
+    /// definition (libvirt live + config), then completed; a failed plug
+    /// rolls the attachment back.
+    async fn attach_volume(
+        &self,
+        id: Uuid,
+        volume_id: &str,
+        token: Option<&str>,
+    ) -> Result<(), Status> {
+        let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
+        let ctx = self.ctx(id, &spec, token);
+        match crate::steps::attach_volume(&ctx, volume_id).await {
+            Ok(dev) => {
+                self.console(id, format!("volume {volume_id} attached as /dev/{dev}"))
+                    .await;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(server = %id, volume = volume_id, error = %e.message, "attach failed");
+                self.console(
+                    id,
+                    format!("attaching volume {volume_id} failed: {}", e.message),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn detach_volume(
+        &self,
+        id: Uuid,
+        volume_id: &str,
+        token: Option<&str>,
+    ) -> Result<(), Status> {
+        let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
+        let ctx = self.ctx(id, &spec, token);
+        match crate::steps::detach_volume(&ctx, volume_id).await {
+            Ok(()) => {
+                self.console(id, format!("volume {volume_id} detached"))
+                    .await;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(server = %id, volume = volume_id, error = %e.message, "detach failed");
+                self.console(
+                    id,
+                    format!("detaching volume {volume_id} failed: {}", e.message),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    }
+
+    fn forget_console(&self, id: Uuid) {
+        self.inner
+            .console_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Sends what each guest wrote on its serial port since the last round
+    /// to conductor, which keeps the tail `console-log` answers with. The
+    /// position sent so far is kept beside the log (`console.sent`), so a
+    /// restarted agent does not send the same output twice.
+    pub async fn console_forever(self) {
+        let every = Duration::from_millis(self.inner.config.console_poll_ms);
+        loop {
+            tokio::time::sleep(every).await;
+            let servers = self.inner.config.state_dir.join("servers");
+            let Ok(mut rd) = tokio::fs::read_dir(&servers).await else {
+                continue;
+            };
+            while let Ok(Some(e)) = rd.next_entry().await {
+                let Some(id) = e.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else {
+                    continue;
+                };
+                self.send_console(id, &e.path()).await;
+            }
+        }
+    }
+
+    async fn send_console(&self, id: Uuid, dir: &std::path::Path) {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        const CHUNK: u64 = 16 * 1024;
+        let log = saga::console_log_path(dir);
+        let Ok(meta) = tokio::fs::metadata(&log).await else {
+            return;
+        };
+        let marker = dir.join("console.sent");
+        let known = self
+            .inner
+            .console_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        let mut sent = match known {
+            Some(n) => n,
+            None => tokio::fs::read_to_string(&marker)
+                .await
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
+        };
+        if meta.len() < sent {
+            sent = 0; // the log was replaced
+        }
+        while meta.len() > sent {
+            let Ok(mut f) = tokio::fs::File::open(&log).await else {
+                return;
+            };
+            if f.seek(std::io::SeekFrom::Start(sent)).await.is_err() {
+                return;
+            }
+            let want = (meta.len() - sent).min(CHUNK) as usize;
+            let mut buf = vec![0u8; want];
+            let Ok(n) = f.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            let text = String::from_utf8_lossy(&buf).replace('\r', "");
+            if let Err(s) = self.inner.conductor.console(&id.to_string(), text).await {
+                tracing::debug!(server = %id, status = %s, "console log append failed");
+                break;
+            }
+            sent += n as u64;
+        }
+        self.inner
+            .console_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, sent);
+        let _ = tokio::fs::write(&marker, sent.to_string()).await;
+    }
+
+    /// Nova's `_sync_power_states`: every interval, each server of this host
+    /// with no task in progress has its power state compared with libvirt's;
+    /// an `active` guest that died or was destroyed behind the cloud's back
+    /// is recorded `stopped`.
+    pub async fn power_sync_forever(self) {
+        let ms = self.inner.config.power_sync_interval_ms;
+        if ms == 0 {
+            return;
+        }
+        let every = Duration::from_millis(ms);
+        loop {
+            tokio::time::sleep(every).await;
+            let servers = match self.inner.conductor.host_servers(self.host()).await {
+                Ok(s) => s,
+                Err(s) => {
+                    tracing::debug!(status = %s, "power sync: cannot list servers");
+                    continue;
+                }
+            };
+            for s in servers {
+                let Ok(id) = Uuid::parse_str(&s.id) else {
+                    continue;
+                };
+                if !s.task_state.is_empty() || s.vm_state == "building" {
+                    continue;
+                }
+                let lock = self.lock_of(id);
+                let Ok(_held) = lock.try_lock() else {
+                    continue; // an operation is running: it reports its own state
+                };
+                if let Err(e) = self.sync_vm_state(id, &s.vm_state, &s.power_state).await {
+                    tracing::debug!(server = %id, status = %e, "power sync failed");
+                }
+            }
+        }
+    }
+
+    async fn sync_vm_state(&self, id: Uuid, vm_state: &str, recorded: &str) -> Result<(), Status> {
+        let lv = self.inner.libvirt.clone();
+        let power = tokio::task::spawn_blocking(move || lv.power(id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("libvirt: {e}")))?;
+        let dead = matches!(power, Power::Shutdown | Power::Crashed | Power::NoState);
+        if vm_state == "active" && dead {
+            tracing::warn!(server = %id, power = power.as_str(), "the guest stopped behind the cloud's back");
+            self.console(
+                id,
+                format!(
+                    "the guest is {} on host {}: recorded stopped",
+                    power.as_str(),
+                    self.host()
+                ),
+            )
+            .await;
+            self.inner
+                .conductor
+                .update(pb::UpdateServerStateRequest {
+                    id: id.to_string(),
+                    vm_state: "stopped".into(),
+                    power_state: power.as_str().into(),
+                    expected_task_state: "none".into(),
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(());
+        }
+        if power.as_str() != recorded && vm_state != "stopped" {
+            self.inner
+                .conductor
+                .update(pb::UpdateServerStateRequest {
+                    id: id.to_string(),
+                    power_state: power.as_str().into(),
+                    expected_task_state: "none".into(),
+                    ..Default::default()
+                })
+                .await?;
+        }
         Ok(())
     }
 

@@ -16,9 +16,12 @@
 //! and can run every step twice; it is off unless configured.
 
 pub mod agent;
+pub mod clients;
 pub mod conductor;
+pub mod images;
 pub mod libvirt;
 pub mod saga;
+pub mod steps;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,7 +65,8 @@ pub struct Config {
     pub trust_domain: String,
     /// `test:///default` (libvirt's in-memory test driver) or `qemu:///system`.
     pub libvirt_uri: String,
-    /// The domain type in the XML: `test` for the test driver, `qemu` or `kvm`.
+    /// The domain type in the XML: `test` for the test driver, `qemu` or
+    /// `kvm`, or `auto`: `kvm` when usable here, else `qemu` (TCG).
     pub domain_type: String,
     /// Where server disks and config drives live.
     pub state_dir: PathBuf,
@@ -85,6 +89,19 @@ pub struct Config {
     pub ram_allocation_ratio: f64,
     pub disk_allocation_ratio: f64,
     pub max_concurrent_builds: usize,
+    /// The image cache's size bound (least recently used unused bases go).
+    pub image_cache_max_bytes: u64,
+    /// How long a build waits for its ports to be ACTIVE before it fails.
+    pub vif_plug_timeout_secs: u64,
+    /// The kernel command line of a direct kernel boot (an image's
+    /// `os_command_line` property wins).
+    pub kernel_cmdline: String,
+    /// How often the guests' serial logs are read and their new output
+    /// appended to the console log conductor keeps.
+    pub console_poll_ms: u64,
+    /// How often the power state of every server here is compared with
+    /// libvirt's (Nova's `_sync_power_states`); 0: never.
+    pub power_sync_interval_ms: u64,
     pub faults: Faults,
 }
 
@@ -109,6 +126,11 @@ impl Default for Config {
             ram_allocation_ratio: 1.5,
             disk_allocation_ratio: 1.0,
             max_concurrent_builds: 10,
+            image_cache_max_bytes: 10 * 1024 * 1024 * 1024,
+            vif_plug_timeout_secs: 60,
+            kernel_cmdline: "console=ttyS0 quiet panic=-1".into(),
+            console_poll_ms: 500,
+            power_sync_interval_ms: 10_000,
             faults: Faults::default(),
         }
     }
@@ -150,6 +172,15 @@ impl runtime::process::Service for Config {
         }
         if self.max_concurrent_builds == 0 || self.max_concurrent_builds > 1000 {
             return bad("max_concurrent_builds must be between 1 and 1000".into());
+        }
+        if !(1..=3600).contains(&self.vif_plug_timeout_secs) {
+            return bad("vif_plug_timeout_secs must be between 1 and 3600".into());
+        }
+        if !(10..=60_000).contains(&self.console_poll_ms) {
+            return bad("console_poll_ms must be between 10 and 60000".into());
+        }
+        if self.power_sync_interval_ms != 0 && self.power_sync_interval_ms < 10 {
+            return bad("power_sync_interval_ms must be 0 (off) or at least 10".into());
         }
         let names = saga::step_names();
         for (field, v) in [
@@ -203,7 +234,23 @@ pub async fn run(
     let libvirt = tokio::task::spawn_blocking(move || libvirt::Libvirt::open(&uri, &dtype))
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open libvirt {}: {e}", config.libvirt_uri))?;
+    tracing::info!(uri = %config.libvirt_uri, domain_type = libvirt.domain_type(), "libvirt open");
     tokio::fs::create_dir_all(config.state_dir.join("servers")).await?;
+    // QEMU runs as another user: it must reach the disks under the state dir.
+    images::open_dir(&config.state_dir);
+    images::open_dir(&config.state_dir.join("servers"));
+    let services = clients::Services::new(config.sidecar_outbound, &config.spiffe_id())
+        .map_err(anyhow::Error::msg)?;
+    let env = saga::Env {
+        services,
+        cache: images::ImageCache::new(
+            config.state_dir.join("images"),
+            config.image_cache_max_bytes,
+        ),
+        availability_zone: config.availability_zone.clone(),
+        vif_plug_timeout: Duration::from_secs(config.vif_plug_timeout_secs),
+        kernel_cmdline: config.kernel_cmdline.clone(),
+    };
     let channel = match config.sidecar_outbound {
         Some(out) => runtime::serve::via_sidecar(out, "conductor").map_err(anyhow::Error::msg)?,
         None => tonic::transport::Endpoint::from_shared(config.conductor_url.clone())?
@@ -221,7 +268,7 @@ pub async fn run(
         .await
         .map_err(|s| anyhow::anyhow!("cannot create topic {topic}: {}", s.message()))?;
     let credits = config.max_concurrent_builds as u32 * 2;
-    let agent = Agent::new(config, libvirt, conductor);
+    let agent = Agent::new(config, libvirt, conductor, env);
 
     // Heal before the first heartbeat makes the host a candidate again.
     let healed = agent
@@ -234,6 +281,8 @@ pub async fn run(
         .map_err(|s| anyhow::anyhow!("first heartbeat failed: {}", s.message()))?;
     tracing::info!(host = %agent.config().host, healed, "compute agent up");
     let beats = tokio::spawn(agent.clone().heartbeat_forever());
+    let consoles = tokio::spawn(agent.clone().console_forever());
+    let sync = tokio::spawn(agent.clone().power_sync_forever());
 
     let mut sub = queue.subscribe_with(
         &topic,
@@ -281,6 +330,8 @@ pub async fn run(
     let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     consumer.abort();
     beats.abort();
+    consoles.abort();
+    sync.abort();
     result?;
     Ok(())
 }
@@ -352,7 +403,32 @@ mod tests {
             b,
             agent::Cast::Build {
                 server_id: id,
-                attempt: 2
+                attempt: 2,
+                token: None,
+            }
+        );
+        let b: agent::Cast = serde_json::from_str(&format!(
+            r#"{{"op":"build","server_id":"{id}","attempt":1,"token":"t0k"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            b,
+            agent::Cast::Build {
+                server_id: id,
+                attempt: 1,
+                token: Some("t0k".into()),
+            }
+        );
+        let a: agent::Cast = serde_json::from_str(&format!(
+            r#"{{"op":"attach_volume","server_id":"{id}","volume_id":"v1"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            a,
+            agent::Cast::AttachVolume {
+                server_id: id,
+                volume_id: "v1".into(),
+                token: None,
             }
         );
     }

@@ -60,14 +60,44 @@ impl Power {
     }
 }
 
+/// A disk of a domain: a file and how its bytes are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// The guest device (`vda`, `vdb`, ...), on the virtio bus.
+    pub dev: String,
+    pub readonly: bool,
+}
+
+/// Direct kernel boot (an image with `kernel_id` / `ramdisk_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectBoot {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
+/// A guest NIC plugged into an Open vSwitch bridge as a port's interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub bridge: String,
+    pub interface_id: String,
+    pub mac: String,
+}
+
 /// What a domain is made of.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DomainSpec {
     pub id: Uuid,
     pub vcpus: u32,
     pub ram_mb: u32,
-    pub disk: String,
-    pub config_drive: Option<String>,
+    pub disks: Vec<Disk>,
+    pub boot: Option<DirectBoot>,
+    pub nics: Vec<Nic>,
+    /// Where the guest's serial port writes (appending).
+    pub serial_log: Option<String>,
 }
 
 /// Names of our domains: `cirrus-<server id>` (other domains are left alone).
@@ -96,9 +126,14 @@ impl Libvirt {
         // (and an expected "no such domain" is not an error here at all).
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri))?;
+        let domain_type = if domain_type == "auto" {
+            detect_domain_type(&conn, uri)
+        } else {
+            domain_type.to_string()
+        };
         Ok(Self {
             conn: Arc::new(conn),
-            domain_type: domain_type.to_string(),
+            domain_type,
             uri: uri.to_string(),
         })
     }
@@ -141,24 +176,51 @@ impl Libvirt {
         })
     }
 
+    pub fn domain_type(&self) -> &str {
+        &self.domain_type
+    }
+
     fn xml(&self, s: &DomainSpec) -> String {
-        let mut disks = format!(
-            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
-            xml_escape(&s.disk)
-        );
-        if let Some(cd) = &s.config_drive {
-            disks.push_str(&format!(
-                "<disk type='file' device='cdrom'><source file='{}'/>\
-                 <target dev='hdd' bus='ide'/><readonly/></disk>",
-                xml_escape(cd)
+        let test = self.domain_type == "test";
+        let mut devices = String::new();
+        for d in &s.disks {
+            devices.push_str(&disk_xml(d));
+        }
+        for n in &s.nics {
+            devices.push_str(&nic_xml(n));
+        }
+        if let Some(log) = &s.serial_log
+            && !test
+        {
+            devices.push_str(&format!(
+                "<serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
+                xml_escape(log)
             ));
         }
+        if !test {
+            devices.push_str("<memballoon model='none'/>");
+        }
+        let mut os = String::from("<type arch='x86_64'>hvm</type>");
+        if let Some(b) = &s.boot {
+            os.push_str(&format!("<kernel>{}</kernel>", xml_escape(&b.kernel)));
+            if let Some(i) = &b.initrd {
+                os.push_str(&format!("<initrd>{}</initrd>", xml_escape(i)));
+            }
+            os.push_str(&format!("<cmdline>{}</cmdline>", xml_escape(&b.cmdline)));
+        } else if !test {
+            os.push_str("<boot dev='hd'/>");
+        }
+        let extra = if test {
+            ""
+        } else {
+            "<features><acpi/><apic/></features><clock offset='utc'/>\
+             <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>\
+             <on_crash>destroy</on_crash>"
+        };
         format!(
             "<domain type='{}'><name>{}</name><uuid>{}</uuid>\
              <memory unit='MiB'>{}</memory><vcpu>{}</vcpu>\
-             <os><type arch='x86_64'>hvm</type></os>\
-             <devices>{disks}</devices></domain>",
+             <os>{os}</os>{extra}<devices>{devices}</devices></domain>",
             xml_escape(&self.domain_type),
             domain_name(s.id),
             s.id,
@@ -264,6 +326,54 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Plugs a disk into the domain, live (if it runs) and in its
+    /// definition; a disk already there (same target) is left as it is.
+    pub fn attach_disk(&self, id: Uuid, d: &Disk) -> Result<()> {
+        let dom = self.lookup(id)?.ok_or_else(|| gone(id))?;
+        let xml = dom.xml_desc(0)?;
+        if xml.contains(&format!("dev='{}'", xml_escape(&d.dev))) {
+            return Ok(());
+        }
+        let mut flags = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if dom.is_active()? {
+            flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        dom.attach_device_flags(&disk_xml(d), flags)?;
+        Ok(())
+    }
+
+    /// Unplugs the disk with target `dev`, live and from the definition;
+    /// nothing if it is not there.
+    pub fn detach_disk(&self, id: Uuid, d: &Disk) -> Result<()> {
+        let Some(dom) = self.lookup(id)? else {
+            return Ok(());
+        };
+        let xml = dom.xml_desc(0)?;
+        if !xml.contains(&format!("dev='{}'", xml_escape(&d.dev))) {
+            return Ok(());
+        }
+        let mut flags = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if dom.is_active()? {
+            flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        dom.detach_device_flags(&disk_xml(d), flags)?;
+        Ok(())
+    }
+
+    /// The disk targets of the domain's definition (`vda`, ...).
+    pub fn disk_targets(&self, id: Uuid) -> Result<Vec<String>> {
+        let Some(dom) = self.lookup(id)? else {
+            return Ok(Vec::new());
+        };
+        let xml = dom.xml_desc(0)?;
+        Ok(xml
+            .split("<target dev='")
+            .skip(1)
+            .filter_map(|t| t.split('\'').next())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// The servers of every `cirrus-<id>` domain this connection sees.
     pub fn our_domains(&self) -> Result<Vec<Uuid>> {
         let all = self.conn.list_all_domains(0)?;
@@ -276,6 +386,55 @@ impl Libvirt {
             })
             .collect())
     }
+}
+
+/// `kvm` when libvirt offers it and this host is not itself a guest, else
+/// `qemu` (TCG). Nested KVM guests hang once their kernel starts on these
+/// machines (ARCHITECTURE.md), and `/dev/kvm` may be closed to the user QEMU
+/// runs as — both show up as "kvm offered" to a naive check, so a host that
+/// runs under a hypervisor (the `hypervisor` CPU flag) takes TCG.
+pub fn detect_domain_type(conn: &Connect, uri: &str) -> String {
+    if uri.starts_with("test:") {
+        return "test".into();
+    }
+    let kvm_offered = conn
+        .domain_capabilities(None, Some("x86_64"), None, Some("kvm"), 0)
+        .is_ok();
+    let nested = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+        })
+        .unwrap_or(true);
+    if kvm_offered && !nested {
+        "kvm"
+    } else {
+        "qemu"
+    }
+    .into()
+}
+
+fn disk_xml(d: &Disk) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='{}'/>\
+         <source file='{}'/><target dev='{}' bus='virtio'/>{}</disk>",
+        xml_escape(&d.format),
+        xml_escape(&d.path),
+        xml_escape(&d.dev),
+        if d.readonly { "<readonly/>" } else { "" }
+    )
+}
+
+fn nic_xml(n: &Nic) -> String {
+    format!(
+        "<interface type='bridge'><source bridge='{}'/>\
+         <virtualport type='openvswitch'><parameters interfaceid='{}'/></virtualport>\
+         <mac address='{}'/><model type='virtio'/><rom enabled='no'/></interface>",
+        xml_escape(&n.bridge),
+        xml_escape(&n.interface_id),
+        xml_escape(&n.mac)
+    )
 }
 
 fn gone(id: Uuid) -> VirtError {
@@ -297,8 +456,14 @@ mod tests {
             id,
             vcpus: 1,
             ram_mb: 64,
-            disk: "/nonexistent/disk.qcow2".into(),
-            config_drive: Some("/nonexistent/cd.iso".into()),
+            disks: vec![Disk {
+                path: "/nonexistent/disk.qcow2".into(),
+                format: "qcow2".into(),
+                dev: "vda".into(),
+                readonly: false,
+            }],
+            serial_log: Some("/nonexistent/console.log".into()),
+            ..Default::default()
         };
         assert_eq!(lv.power(id).unwrap(), Power::NoState);
         lv.define_start_paused(&spec).unwrap();
@@ -335,10 +500,67 @@ mod tests {
             id: Uuid::nil(),
             vcpus: 2,
             ram_mb: 128,
-            disk: "/a'<b>&c".into(),
-            config_drive: None,
+            disks: vec![Disk {
+                path: "/a'<b>&c".into(),
+                format: "qcow2".into(),
+                dev: "vda".into(),
+                readonly: false,
+            }],
+            ..Default::default()
         });
         assert!(xml.contains("/a&apos;&lt;b&gt;&amp;c"), "{xml}");
         assert!(xml.starts_with("<domain type='test'>"));
+    }
+
+    /// What qemu:///system is given: direct kernel boot, virtio disks, the
+    /// OVS port as a bridge interface with its port id, the serial log.
+    #[test]
+    fn a_qemu_domain_boots_its_kernel_plugs_its_port_and_logs_its_serial_port() {
+        let lv = Libvirt::open("test:///default", "test").unwrap();
+        let lv = Libvirt {
+            domain_type: "qemu".into(),
+            ..lv
+        };
+        let xml = lv.xml(&DomainSpec {
+            id: Uuid::nil(),
+            vcpus: 1,
+            ram_mb: 256,
+            disks: vec![
+                Disk {
+                    path: "/s/disk.qcow2".into(),
+                    format: "qcow2".into(),
+                    dev: "vda".into(),
+                    readonly: false,
+                },
+                Disk {
+                    path: "/s/config-drive.iso".into(),
+                    format: "raw".into(),
+                    dev: "vdb".into(),
+                    readonly: true,
+                },
+            ],
+            boot: Some(DirectBoot {
+                kernel: "/c/k".into(),
+                initrd: Some("/c/r".into()),
+                cmdline: "console=ttyS0".into(),
+            }),
+            nics: vec![Nic {
+                bridge: "br-int".into(),
+                interface_id: "p1".into(),
+                mac: "fa:16:3e:00:00:01".into(),
+            }],
+            serial_log: Some("/s/console.log".into()),
+        });
+        for want in [
+            "<domain type='qemu'>",
+            "<kernel>/c/k</kernel><initrd>/c/r</initrd><cmdline>console=ttyS0</cmdline>",
+            "<source file='/s/config-drive.iso'/><target dev='vdb' bus='virtio'/><readonly/>",
+            "<interface type='bridge'><source bridge='br-int'/><virtualport type='openvswitch'>\
+             <parameters interfaceid='p1'/></virtualport><mac address='fa:16:3e:00:00:01'/>\
+             <model type='virtio'/>",
+            "<serial type='file'><source path='/s/console.log' append='on'/>",
+        ] {
+            assert!(xml.contains(want), "{want} not in {xml}");
+        }
     }
 }

@@ -10,11 +10,18 @@
 //! transaction that records the failure this agent reports.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use proto::conductor::v1 as pb;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::libvirt::{DomainSpec, Libvirt};
+use crate::clients::Services;
+use crate::images::ImageCache;
+use crate::libvirt::Libvirt;
+
+use crate::steps;
 
 /// One step of the build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,6 +126,60 @@ impl StepError {
     }
 }
 
+/// What the host gives every build: the other services, the image cache,
+/// the settings the steps need.
+pub struct Env {
+    pub services: Services,
+    pub cache: ImageCache,
+    pub availability_zone: String,
+    /// How long `wait_vif_plugged` waits for every port to be ACTIVE.
+    pub vif_plug_timeout: Duration,
+    /// The kernel command line of a direct kernel boot without `os_command_line`.
+    pub kernel_cmdline: String,
+}
+
+/// What the build made that its undo (possibly after a restart) must find:
+/// `build.json` in the server's directory, rewritten after each change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Journal {
+    /// The cached base the overlay stands on (kept from eviction).
+    pub base: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub ramdisk: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub ports: Vec<PortRecord>,
+    pub attachments: Vec<AttachmentRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PortRecord {
+    pub id: String,
+    pub network_id: String,
+    /// Made by this build (deleted by its undo) rather than given.
+    pub created: bool,
+    pub bound: bool,
+    pub mac: String,
+    pub bridge: String,
+    pub interface_id: String,
+    pub fixed_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AttachmentRecord {
+    pub id: String,
+    pub volume_id: String,
+    pub path: String,
+    pub format: String,
+    pub dev: String,
+    /// The root disk (boot from volume).
+    pub boot: bool,
+    /// Whether the volume service was told the disk is plugged in.
+    pub completed: bool,
+}
+
 /// What the steps work on.
 pub struct Ctx<'a> {
     pub host: &'a str,
@@ -126,6 +187,52 @@ pub struct Ctx<'a> {
     pub spec: &'a pb::BuildSpec,
     pub dir: PathBuf,
     pub libvirt: &'a Libvirt,
+    pub env: &'a Env,
+    /// The user's token from the cast, if it carried one.
+    pub token: Option<&'a str>,
+    pub journal: Mutex<Journal>,
+}
+
+impl Ctx<'_> {
+    /// The test driver boots nothing: no image bytes, no ISO.
+    pub fn simulated(&self) -> bool {
+        self.libvirt.domain_type() == "test"
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes the journal and writes it down before going on.
+    pub async fn record(&self, f: impl FnOnce(&mut Journal)) -> Result<(), StepError> {
+        let j = {
+            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut j);
+            j.clone()
+        };
+        save_journal(&self.dir, &j).await
+    }
+}
+
+pub fn journal_path(dir: &Path) -> PathBuf {
+    dir.join("build.json")
+}
+
+/// The journal of a server directory (empty when there is none).
+pub fn load_journal(dir: &Path) -> Journal {
+    std::fs::read(journal_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+async fn save_journal(dir: &Path, j: &Journal) -> Result<(), StepError> {
+    let bytes =
+        serde_json::to_vec_pretty(j).map_err(|e| StepError::new(format!("journal: {e}"), false))?;
+    write_file(&journal_path(dir), &bytes).await
 }
 
 /// The server's own directory under the agent's state directory.
@@ -137,8 +244,17 @@ pub fn disk_path(dir: &Path) -> PathBuf {
     dir.join("disk.qcow2")
 }
 
+/// The config drive's files (the ISO is made from them).
 pub fn config_drive_path(dir: &Path) -> PathBuf {
     dir.join("config-drive")
+}
+
+pub fn config_drive_iso(dir: &Path) -> PathBuf {
+    dir.join("config-drive.iso")
+}
+
+pub fn console_log_path(dir: &Path) -> PathBuf {
+    dir.join("console.log")
 }
 
 async fn blocking<T: Send + 'static>(
@@ -173,7 +289,7 @@ async fn remove_dir(p: &Path) -> Result<(), StepError> {
 }
 
 /// Writes `data` to `path` unless it already holds exactly that.
-async fn write_once(path: &Path, data: &[u8]) -> Result<(), StepError> {
+pub async fn write_file(path: &Path, data: &[u8]) -> Result<(), StepError> {
     if let Ok(existing) = tokio::fs::read(path).await
         && existing == data
     {
@@ -183,6 +299,7 @@ async fn write_once(path: &Path, data: &[u8]) -> Result<(), StepError> {
         tokio::fs::create_dir_all(parent)
             .await
             .map_err(|e| io("create directory", e))?;
+        crate::images::open_dir(parent);
     }
     let tmp = path.with_extension("tmp");
     tokio::fs::write(&tmp, data)
@@ -191,6 +308,12 @@ async fn write_once(path: &Path, data: &[u8]) -> Result<(), StepError> {
     tokio::fs::rename(&tmp, path)
         .await
         .map_err(|e| io("rename", e))
+}
+
+/// The guest device of the `n`th virtio disk (0: vda).
+pub fn dev_name(n: usize) -> String {
+    let n = n.min(25) as u8;
+    format!("vd{}", (b'a' + n) as char)
 }
 
 impl Step {
@@ -205,77 +328,16 @@ impl Step {
                 }
                 Ok(())
             }
-            Step::Image => {
-                // The test driver boots nothing: the overlay records its
-                // base. The real-guest build (qemu-img create -b <cached
-                // base>) replaces this body; the step and its undo stay.
-                let body = format!("cirrus overlay of image {}\n", c.spec.image_id);
-                write_once(&disk_path(&c.dir), body.as_bytes()).await
-            }
-            Step::Ports => {
-                if c.spec.networks.is_empty() {
-                    return Ok(());
-                }
-                Err(StepError::new(
-                    format!(
-                        "networking is not available on host {}: the network service has not joined this build yet",
-                        c.host
-                    ),
-                    false,
-                ))
-            }
-            Step::Volumes => {
-                if c.spec.volumes.is_empty() {
-                    return Ok(());
-                }
-                Err(StepError::new(
-                    format!(
-                        "volumes are not available on host {}: the volume service has not joined this build yet",
-                        c.host
-                    ),
-                    false,
-                ))
-            }
-            Step::ConfigDrive => {
-                let root = config_drive_path(&c.dir).join("openstack").join("latest");
-                let meta = serde_json::json!({
-                    "uuid": c.id.to_string(),
-                    "name": c.spec.name,
-                    "hostname": c.spec.name,
-                    "project_id": c.spec.project_id,
-                    "availability_zone": "nova",
-                    "meta": c.spec.metadata,
-                    "public_keys": if c.spec.key_name.is_empty() {
-                        serde_json::json!({})
-                    } else {
-                        serde_json::json!({ c.spec.key_name.clone(): c.spec.public_key })
-                    },
-                });
-                let meta = serde_json::to_vec_pretty(&meta)
-                    .map_err(|e| StepError::new(format!("meta_data.json: {e}"), false))?;
-                write_once(&root.join("meta_data.json"), &meta).await?;
-                write_once(
-                    &root.join("network_data.json"),
-                    br#"{"links": [], "networks": [], "services": []}"#,
-                )
-                .await?;
-                if !c.spec.user_data.is_empty() {
-                    write_once(&root.join("user_data"), &c.spec.user_data).await?;
-                }
-                Ok(())
-            }
+            Step::Image => steps::image(c).await,
+            Step::Ports => steps::ports(c).await,
+            Step::Volumes => steps::volumes(c).await,
+            Step::ConfigDrive => steps::config_drive(c).await,
             Step::DefinePaused => {
-                let spec = DomainSpec {
-                    id: c.id,
-                    vcpus: c.spec.vcpus.max(1),
-                    ram_mb: c.spec.ram_mb.max(16),
-                    disk: disk_path(&c.dir).display().to_string(),
-                    config_drive: None,
-                };
+                let spec = steps::domain_spec(c);
                 let lv = c.libvirt.clone();
                 blocking(move || lv.define_start_paused(&spec)).await
             }
-            Step::WaitVifPlugged => Ok(()),
+            Step::WaitVifPlugged => steps::wait_vif_plugged(c).await,
             Step::Resume => {
                 let lv = c.libvirt.clone();
                 let id = c.id;
@@ -286,26 +348,37 @@ impl Step {
 
     pub async fn undo(self, c: &Ctx<'_>) -> Result<(), StepError> {
         match self {
-            Step::Claim | Step::Ports | Step::Volumes | Step::WaitVifPlugged | Step::Resume => {
-                Ok(())
-            }
+            Step::Claim | Step::WaitVifPlugged | Step::Resume => Ok(()),
             Step::Image => {
                 remove_file(&disk_path(&c.dir)).await?;
-                // The directory goes with its last file.
-                match tokio::fs::remove_dir(&c.dir).await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(_) => Ok(()),
-                }
+                c.record(|j| {
+                    j.base = None;
+                    j.kernel = None;
+                    j.ramdisk = None;
+                })
+                .await?;
+                Ok(())
             }
-            Step::ConfigDrive => remove_dir(&config_drive_path(&c.dir)).await,
+            Step::Ports => steps::undo_ports(c).await,
+            Step::Volumes => steps::undo_volumes(c).await,
+            Step::ConfigDrive => {
+                remove_file(&config_drive_iso(&c.dir)).await?;
+                remove_dir(&config_drive_path(&c.dir)).await
+            }
             Step::DefinePaused => {
                 let lv = c.libvirt.clone();
                 let id = c.id;
-                blocking(move || lv.destroy(id)).await
+                blocking(move || lv.destroy(id)).await?;
+                remove_file(&console_log_path(&c.dir)).await
             }
         }
     }
+}
+
+/// After every undo: the server's directory and everything left in it
+/// (journal, console log) goes.
+pub async fn remove_server_dir(dir: &Path) -> Result<(), StepError> {
+    remove_dir(dir).await
 }
 
 /// Runs every undo of `done`, last first; returns the first undo failure
