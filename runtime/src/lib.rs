@@ -25,6 +25,8 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod error;
+#[cfg(feature = "db")]
+pub mod listen;
 pub mod process;
 pub mod serve;
 pub mod telemetry;

@@ -19,19 +19,15 @@
 //! connect, the `LISTEN`, each resync, and a ping every
 //! [`PING_EVERY`] that detects a silently dead connection.
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
+use runtime::listen::{Heard, Listen};
 
 use crate::repo::CHANGES_CHANNEL;
 use crate::service::Identity;
 
 /// How often an idle listening connection is checked.
 pub const PING_EVERY: Duration = Duration::from_secs(15);
-/// The bound on any one database step of the listener.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A notice, as [`Identity`] applies it.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,88 +82,29 @@ pub fn listener_name(replica: &str) -> String {
     format!("identity-listener-{replica}")
 }
 
-/// Listens until the task is aborted, reconnecting with bounded backoff.
+/// Listens until the task is aborted (`runtime::listen`: reconnects with
+/// bounded backoff, bounds every step, pings every [`PING_EVERY`]).
 pub async fn listen(id: Identity, url: String) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let opened = std::time::Instant::now();
-        match listen_once(&id, &url).await {
-            Ok(()) => tracing::warn!("notification connection closed; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "notification connection failed; reconnecting"),
-        }
-        metrics::counter!("identity_listener_reconnects_total").increment(1);
-        if opened.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn bounded<T, E: std::fmt::Display>(
-    what: &str,
-    f: impl Future<Output = Result<T, E>>,
-) -> anyhow::Result<T> {
-    match tokio::time::timeout(STEP_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(anyhow::anyhow!("{what}: {e}")),
-        Err(_) => Err(anyhow::anyhow!("{what}: timed out after {STEP_TIMEOUT:?}")),
-    }
-}
-
-async fn listen_once(id: &Identity, url: &str) -> anyhow::Result<()> {
     let me = id.replica_id().to_string();
-    let mut cfg = tokio_postgres::Config::from_str(url)?;
-    cfg.connect_timeout(Duration::from_secs(5));
-    cfg.application_name(listener_name(&me));
-    let (client, mut conn) = bounded("connect", cfg.connect(NoTls)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<AsyncMessage>(1024);
-    let driver = tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(m) => {
-                    if tx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification connection error");
-                    break;
+    let mut listen = Listen::new(url, CHANGES_CHANNEL, listener_name(&me));
+    listen.ping_every = PING_EVERY;
+    listen
+        .run(|heard| {
+            let (id, me) = (id.clone(), me.clone());
+            async move {
+                match heard {
+                    // Listening now: whatever committed before is in the tables.
+                    Heard::Listening => id.resync().await.map_err(|e| anyhow::anyhow!("{e}")),
+                    // A notice that cannot be applied is not dropped: the
+                    // handler's error reconnects, which resyncs.
+                    Heard::Notice(payload) => match parse(&payload, &me) {
+                        Some(notice) => id.apply(notice).await.map_err(|e| anyhow::anyhow!("{e}")),
+                        None => Ok(()),
+                    },
                 }
             }
-        }
-    });
-    let result = async {
-        bounded(
-            "LISTEN",
-            client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")),
-        )
-        .await?;
-        // Listening now: whatever committed before is in the tables.
-        bounded("resync", id.resync()).await?;
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                m = rx.recv() => {
-                    let Some(m) = m else { return Ok(()) };
-                    let AsyncMessage::Notification(n) = m else { continue };
-                    if let Some(notice) = parse(n.payload(), &me) {
-                        // A notice that cannot be applied is not dropped:
-                        // reconnecting resyncs from the tables.
-                        bounded("apply notice", id.apply(notice)).await?;
-                    }
-                }
-                _ = ping.tick() => {
-                    bounded("ping", client.simple_query("SELECT 1")).await?;
-                }
-            }
-        }
-    }
-    .await;
-    driver.abort();
-    result
+        })
+        .await;
 }
 
 #[cfg(test)]

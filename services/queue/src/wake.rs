@@ -8,13 +8,10 @@
 //! delays, never loses, a delivery.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures_util::StreamExt;
+use runtime::listen::{Heard, Listen};
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
 use crate::repo::WAKE_CHANNEL;
@@ -58,56 +55,24 @@ impl Wakers {
 /// Listens for other replicas' publishes until the task is aborted; notices
 /// of this replica's own (`replica`) are skipped: it woke its consumers itself.
 pub async fn listen(url: String, wakers: Wakers, replica: Uuid) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match listen_once(&url, &wakers, &replica.to_string()).await {
-            Ok(()) => tracing::warn!("notification connection closed; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "notification connection failed; reconnecting"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn listen_once(url: &str, wakers: &Wakers, me: &str) -> Result<(), tokio_postgres::Error> {
-    let mut cfg = tokio_postgres::Config::from_str(url)?;
-    cfg.connect_timeout(Duration::from_secs(5));
-    cfg.application_name("cirrus-queue-listener");
-    let (client, mut conn) = cfg.connect(NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<AsyncMessage>(1024);
-    let driver = tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(m) => {
-                    if tx.send(m).await.is_err() {
-                        break;
+    let me = replica.to_string();
+    let listen = Listen::new(url, WAKE_CHANNEL, "cirrus-queue-listener".to_string());
+    listen
+        .run(|heard| {
+            match heard {
+                // We may have missed notices while disconnected.
+                Heard::Listening => wakers.wake_all(),
+                // `<topic> <replica>`; a bare `<topic>` from an older replica.
+                Heard::Notice(payload) => {
+                    let (topic, from) = payload.split_once(' ').unwrap_or((&payload, ""));
+                    if from != me
+                        && let Ok(topic) = topic.parse::<i32>()
+                    {
+                        wakers.wake(topic);
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification connection error");
-                    break;
-                }
             }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
-        .await?;
-    // We may have missed notices while disconnected.
-    wakers.wake_all();
-    while let Some(m) = rx.recv().await {
-        let AsyncMessage::Notification(n) = m else {
-            continue;
-        };
-        // `<topic> <replica>`; a bare `<topic>` from an older replica.
-        let (topic, from) = n.payload().split_once(' ').unwrap_or((n.payload(), ""));
-        if from != me
-            && let Ok(topic) = topic.parse::<i32>()
-        {
-            wakers.wake(topic);
-        }
-    }
-    driver.abort();
-    Ok(())
+            std::future::ready(Ok(()))
+        })
+        .await;
 }
