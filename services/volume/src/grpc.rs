@@ -37,6 +37,14 @@ fn caller<T>(r: &Request<T>) -> Result<Caller, Error> {
     Ok(c)
 }
 
+/// The caller: a verified user, or a compute agent on its certificate
+/// alone (the attachment RPCs; the service decides what it may touch).
+fn caller_or_agent<T>(r: &Request<T>, trust_domain: &str) -> Result<Caller, Error> {
+    let c = Caller::from_metadata(r.metadata());
+    policy::user_or_agent(&c, trust_domain)?;
+    Ok(c)
+}
+
 /// The caller, and its `authorization` header to pass on to the image service.
 fn credentials<T>(r: &Request<T>) -> Result<Credentials, Error> {
     Ok(Credentials {
@@ -510,7 +518,7 @@ impl pb::volumes_server::Volumes for Api {
         &self,
         r: Request<pb::CreateAttachmentRequest>,
     ) -> R<pb::Attachment> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let m = r.into_inner();
         let volume_id = parse_id("volume_id", &m.volume_id)?;
         let server = server_id(&m.server_id)?;
@@ -526,7 +534,7 @@ impl pb::volumes_server::Volumes for Api {
         &self,
         r: Request<pb::UpdateAttachmentRequest>,
     ) -> R<pb::Attachment> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let m = r.into_inner();
         let id = parse_id("id", &m.id)?;
         let conn = connector(
@@ -542,7 +550,7 @@ impl pb::volumes_server::Volumes for Api {
         &self,
         r: Request<pb::CompleteAttachmentRequest>,
     ) -> R<pb::Attachment> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let m = r.get_ref();
         let id = parse_id("id", &m.id)?;
         let mp = mountpoint(&m.mountpoint)?;
@@ -552,7 +560,7 @@ impl pb::volumes_server::Volumes for Api {
     }
 
     async fn get_attachment(&self, r: Request<pb::GetAttachmentRequest>) -> R<pb::Attachment> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let id = parse_id("id", &r.get_ref().id)?;
         Ok(Response::new(attachment_pb(
             self.volumes.get_attachment(&c, id).await?,
@@ -563,7 +571,7 @@ impl pb::volumes_server::Volumes for Api {
         &self,
         r: Request<pb::ListAttachmentsRequest>,
     ) -> R<pb::ListAttachmentsResponse> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let m = r.into_inner();
         let volume_id = parse_opt_id("volume_id", &m.volume_id)?;
         let server = if m.server_id.is_empty() {
@@ -581,7 +589,7 @@ impl pb::volumes_server::Volumes for Api {
         &self,
         r: Request<pb::DeleteAttachmentRequest>,
     ) -> R<pb::DeleteAttachmentResponse> {
-        let c = caller(&r)?;
+        let c = caller_or_agent(&r, &self.volumes.config().trust_domain)?;
         let id = parse_id("id", &r.get_ref().id)?;
         self.volumes.delete_attachment(&c, id).await?;
         Ok(Response::new(pb::DeleteAttachmentResponse {}))

@@ -48,6 +48,9 @@ pub mod migrations {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// The mesh's SPIFFE trust domain: a compute agent is
+    /// `spiffe://<trust_domain>/svc/compute-agent/host/<h>`.
+    pub trust_domain: String,
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub store: StoreConfig,
@@ -104,6 +107,7 @@ impl Default for Config {
     fn default() -> Self {
         let (grpc, metrics) = ports::VOLUME;
         Self {
+            trust_domain: "cirrus.local".into(),
             server: ServerConfig::loopback(grpc, metrics),
             database: DatabaseConfig::local("volume"),
             store: StoreConfig::default(),
@@ -124,6 +128,9 @@ impl runtime::process::Service for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         let bad = |m: &str| Err(ConfigError(m.to_string()));
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return bad("trust_domain must be a non-empty name without '/'");
+        }
         if self.store.dir.as_os_str().is_empty() {
             return bad("store.dir is required");
         }

@@ -213,8 +213,21 @@ pub struct Attachment {
     pub connector: Option<Connector>,
     pub connection_info: Option<ConnectionInfo>,
     pub mountpoint: String,
+    /// The host whose compute agent made it (`None`: a user directly).
+    pub made_by_host: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+}
+
+impl Attachment {
+    /// On host `h`: its connector names `h`, or, still without a connector,
+    /// the compute agent of `h` made it.
+    pub fn on_host(&self, h: &str) -> bool {
+        match &self.connector {
+            Some(c) => c.host == h,
+            None => self.made_by_host.as_deref() == Some(h),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

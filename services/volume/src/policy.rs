@@ -9,6 +9,15 @@
 //! set quotas and list other projects' volumes. Something of another
 //! project is `NOT_FOUND` (it does not leak); something the caller sees but
 //! may not change is `PERMISSION_DENIED`.
+//!
+//! Compute agents: the verified peer `spiffe://<trust
+//! domain>/svc/compute-agent/host/<h>` (set by the sidecar from the client
+//! certificate, in `x-cirrus-peer`) names the host the agent speaks for.
+//! An agent acts on attachments *on its host* only — those whose connector
+//! names `<h>`, or, still without one, that the agent of `<h>` made — with
+//! the user's token passed along (then the user's rules apply as well) or,
+//! when it has none (healing, a delete after the token expired), on its
+//! certificate alone. Whatever connector it gives must name its own host.
 
 pub use runtime::caller::Caller;
 use runtime::error::{Error, Result};
@@ -23,6 +32,34 @@ pub fn authenticated(c: &Caller) -> Result<()> {
     } else {
         Err(Error::unauthenticated(
             "no verified caller: requests reach the volume service through its sidecar",
+        ))
+    }
+}
+
+/// The host a compute agent speaks for, if the verified peer is one:
+/// `spiffe://<trust_domain>/svc/compute-agent/host/<h>`, `<h>` a host name.
+pub fn agent_host(c: &Caller, trust_domain: &str) -> Option<String> {
+    let h = c
+        .peer
+        .as_deref()?
+        .strip_prefix("spiffe://")?
+        .strip_prefix(trust_domain)?
+        .strip_prefix("/svc/compute-agent/host/")?;
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+    ok.then(|| h.to_string())
+}
+
+/// A verified user, or a compute agent (on its certificate alone).
+pub fn user_or_agent(c: &Caller, trust_domain: &str) -> Result<()> {
+    if c.is_authenticated() || agent_host(c, trust_domain).is_some() {
+        Ok(())
+    } else {
+        Err(Error::unauthenticated(
+            "no verified caller and no compute agent peer: requests reach the volume service \
+             through its sidecar",
         ))
     }
 }
@@ -120,5 +157,36 @@ mod tests {
         assert!(modify(&member_q, "p").is_err());
         assert!(modify(&admin, "p").is_ok());
         assert!(super::admin(&member_p).is_err());
+    }
+
+    #[test]
+    fn only_a_compute_agent_s_spiffe_id_names_a_host() {
+        let peer = |p: &str| Caller {
+            peer: Some(p.into()),
+            ..Default::default()
+        };
+        let host = |p: &str| agent_host(&peer(p), "cirrus.local");
+        assert_eq!(
+            host("spiffe://cirrus.local/svc/compute-agent/host/h1").as_deref(),
+            Some("h1")
+        );
+        for bad in [
+            "spiffe://cirrus.local/svc/compute-agent/host/",
+            "spiffe://cirrus.local/svc/compute-agent/host/h1/x",
+            "spiffe://other.domain/svc/compute-agent/host/h1",
+            "spiffe://cirrus.local/svc/network-agent/host/h1",
+            "spiffe://cirrus.local/svc/compute-agent",
+            "external",
+        ] {
+            assert_eq!(host(bad), None, "{bad}");
+        }
+        assert!(user_or_agent(&peer("external"), "cirrus.local").is_err());
+        assert!(
+            user_or_agent(
+                &peer("spiffe://cirrus.local/svc/compute-agent/host/h1"),
+                "cirrus.local"
+            )
+            .is_ok()
+        );
     }
 }

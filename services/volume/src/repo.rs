@@ -27,7 +27,7 @@ const SNAPSHOT_COLUMNS: &str = "id, volume_id, name, description, project_id, si
      metadata, status_reason, created_at, updated_at";
 
 const ATTACHMENT_COLUMNS: &str = "id, volume_id, server_id, project_id, status, connector, \
-     connection_info, mountpoint, created_at, updated_at";
+     connection_info, mountpoint, made_by_host, created_at, updated_at";
 
 fn bad_row(what: &str, value: &str) -> Error {
     Error::internal(format!("unexpected {what} {value:?} in the database"))
@@ -123,6 +123,7 @@ fn attachment(r: &Row) -> Result<Attachment> {
             .transpose()
             .map_err(|e| Error::internal(format!("stored connection info: {e}")))?,
         mountpoint: r.try_get("mountpoint")?,
+        made_by_host: r.try_get("made_by_host")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -497,7 +498,8 @@ fn json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<serde_json::Value>>
 pub async fn insert_attachment(c: &impl GenericClient, a: &Attachment) -> Result<Attachment> {
     let sql = format!(
         "INSERT INTO attachments (id, volume_id, server_id, project_id, status, connector, \
-         connection_info) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {ATTACHMENT_COLUMNS}"
+         connection_info, made_by_host) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         RETURNING {ATTACHMENT_COLUMNS}"
     );
     let row = c
         .query_one(
@@ -510,6 +512,7 @@ pub async fn insert_attachment(c: &impl GenericClient, a: &Attachment) -> Result
                 &a.status.as_str(),
                 &json(&a.connector)?,
                 &json(&a.connection_info)?,
+                &a.made_by_host,
             ],
         )
         .await
@@ -559,18 +562,33 @@ pub async fn delete_attachment_row(c: &impl GenericClient, id: Uuid) -> Result<b
         > 0)
 }
 
+/// The attachment of `volume_id` (volumes are single-attach).
+pub async fn attachment_of_volume(
+    c: &impl GenericClient,
+    volume_id: Uuid,
+) -> Result<Option<Attachment>> {
+    let sql = format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE volume_id = $1");
+    one(c.query_opt(&sql, &[&volume_id]).await?, attachment)
+}
+
+/// Attachments, optionally only of one project, one volume, one server,
+/// and only those on one host ([`Attachment::on_host`]).
 pub async fn list_attachments(
     c: &impl GenericClient,
     project: Option<&str>,
     volume_id: Option<Uuid>,
     server_id: Option<&str>,
+    host: Option<&str>,
 ) -> Result<Vec<Attachment>> {
     let sql = format!(
         "SELECT {ATTACHMENT_COLUMNS} FROM attachments \
          WHERE ($1::text IS NULL OR project_id = $1) AND ($2::uuid IS NULL OR volume_id = $2) \
-         AND ($3::text IS NULL OR server_id = $3) ORDER BY created_at, id LIMIT 1000"
+         AND ($3::text IS NULL OR server_id = $3) \
+         AND ($4::text IS NULL OR connector ->> 'host' = $4 \
+              OR (connector IS NULL AND made_by_host = $4)) \
+         ORDER BY created_at, id LIMIT 1000"
     );
-    c.query(&sql, &[&project, &volume_id, &server_id])
+    c.query(&sql, &[&project, &volume_id, &server_id, &host])
         .await?
         .iter()
         .map(attachment)

@@ -61,6 +61,10 @@ fn reason(e: &Error) -> String {
     }
 }
 
+fn not_on_host(id: Uuid, host: &str) -> Error {
+    Error::forbidden(format!("attachment {id} is not on host {host}"))
+}
+
 fn wrong_status(kind: &str, id: Uuid, status: impl std::fmt::Display, wanted: &str) -> Error {
     Error::precondition(format!("{kind} {id} is {status}; {wanted}"))
 }
@@ -845,8 +849,78 @@ impl Volumes {
 
     // ------------------------------------------------------ attachments
 
+    /// The host a compute agent speaks for, if the call came from one.
+    fn agent(&self, caller: &Caller) -> Option<String> {
+        policy::agent_host(caller, &self.inner.cfg.trust_domain)
+    }
+
+    /// The attachment, for a caller with no user token: a compute agent
+    /// (checked by the caller of this) sees any, by id.
+    async fn any_attachment(&self, id: Uuid) -> Result<Attachment> {
+        let c = self.inner.pool.get().await?;
+        repo::get_attachment(&c, id)
+            .await?
+            .ok_or_else(|| Error::not_found("attachment", id))
+    }
+
+    /// An attachment the caller may change: by the user rules when a user
+    /// token came (visible, then member or admin of its project); and when
+    /// a compute agent calls, with a token or without, only one on its host
+    /// ([`Attachment::on_host`]) — or, with `unplaced` and a user's token,
+    /// one no host has yet (a user reserved it; the agent connects it).
+    async fn changeable_attachment(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        unplaced: bool,
+    ) -> Result<Attachment> {
+        let agent = self.agent(caller);
+        let a = if caller.is_authenticated() {
+            policy::reader(caller)?;
+            let a = self.visible_attachment(caller, id).await?;
+            policy::modify(caller, &a.project_id)?;
+            a
+        } else {
+            policy::user_or_agent(caller, &self.inner.cfg.trust_domain)?;
+            self.any_attachment(id).await?
+        };
+        if let Some(h) = agent {
+            let claimable = unplaced
+                && caller.is_authenticated()
+                && a.connector.is_none()
+                && a.made_by_host.is_none();
+            if !(a.on_host(&h) || claimable) {
+                return Err(not_on_host(id, &h));
+            }
+        }
+        Ok(a)
+    }
+
+    /// A compute agent may name only its own host in a connector.
+    fn own_connector(&self, caller: &Caller, connector: Option<&Connector>) -> Result<()> {
+        let Some(h) = self.agent(caller) else {
+            return Ok(());
+        };
+        match connector {
+            None => Err(Error::invalid(
+                "connector",
+                format!("is required from a compute agent (host {h})"),
+            )),
+            Some(c) if c.host != h => Err(Error::forbidden(format!(
+                "the compute agent of host {h} may connect volumes only to its own host, not to {}",
+                c.host
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Reserves an AVAILABLE volume for `server_id` (RESERVED), or with a
-    /// connector connects it at once (ATTACHING).
+    /// connector connects it at once (ATTACHING). A compute agent must give
+    /// its own host's connector; without a user token it may attach any
+    /// volume to its host (the volume service does not know where servers
+    /// are placed). The work runs in a task of its own: a caller killed or
+    /// cancelled mid-way leaves either nothing or the whole attachment, and
+    /// the same request again answers that attachment.
     pub async fn create_attachment(
         &self,
         caller: &Caller,
@@ -854,15 +928,41 @@ impl Volumes {
         server_id: String,
         connector: Option<Connector>,
     ) -> Result<Attachment> {
-        policy::reader(caller)?;
-        let vol = self.visible_volume(caller, volume_id).await?;
-        policy::modify(caller, &vol.project_id)?;
+        self.own_connector(caller, connector.as_ref())?;
+        let vol = if caller.is_authenticated() {
+            policy::reader(caller)?;
+            let vol = self.visible_volume(caller, volume_id).await?;
+            policy::modify(caller, &vol.project_id)?;
+            vol
+        } else {
+            policy::user_or_agent(caller, &self.inner.cfg.trust_domain)?;
+            let c = self.inner.pool.get().await?;
+            repo::get_volume(&c, volume_id)
+                .await?
+                .ok_or_else(|| Error::not_found("volume", volume_id))?
+        };
         // Checked before anything is written: a connector the store cannot
         // serve refuses the attachment whole.
         let info = connector
             .as_ref()
             .map(|c| self.inner.store.connection(volume_id, vol.format, c))
             .transpose()?;
+        let this = self.clone();
+        let made_by = self.agent(caller);
+        tokio::spawn(async move { this.reserve(vol, server_id, connector, info, made_by).await })
+            .await
+            .map_err(|e| Error::internal(format!("attach task: {e}")))?
+    }
+
+    async fn reserve(
+        &self,
+        vol: Volume,
+        server_id: String,
+        connector: Option<Connector>,
+        info: Option<ConnectionInfo>,
+        made_by_host: Option<String>,
+    ) -> Result<Attachment> {
+        let volume_id = vol.id;
         let (to, status) = match info {
             Some(_) => (VolumeStatus::Attaching, AttachmentStatus::Attaching),
             None => (VolumeStatus::Reserved, AttachmentStatus::Reserved),
@@ -873,6 +973,18 @@ impl Volumes {
             .await?
             .is_none()
         {
+            // A retry of a create that went through while its caller was
+            // gone (killed, cancelled, timed out): the same attachment.
+            if let Some(a) = repo::attachment_of_volume(&tx, volume_id).await?
+                && a.server_id == server_id
+                && a.connector == connector
+                && matches!(
+                    a.status,
+                    AttachmentStatus::Reserved | AttachmentStatus::Attaching
+                )
+            {
+                return Ok(a);
+            }
             let now = repo::get_volume(&tx, volume_id)
                 .await?
                 .ok_or_else(|| Error::not_found("volume", volume_id))?;
@@ -895,6 +1007,7 @@ impl Volumes {
                 connector,
                 connection_info: info,
                 mountpoint: String::new(),
+                made_by_host,
                 created_at: now,
                 updated_at: now,
             },
@@ -912,9 +1025,8 @@ impl Volumes {
         id: Uuid,
         connector: Connector,
     ) -> Result<Attachment> {
-        policy::reader(caller)?;
-        let a = self.visible_attachment(caller, id).await?;
-        policy::modify(caller, &a.project_id)?;
+        self.own_connector(caller, Some(&connector))?;
+        let a = self.changeable_attachment(caller, id, true).await?;
         let c0 = self.inner.pool.get().await?;
         let vol = repo::get_volume(&c0, a.volume_id)
             .await?
@@ -968,9 +1080,7 @@ impl Volumes {
         id: Uuid,
         mountpoint: String,
     ) -> Result<Attachment> {
-        policy::reader(caller)?;
-        let a = self.visible_attachment(caller, id).await?;
-        policy::modify(caller, &a.project_id)?;
+        let a = self.changeable_attachment(caller, id, false).await?;
         let mut c = self.inner.pool.get().await?;
         let tx = c.transaction().await?;
         let done = repo::attachment_transition(
@@ -986,6 +1096,10 @@ impl Volumes {
             let now = repo::get_attachment(&tx, id)
                 .await?
                 .ok_or_else(|| Error::not_found("attachment", id))?;
+            // The same completion again (a retry after a lost answer).
+            if now.status == AttachmentStatus::Attached && now.mountpoint == mountpoint {
+                return Ok(now);
+            }
             return Err(wrong_status(
                 "attachment",
                 id,
@@ -1011,9 +1125,20 @@ impl Volumes {
         Ok(done)
     }
 
+    /// A user sees its project's attachments (admin: all); a compute agent
+    /// without a token, those on its host.
     pub async fn get_attachment(&self, caller: &Caller, id: Uuid) -> Result<Attachment> {
-        policy::reader(caller)?;
-        self.visible_attachment(caller, id).await
+        if caller.is_authenticated() {
+            policy::reader(caller)?;
+            return self.visible_attachment(caller, id).await;
+        }
+        policy::user_or_agent(caller, &self.inner.cfg.trust_domain)?;
+        let a = self.any_attachment(id).await?;
+        match self.agent(caller) {
+            Some(h) if a.on_host(&h) => Ok(a),
+            Some(h) => Err(not_on_host(id, &h)),
+            None => Err(Error::not_found("attachment", id)),
+        }
     }
 
     pub async fn list_attachments(
@@ -1022,30 +1147,48 @@ impl Volumes {
         volume_id: Option<Uuid>,
         server_id: Option<String>,
     ) -> Result<Vec<Attachment>> {
-        policy::reader(caller)?;
-        let project = if caller.is_admin {
-            None
-        } else {
-            Some(
-                caller
-                    .project_id
-                    .clone()
-                    .ok_or_else(|| Error::forbidden("a project-scoped token is required"))?,
-            )
-        };
-        if let Some(v) = volume_id {
-            self.visible_volume(caller, v).await?;
-        }
+        let (project, host) =
+            if caller.is_authenticated() {
+                policy::reader(caller)?;
+                let project =
+                    if caller.is_admin {
+                        None
+                    } else {
+                        Some(caller.project_id.clone().ok_or_else(|| {
+                            Error::forbidden("a project-scoped token is required")
+                        })?)
+                    };
+                if let Some(v) = volume_id {
+                    self.visible_volume(caller, v).await?;
+                }
+                (project, None)
+            } else {
+                policy::user_or_agent(caller, &self.inner.cfg.trust_domain)?;
+                (None, self.agent(caller))
+            };
         let c = self.inner.pool.get().await?;
-        repo::list_attachments(&c, project.as_deref(), volume_id, server_id.as_deref()).await
+        repo::list_attachments(
+            &c,
+            project.as_deref(),
+            volume_id,
+            server_id.as_deref(),
+            host.as_deref(),
+        )
+        .await
     }
 
     /// Detaches: volume (RESERVED, ATTACHING or IN_USE) -> DETACHING ->
-    /// AVAILABLE, the attachment removed.
+    /// AVAILABLE, the attachment removed; in a task of its own, so that a
+    /// caller that goes away never leaves the volume DETACHING.
     pub async fn delete_attachment(&self, caller: &Caller, id: Uuid) -> Result<()> {
-        policy::reader(caller)?;
-        let a = self.visible_attachment(caller, id).await?;
-        policy::modify(caller, &a.project_id)?;
+        let a = self.changeable_attachment(caller, id, false).await?;
+        let this = self.clone();
+        tokio::spawn(async move { this.detach(id, a.volume_id).await })
+            .await
+            .map_err(|e| Error::internal(format!("detach task: {e}")))?
+    }
+
+    async fn detach(&self, id: Uuid, volume_id: Uuid) -> Result<()> {
         let mut c = self.inner.pool.get().await?;
         let tx = c.transaction().await?;
         let from = [
@@ -1053,16 +1196,16 @@ impl Volumes {
             VolumeStatus::Attaching,
             VolumeStatus::InUse,
         ];
-        if repo::transition(&tx, a.volume_id, &from, VolumeStatus::Detaching, "")
+        if repo::transition(&tx, volume_id, &from, VolumeStatus::Detaching, "")
             .await?
             .is_none()
         {
-            let now = repo::get_volume(&tx, a.volume_id)
+            let now = repo::get_volume(&tx, volume_id)
                 .await?
                 .ok_or_else(|| Error::not_found("attachment", id))?;
             return Err(wrong_status(
                 "volume",
-                a.volume_id,
+                volume_id,
                 now.status,
                 "it is not attached",
             ));
@@ -1083,11 +1226,7 @@ impl Volumes {
         .ok_or_else(|| Error::not_found("attachment", id))?;
         tx.commit().await?;
         drop(c);
-        let this = self.clone();
-        let vid = a.volume_id;
-        tokio::spawn(async move { this.finish_detach(id, vid).await })
-            .await
-            .map_err(|e| Error::internal(format!("detach task: {e}")))?
+        self.finish_detach(id, volume_id).await
     }
 
     /// A DETACHING attachment: the store's export goes (nothing to undo for

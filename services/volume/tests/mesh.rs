@@ -19,6 +19,7 @@ use common::*;
 use mesh::{IdentityServer, Pki, Sidecar, SidecarSpec, auth, bind, eventually};
 use proto::identity::v1 as idpb;
 use proto::image::v1 as ipb;
+use proto::volume::v1 as pb;
 
 fn policy(service: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -230,4 +231,84 @@ async fn grpcurl_makes_a_volume_from_an_image_through_the_sidecars_with_its_toke
     let (ok, out) = grpcurl(&args).await;
     assert!(!ok && out.contains("Unauthenticated"), "{out}");
     assert_eq!(store_files(&store), vec![format!("volumes/{id}")]);
+
+    // Compute agents on the internal listener, with their own certificates
+    // (spiffe://cirrus.local/svc/compute-agent/host/<h>): the agent of h1
+    // attaches alice's volume with her token passed along, completes and
+    // detaches it on its certificate alone; the agent of h2 is refused.
+    let authority = certs::Authority::load(pki.dir.path()).unwrap();
+    for h in ["h1", "h2"] {
+        let pair = authority
+            .issue(
+                &certs::service_id("compute-agent", Some(h)).unwrap(),
+                &["compute-agent".into()],
+                time::Duration::hours(1),
+            )
+            .unwrap();
+        certs::write_pair(pki.dir.path(), &format!("agent-{h}"), &pair).unwrap();
+    }
+    let agent = |h: &str| {
+        pb::volumes_client::VolumesClient::new(pki.channel(
+            &format!("agent-{h}"),
+            volume_sidecar.internal,
+            "volume",
+        ))
+    };
+    let conn = |h: &str| pb::HostConnector {
+        host: h.into(),
+        transports: vec![pb::Transport::LocalFile as i32],
+    };
+    let create = |h: &str| pb::CreateAttachmentRequest {
+        volume_id: id.clone(),
+        server_id: "srv-1".into(),
+        connector: Some(conn(h)),
+    };
+    let denied = agent("h2")
+        .create_attachment(auth(create("h1"), &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        denied.message(),
+        "the compute agent of host h2 may connect volumes only to its own host, not to h1"
+    );
+    let a = agent("h1")
+        .create_attachment(auth(create("h1"), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    let complete = || {
+        tonic::Request::new(pb::CompleteAttachmentRequest {
+            id: a.id.clone(),
+            mountpoint: "vdb".into(),
+        })
+    };
+    let denied = agent("h2")
+        .complete_attachment(complete())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(
+        denied.message(),
+        format!("attachment {} is not on host h2", a.id)
+    );
+    agent("h1").complete_attachment(complete()).await.unwrap();
+    agent("h1")
+        .delete_attachment(tonic::Request::new(pb::DeleteAttachmentRequest {
+            id: a.id.clone(),
+        }))
+        .await
+        .unwrap();
+    // No token from a certificate that is not an agent's: the sidecar refuses.
+    let refused = pb::volumes_client::VolumesClient::new(pki.channel(
+        "compute-api",
+        volume_sidecar.internal,
+        "volume",
+    ))
+    .delete_attachment(tonic::Request::new(pb::DeleteAttachmentRequest {
+        id: a.id.clone(),
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 }
