@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::model::*;
+use crate::peers::Credentials;
 use crate::service::{self, Action, Compute, CreateServer, ListServers, NewFlavor};
 
 type R<T> = Result<Response<T>, Status>;
@@ -32,6 +33,11 @@ pub struct Api {
 
 fn caller<T>(r: &Request<T>) -> Caller {
     Caller::from_metadata(r.metadata())
+}
+
+/// The caller and its bearer token (passed on to peers and hosts).
+fn creds<T>(r: &Request<T>) -> Credentials {
+    Credentials::from_metadata(r.metadata())
 }
 
 fn ts(t: OffsetDateTime) -> prost_types::Timestamp {
@@ -363,7 +369,7 @@ fn host_name(s: &str) -> Result<String, Error> {
 #[tonic::async_trait]
 impl pb::servers_server::Servers for Api {
     async fn create_server(&self, r: Request<pb::CreateServerRequest>) -> R<pb::Server> {
-        let c = caller(&r);
+        let c = creds(&r);
         let req = CreateServer::try_from(r.into_inner())?;
         let s = self.compute.create_server(&c, req).await?;
         Ok(Response::new(server_pb(s)))
@@ -412,7 +418,7 @@ impl pb::servers_server::Servers for Api {
     }
 
     async fn delete_server(&self, r: Request<pb::ServerRef>) -> R<pb::Server> {
-        let c = caller(&r);
+        let c = creds(&r);
         let id = parse_id("id", &r.get_ref().id)?;
         Ok(Response::new(server_pb(
             self.compute.delete_server(&c, id).await?,
@@ -428,7 +434,7 @@ impl pb::servers_server::Servers for Api {
     }
 
     async fn reboot_server(&self, r: Request<pb::RebootServerRequest>) -> R<pb::Server> {
-        let c = caller(&r);
+        let c = creds(&r);
         let id = parse_id("id", &r.get_ref().id)?;
         let hard = r.get_ref().hard;
         let s = self.compute.action(&c, id, Action::Reboot { hard }).await?;
@@ -485,11 +491,110 @@ impl pb::servers_server::Servers for Api {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn attach_volume(&self, r: Request<pb::AttachVolumeRequest>) -> R<pb::VolumeAttachment> {
+        let c = creds(&r);
+        let id = parse_id("server_id", &r.get_ref().server_id)?;
+        let volume = parse_id("volume_id", &r.get_ref().volume_id)?;
+        let a = self.compute.attach_volume(&c, id, volume).await?;
+        Ok(Response::new(attachment_pb(a)))
+    }
+
+    async fn detach_volume(&self, r: Request<pb::DetachVolumeRequest>) -> R<pb::VolumeAttachment> {
+        let c = creds(&r);
+        let id = parse_id("server_id", &r.get_ref().server_id)?;
+        let volume = parse_id("volume_id", &r.get_ref().volume_id)?;
+        let a = self.compute.detach_volume(&c, id, volume).await?;
+        Ok(Response::new(attachment_pb(a)))
+    }
+
+    async fn list_volume_attachments(
+        &self,
+        r: Request<pb::ServerRef>,
+    ) -> R<pb::ListVolumeAttachmentsResponse> {
+        let c = caller(&r);
+        let id = parse_id("id", &r.get_ref().id)?;
+        let all = self.compute.list_attachments(&c, id).await?;
+        Ok(Response::new(pb::ListVolumeAttachmentsResponse {
+            attachments: all.into_iter().map(attachment_pb).collect(),
+        }))
+    }
+
+    type AttachConsoleStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
+
+    async fn attach_console(
+        &self,
+        r: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> R<Self::AttachConsoleStream> {
+        use futures_util::StreamExt;
+        let c = caller(&r);
+        let mut input = r.into_inner();
+        let first = tokio::time::timeout(CONSOLE_FIRST_MESSAGE, input.message())
+            .await
+            .map_err(|_| {
+                Error::invalid(
+                    "server_id",
+                    "the first message must name the server (none came in time)",
+                )
+            })?
+            .map_err(|s| {
+                Error::invalid(
+                    "server_id",
+                    format!("reading the first message: {}", s.message()),
+                )
+            })?
+            .ok_or_else(|| Error::invalid("server_id", "the first message must name the server"))?;
+        let id = parse_id("server_id", &first.server_id)?;
+        check_console_data(&first.data)?;
+        // Input ends at the client's first error or oversized message.
+        let rest = futures_util::stream::unfold(input, next_input);
+        let out = self.compute.console(&c, id, first.data, rest).await?;
+        let stream = out.map(|m| {
+            m.map(|m| pb::ConsoleOutput { data: m.data })
+                .map_err(|s| Status::unavailable(format!("console: {}", s.message())))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+async fn next_input(
+    mut input: tonic::Streaming<pb::ConsoleInput>,
+) -> Option<(Vec<u8>, tonic::Streaming<pb::ConsoleInput>)> {
+    match input.message().await {
+        Ok(Some(m)) if m.data.len() <= MAX_CONSOLE_CHUNK => Some((m.data, input)),
+        _ => None,
+    }
+}
+
+const CONSOLE_FIRST_MESSAGE: std::time::Duration = std::time::Duration::from_secs(10);
+const MAX_CONSOLE_CHUNK: usize = 64 * 1024;
+
+fn check_console_data(d: &[u8]) -> Result<(), Error> {
+    if d.len() > MAX_CONSOLE_CHUNK {
+        Err(Error::invalid(
+            "data",
+            format!("at most {MAX_CONSOLE_CHUNK} bytes per message"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn attachment_pb(a: VolumeAttachment) -> pb::VolumeAttachment {
+    pb::VolumeAttachment {
+        server_id: a.server_id.to_string(),
+        volume_id: a.volume_id.to_string(),
+        status: a.status,
+        device: a.device,
+        attachment_id: a.attachment_id,
+        created_at: Some(ts(a.created_at)),
+    }
 }
 
 impl Api {
     async fn act(&self, r: Request<pb::ServerRef>, action: Action) -> R<pb::Server> {
-        let c = caller(&r);
+        let c = creds(&r);
         let id = parse_id("id", &r.get_ref().id)?;
         let s = self.compute.action(&c, id, action).await?;
         Ok(Response::new(server_pb(s)))

@@ -11,7 +11,8 @@
 //!   library for [`repo`] and [`model`] so that the schema has one set of
 //!   queries (compute agents never do: they go through conductor);
 //! - [`watch`]: change notifications for `WatchServer`;
-//! - [`keys`]: OpenSSH key parsing and Ed25519 generation.
+//! - [`keys`]: OpenSSH key parsing and Ed25519 generation;
+//! - [`peers`]: image, network and volume, asked as the caller at create.
 //!
 //! [`run`] serves it all on a listener until shutdown. The service trusts
 //! the caller identity in the `x-cirrus-*` headers: it listens on loopback
@@ -20,6 +21,7 @@
 pub mod grpc;
 pub mod keys;
 pub mod model;
+pub mod peers;
 pub mod repo;
 pub mod service;
 pub mod watch;
@@ -58,6 +60,11 @@ pub struct Config {
     pub quota: model::Limits,
     /// A host whose agent has not heartbeated for this long is down.
     pub host_down_after_secs: u64,
+    /// Image, network and volume (`[peers]`): each `"mesh"` or a URL; one
+    /// left unset refuses the requests that need it (FAILED_PRECONDITION).
+    pub peers: peers::PeersConfig,
+    /// The SPIFFE trust domain (names compute-api to agents without a mesh).
+    pub trust_domain: String,
 }
 
 impl Default for Config {
@@ -70,6 +77,8 @@ impl Default for Config {
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             quota: model::Limits::default(),
             host_down_after_secs: 60,
+            peers: peers::PeersConfig::default(),
+            trust_domain: "cirrus.local".into(),
         }
     }
 }
@@ -89,6 +98,9 @@ impl runtime::process::Service for Config {
                 "host_down_after_secs must be between 1 and 3600".into(),
             ));
         }
+        self.peers
+            .validate(self.sidecar_outbound)
+            .map_err(ConfigError)?;
         if self.sidecar_outbound.is_none()
             && (self.scheduler_url.is_empty() || self.queue_url.is_empty())
         {

@@ -306,6 +306,22 @@ pub enum Cast {
     Unpause { server_id: Uuid },
     Suspend { server_id: Uuid },
     Resume { server_id: Uuid },
+    AttachVolume { server_id: Uuid, volume_id: Uuid },
+    DetachVolume { server_id: Uuid, volume_id: Uuid },
+}
+
+/// A cast as it goes on the queue: the operation and the token of the user
+/// who asked for it (Nova serialises the request context, token included,
+/// into its RPC messages), with which the host calls image, network and
+/// volume: `{"op":"build","server_id":..,"attempt":1,"token":".."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CastMessage {
+    #[serde(flatten)]
+    pub cast: Cast,
+    /// The bare bearer token (send it as `authorization: Bearer <token>`);
+    /// absent when the caller came without one (tests without a mesh).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 impl Cast {
@@ -319,12 +335,68 @@ impl Cast {
             | Cast::Pause { server_id }
             | Cast::Unpause { server_id }
             | Cast::Suspend { server_id }
-            | Cast::Resume { server_id } => *server_id,
+            | Cast::Resume { server_id }
+            | Cast::AttachVolume { server_id, .. }
+            | Cast::DetachVolume { server_id, .. } => *server_id,
         }
     }
+}
+
+/// A volume attached (or being attached or detached) to a server: Nova's
+/// block device mapping of a live attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttachment {
+    pub server_id: Uuid,
+    pub volume_id: Uuid,
+    pub status: String,
+    pub device: String,
+    pub attachment_id: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// Volume attachment statuses.
+pub mod attach {
+    pub const ATTACHING: &str = "attaching";
+    pub const ATTACHED: &str = "attached";
+    pub const DETACHING: &str = "detaching";
 }
 
 /// The topic of one host's agent.
 pub fn host_topic(host: &str) -> String {
     format!("compute.{host}")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cast_carries_its_caller_s_token_beside_the_op() {
+        let id = Uuid::nil();
+        let m = CastMessage {
+            cast: Cast::Build {
+                server_id: id,
+                attempt: 1,
+            },
+            token: "t0k".into(),
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            format!(r#"{{"op":"build","server_id":"{id}","attempt":1,"token":"t0k"}}"#)
+        );
+        assert_eq!(serde_json::from_str::<CastMessage>(&json).unwrap(), m);
+        let a = CastMessage {
+            cast: Cast::AttachVolume {
+                server_id: id,
+                volume_id: id,
+            },
+            token: String::new(),
+        };
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            format!(r#"{{"op":"attach_volume","server_id":"{id}","volume_id":"{id}"}}"#)
+        );
+    }
 }

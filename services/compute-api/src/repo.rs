@@ -986,3 +986,133 @@ pub async fn quota_usage(c: &impl GenericClient, project: &str) -> Result<Limits
         server_groups: r.try_get(4)?,
     })
 }
+
+// ------------------------------------------------------ volume attachments
+
+fn attachment_of(r: &tokio_postgres::Row) -> Result<VolumeAttachment> {
+    Ok(VolumeAttachment {
+        server_id: r.try_get("server_id")?,
+        volume_id: r.try_get("volume_id")?,
+        status: r.try_get("status")?,
+        device: r.try_get("device")?,
+        attachment_id: r.try_get("attachment_id")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+const ATTACHMENT_COLUMNS: &str = "server_id, volume_id, status, device, attachment_id, created_at";
+
+/// Records a new attachment in `attaching`; `None` when the volume is
+/// already attached (to this server or another).
+pub async fn insert_attachment(
+    c: &impl GenericClient,
+    server: Uuid,
+    volume: Uuid,
+) -> Result<Option<VolumeAttachment>> {
+    let sql = format!(
+        "INSERT INTO volume_attachments (server_id, volume_id, status) VALUES ($1, $2, 'attaching') \
+         ON CONFLICT (volume_id) DO NOTHING RETURNING {ATTACHMENT_COLUMNS}"
+    );
+    c.query_opt(&sql, &[&server, &volume])
+        .await?
+        .map(|r| attachment_of(&r))
+        .transpose()
+}
+
+pub async fn get_attachment(
+    c: &impl GenericClient,
+    server: Uuid,
+    volume: Uuid,
+) -> Result<Option<VolumeAttachment>> {
+    let sql = format!(
+        "SELECT {ATTACHMENT_COLUMNS} FROM volume_attachments WHERE server_id = $1 AND volume_id = $2"
+    );
+    c.query_opt(&sql, &[&server, &volume])
+        .await?
+        .map(|r| attachment_of(&r))
+        .transpose()
+}
+
+pub async fn list_attachments(
+    c: &impl GenericClient,
+    server: Uuid,
+) -> Result<Vec<VolumeAttachment>> {
+    let sql = format!(
+        "SELECT {ATTACHMENT_COLUMNS} FROM volume_attachments WHERE server_id = $1 ORDER BY created_at, volume_id"
+    );
+    c.query(&sql, &[&server])
+        .await?
+        .iter()
+        .map(attachment_of)
+        .collect()
+}
+
+/// Moves an attachment from status `from` to `to` (with the device and
+/// attachment id when given); `None` when it is not in `from`.
+pub async fn set_attachment(
+    c: &impl GenericClient,
+    server: Uuid,
+    volume: Uuid,
+    from: &str,
+    to: &str,
+    device: Option<&str>,
+    attachment_id: Option<&str>,
+) -> Result<Option<VolumeAttachment>> {
+    let sql = format!(
+        "UPDATE volume_attachments SET status = $4, device = COALESCE($5, device), \
+         attachment_id = COALESCE($6, attachment_id) \
+         WHERE server_id = $1 AND volume_id = $2 AND status = $3 RETURNING {ATTACHMENT_COLUMNS}"
+    );
+    c.query_opt(
+        &sql,
+        &[&server, &volume, &from, &to, &device, &attachment_id],
+    )
+    .await?
+    .map(|r| attachment_of(&r))
+    .transpose()
+}
+
+/// Removes an attachment in status `from`; whether there was one.
+pub async fn delete_attachment(
+    c: &impl GenericClient,
+    server: Uuid,
+    volume: Uuid,
+    from: &str,
+) -> Result<bool> {
+    Ok(c.execute(
+        "DELETE FROM volume_attachments WHERE server_id = $1 AND volume_id = $2 AND status = $3",
+        &[&server, &volume, &from],
+    )
+    .await?
+        > 0)
+}
+
+/// Forgets every attachment of a deleted server.
+pub async fn delete_attachments(c: &impl GenericClient, server: Uuid) -> Result<u64> {
+    Ok(c.execute(
+        "DELETE FROM volume_attachments WHERE server_id = $1",
+        &[&server],
+    )
+    .await?)
+}
+
+// ---------------------------------------------------------- agent endpoints
+
+pub async fn set_agent_endpoint(c: &impl GenericClient, host: &str, endpoint: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO agent_endpoints (host, endpoint) VALUES ($1, $2) \
+         ON CONFLICT (host) DO UPDATE SET endpoint = EXCLUDED.endpoint, updated_at = now()",
+        &[&host, &endpoint],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn agent_endpoint(c: &impl GenericClient, host: &str) -> Result<Option<String>> {
+    Ok(c.query_opt(
+        "SELECT endpoint FROM agent_endpoints WHERE host = $1 AND endpoint <> ''",
+        &[&host],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}

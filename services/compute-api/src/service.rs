@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::model::*;
+use crate::peers::{Credentials, Peers};
 use crate::repo;
 use crate::watch::Hub;
 use crate::{Config, keys};
@@ -32,6 +33,11 @@ pub const MAX_USER_DATA: usize = 64 * 1024;
 /// The console log tail kept per server.
 pub const CONSOLE_LOG_MAX: i32 = 64 * 1024;
 const SCHEDULER_TIMEOUT: Duration = Duration::from_secs(15);
+const GIB: u64 = 1024 * 1024 * 1024;
+/// Nova's states for attaching and detaching a volume (no task running).
+pub const VOLUME_STATES: [&str; 3] = [vm::ACTIVE, vm::PAUSED, vm::STOPPED];
+/// The states in which a guest has a serial console to attach to.
+pub const CONSOLE_STATES: [&str; 2] = [vm::ACTIVE, vm::PAUSED];
 
 /// A validated CreateServer request.
 #[derive(Debug, Clone)]
@@ -158,6 +164,7 @@ struct Inner {
     scheduler: SchedulerClient<Channel>,
     queue: queue_client::Client,
     hub: Hub,
+    peers: Peers,
 }
 
 // ------------------------------------------------------------ authorization
@@ -258,6 +265,7 @@ impl Compute {
             Some(out) => queue_client::Client::via_sidecar(out)?,
             None => queue_client::Client::connect_lazy(&config.queue_url)?,
         };
+        let peers = Peers::new(&config.peers, config.sidecar_outbound)?;
         let hub = Hub::default();
         tokio::spawn(
             hub.clone()
@@ -270,6 +278,7 @@ impl Compute {
                 scheduler,
                 queue,
                 hub,
+                peers,
             }),
         })
     }
@@ -322,7 +331,8 @@ impl Compute {
         }
     }
 
-    pub async fn create_server(&self, c: &Caller, req: CreateServer) -> Result<Server> {
+    pub async fn create_server(&self, creds: &Credentials, req: CreateServer) -> Result<Server> {
+        let c = &creds.caller;
         let project = project(c)?.to_string();
         let user = user(c)?.to_string();
         can_change(c)?;
@@ -350,6 +360,7 @@ impl Compute {
                 _ => return Err(Error::not_found("server group", g)),
             }
         }
+        let image_properties = self.check_peers(creds, &req, &flavor).await?;
         let new = NewServer {
             id: Uuid::new_v4(),
             project_id: project.clone(),
@@ -357,7 +368,7 @@ impl Compute {
             name: req.name.into_string(),
             flavor,
             image_id: req.image_id.map(|i| i.to_string()).unwrap_or_default(),
-            image_properties: BTreeMap::new(),
+            image_properties,
             key_name: req.key_name.map(Name::into_string).unwrap_or_default(),
             public_key,
             user_data: req.user_data,
@@ -402,17 +413,19 @@ impl Compute {
         // Placement runs on; the caller watches the server (WatchServer).
         let this = self.clone();
         let id = server.id;
-        tokio::spawn(async move { this.schedule(id).await });
+        let token = creds.token.clone();
+        tokio::spawn(async move { this.schedule(id, token).await });
         Ok(view(c, server))
     }
 
     /// Asks the scheduler to place the server. The scheduler records a "no
     /// valid host" fault itself; any other failure is recorded here.
-    async fn schedule(&self, id: Uuid) {
+    async fn schedule(&self, id: Uuid, token: String) {
         let mut req = tonic::Request::new(spb::SelectDestinationsRequest {
             server_id: id.to_string(),
             ignore_hosts: vec![],
             dry_run: false,
+            token,
         });
         req.set_timeout(SCHEDULER_TIMEOUT);
         let mut client = self.inner.scheduler.clone();
@@ -457,6 +470,84 @@ impl Compute {
         }
     }
 
+    /// What Nova's API checks of a create in the other services, as the
+    /// caller: the image (visible, active, fits the flavor), every network
+    /// and port, every volume (available). Returns the image's properties.
+    async fn check_peers(
+        &self,
+        creds: &Credentials,
+        req: &CreateServer,
+        flavor: &Flavor,
+    ) -> Result<BTreeMap<String, String>> {
+        let peers = &self.inner.peers;
+        let mut properties = BTreeMap::new();
+        let boot_volume = req
+            .block_devices
+            .iter()
+            .any(|b| b.source == "volume" && b.boot_index == 0);
+        if let Some(id) = req.image_id {
+            let img = peers.image(creds, id).await?;
+            if img.status != "active" {
+                return Err(Error::precondition(format!(
+                    "image {id} is not active (it is {})",
+                    img.status
+                )));
+            }
+            // A root disk of 0 GB takes the image's size (Nova's rule); a
+            // boot volume makes the flavor's disk irrelevant.
+            let root_gb = u64::try_from(flavor.disk_gb).unwrap_or(0);
+            if !boot_volume && root_gb > 0 {
+                if img.size > root_gb * GIB {
+                    return Err(Error::invalid(
+                        "flavor",
+                        format!(
+                            "{}'s root disk of {root_gb} GB is smaller than image {id} ({} bytes)",
+                            flavor.name, img.size
+                        ),
+                    ));
+                }
+                if u64::from(img.min_disk_gb) > root_gb {
+                    return Err(Error::invalid(
+                        "flavor",
+                        format!(
+                            "{}'s root disk of {root_gb} GB is smaller than image {id}'s min_disk of {} GB",
+                            flavor.name, img.min_disk_gb
+                        ),
+                    ));
+                }
+            }
+            if i64::from(img.min_ram_mb) > i64::from(flavor.ram_mb) {
+                return Err(Error::invalid(
+                    "flavor",
+                    format!(
+                        "{}'s {} MB of RAM is less than image {id}'s min_ram of {} MB",
+                        flavor.name, flavor.ram_mb, img.min_ram_mb
+                    ),
+                ));
+            }
+            properties = img.properties;
+        }
+        for n in &req.networks {
+            if let Some(net) = n.network_id {
+                peers.network(creds, net).await?;
+            }
+            if let Some(port) = n.port_id {
+                peers.port(creds, port).await?;
+            }
+        }
+        for b in req.block_devices.iter().filter(|b| b.source == "volume") {
+            if let Some(v) = b.uuid {
+                let status = peers.volume(creds, v).await?;
+                if status != "available" {
+                    return Err(Error::precondition(format!(
+                        "volume {v} is {status}, not available"
+                    )));
+                }
+            }
+        }
+        Ok(properties)
+    }
+
     pub async fn get_server(&self, c: &Caller, id: Uuid) -> Result<Server> {
         Ok(view(c, self.visible_server(c, id).await?))
     }
@@ -498,7 +589,8 @@ impl Compute {
         Ok((servers.into_iter().map(|s| view(c, s)).collect(), next))
     }
 
-    pub async fn delete_server(&self, c: &Caller, id: Uuid) -> Result<Server> {
+    pub async fn delete_server(&self, creds: &Credentials, id: Uuid) -> Result<Server> {
+        let c = &creds.caller;
         let s = self.visible_server(c, id).await?;
         can_change(c)?;
         not_locked(c, &s)?;
@@ -520,6 +612,7 @@ impl Compute {
         if !host_up {
             // Never placed, or its host is down: delete here (Nova's local delete).
             repo::release_claim(&tx, id).await?;
+            repo::delete_attachments(&tx, id).await?;
             let done = repo::change_server(
                 &tx,
                 id,
@@ -552,21 +645,28 @@ impl Compute {
         // The cast is durable before the change commits: a crash between
         // them leaves a delete cast for a server not marked deleting, which
         // the agent performs all the same.
-        self.cast(&host, &Cast::Delete { server_id: id }).await?;
+        self.cast(&host, Cast::Delete { server_id: id }, creds)
+            .await?;
         tx.commit().await?;
         Ok(view(c, changed))
     }
 
-    async fn cast(&self, host: &str, cast: &Cast) -> Result<()> {
+    /// Casts to the host with the caller's token (the host acts as the caller).
+    async fn cast(&self, host: &str, cast: Cast, creds: &Credentials) -> Result<()> {
+        let message = CastMessage {
+            cast,
+            token: creds.token.clone(),
+        };
         self.inner
             .queue
-            .cast_json(&host_topic(host), cast)
+            .cast_json(&host_topic(host), &message)
             .await
             .map(|_| ())
             .map_err(|s| Error::unavailable(format!("queue: {s}")))
     }
 
-    pub async fn action(&self, c: &Caller, id: Uuid, action: Action) -> Result<Server> {
+    pub async fn action(&self, creds: &Credentials, id: Uuid, action: Action) -> Result<Server> {
+        let c = &creds.caller;
         let s = self.visible_server(c, id).await?;
         can_change(c)?;
         not_locked(c, &s)?;
@@ -601,7 +701,7 @@ impl Compute {
             let now = self.visible_server(c, id).await?;
             return Err(state_refusal(action.verb(), &now));
         };
-        self.cast(&host, &action.cast(id)).await?;
+        self.cast(&host, action.cast(id), creds).await?;
         tx.commit().await?;
         Ok(view(c, changed))
     }
@@ -626,6 +726,215 @@ impl Compute {
         .await?
         .ok_or_else(|| Error::not_found("server", id))?;
         Ok(view(c, s))
+    }
+
+    // ----------------------------------------------------- volume attachments
+
+    /// A server the caller may change, in one of `states` with no task, and
+    /// placed on a host; its host.
+    fn placed_in(verb: &str, s: &Server, states: &[&str]) -> Result<String> {
+        if s.task_state.is_some() || !states.contains(&s.vm_state.as_str()) {
+            return Err(state_refusal(verb, s));
+        }
+        s.host.clone().ok_or_else(|| {
+            Error::precondition(format!(
+                "cannot {verb} server {}: it was never placed on a host",
+                s.id
+            ))
+        })
+    }
+
+    /// Records the attachment (`attaching`) and casts `attach_volume` to
+    /// the host before it commits; the host reports through conductor.
+    pub async fn attach_volume(
+        &self,
+        creds: &Credentials,
+        id: Uuid,
+        volume: Uuid,
+    ) -> Result<VolumeAttachment> {
+        let c = &creds.caller;
+        let s = self.visible_server(c, id).await?;
+        can_change(c)?;
+        not_locked(c, &s)?;
+        let verb = "attach a volume to";
+        Self::placed_in(verb, &s, &VOLUME_STATES)?;
+        self.inner.peers.require_volume()?;
+        let status = self.inner.peers.volume(creds, volume).await?;
+        if status != "available" {
+            return Err(Error::precondition(format!(
+                "volume {volume} is {status}, not available"
+            )));
+        }
+        let mut db = self.inner.pool.get().await?;
+        let tx = db.transaction().await?;
+        let s = repo::lock_server(&tx, id)
+            .await?
+            .filter(|s| s.vm_state != vm::DELETED)
+            .ok_or_else(|| Error::not_found("server", id))?;
+        let host = Self::placed_in(verb, &s, &VOLUME_STATES)?;
+        let a = repo::insert_attachment(&tx, id, volume)
+            .await?
+            .ok_or_else(|| Error::precondition(format!("volume {volume} is already attached")))?;
+        self.cast(
+            &host,
+            Cast::AttachVolume {
+                server_id: id,
+                volume_id: volume,
+            },
+            creds,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(a)
+    }
+
+    /// Marks an attached volume `detaching` and casts `detach_volume`.
+    pub async fn detach_volume(
+        &self,
+        creds: &Credentials,
+        id: Uuid,
+        volume: Uuid,
+    ) -> Result<VolumeAttachment> {
+        let c = &creds.caller;
+        let s = self.visible_server(c, id).await?;
+        can_change(c)?;
+        not_locked(c, &s)?;
+        let verb = "detach a volume from";
+        Self::placed_in(verb, &s, &VOLUME_STATES)?;
+        let mut db = self.inner.pool.get().await?;
+        let tx = db.transaction().await?;
+        let s = repo::lock_server(&tx, id)
+            .await?
+            .filter(|s| s.vm_state != vm::DELETED)
+            .ok_or_else(|| Error::not_found("server", id))?;
+        let host = Self::placed_in(verb, &s, &VOLUME_STATES)?;
+        let a = repo::get_attachment(&tx, id, volume)
+            .await?
+            .ok_or_else(|| Error::not_found("volume attachment", volume))?;
+        if a.status != attach::ATTACHED {
+            return Err(Error::precondition(format!(
+                "volume {volume} is {} on server {id}",
+                a.status
+            )));
+        }
+        let a = repo::set_attachment(
+            &tx,
+            id,
+            volume,
+            attach::ATTACHED,
+            attach::DETACHING,
+            None,
+            None,
+        )
+        .await?
+        .ok_or_else(|| Error::not_found("volume attachment", volume))?;
+        self.cast(
+            &host,
+            Cast::DetachVolume {
+                server_id: id,
+                volume_id: volume,
+            },
+            creds,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(a)
+    }
+
+    pub async fn list_attachments(&self, c: &Caller, id: Uuid) -> Result<Vec<VolumeAttachment>> {
+        let _ = self.visible_server(c, id).await?;
+        let db = self.inner.pool.get().await?;
+        repo::list_attachments(&db, id).await
+    }
+
+    // ------------------------------------------------------------- console
+
+    /// Checks that the caller may open the server's console and opens one
+    /// on its host's agent: `input` goes to the guest's serial line, the
+    /// answer streams what the guest writes.
+    pub async fn console(
+        &self,
+        c: &Caller,
+        id: Uuid,
+        first: Vec<u8>,
+        input: impl futures_util::Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<tonic::Streaming<proto::conductor::v1::AgentConsoleOutput>> {
+        use futures_util::StreamExt;
+        use proto::conductor::v1 as cpb;
+        let s = self.visible_server(c, id).await?;
+        can_change(c)?;
+        let host =
+            Self::placed_in("attach to the console of", &s, &CONSOLE_STATES).or_else(|e| {
+                // A running task (rebooting ...) leaves the console usable.
+                if CONSOLE_STATES.contains(&s.vm_state.as_str()) && s.task_state.is_some() {
+                    s.host.clone().ok_or(e)
+                } else {
+                    Err(e)
+                }
+            })?;
+        let endpoint = {
+            let db = self.inner.pool.get().await?;
+            repo::agent_endpoint(&db, &host).await?
+        }
+        .ok_or_else(|| {
+            Error::precondition(format!(
+                "host {host} offers no console (its agent registered no endpoint)"
+            ))
+        })?;
+        let (channel, direct) = if endpoint.starts_with("http://")
+            || endpoint.starts_with("https://")
+        {
+            (
+                tonic::transport::Endpoint::from_shared(endpoint.clone())
+                    .map_err(|e| Error::internal(format!("agent endpoint {endpoint:?}: {e}")))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_lazy(),
+                true,
+            )
+        } else {
+            let out = self.inner.config.sidecar_outbound.ok_or_else(|| {
+                Error::precondition(format!(
+                    "host {host}'s console is behind the mesh ({endpoint}) and compute-api has no sidecar_outbound"
+                ))
+            })?;
+            (
+                runtime::serve::via_sidecar(out, &endpoint).map_err(Error::internal)?,
+                false,
+            )
+        };
+        let head = cpb::AgentConsoleInput {
+            server_id: id.to_string(),
+            data: first,
+        };
+        let rest = input.map(|data| cpb::AgentConsoleInput {
+            server_id: String::new(),
+            data,
+        });
+        let mut req = tonic::Request::new(futures_util::stream::iter([head]).chain(rest));
+        if direct {
+            // No mesh: play the sidecar's part and name ourselves.
+            Caller {
+                peer: Some(format!(
+                    "spiffe://{}/svc/compute-api",
+                    self.inner.config.trust_domain
+                )),
+                ..Default::default()
+            }
+            .to_metadata(req.metadata_mut());
+        }
+        let answer = cpb::agent_client::AgentClient::new(channel)
+            .attach_console(req)
+            .await
+            .map_err(|s| match s.code() {
+                Code::NotFound => Error::not_found("server", id),
+                Code::FailedPrecondition => Error::precondition(s.message().to_string()),
+                _ => Error::unavailable(format!(
+                    "the console of host {host}: {:?} {}",
+                    s.code(),
+                    runtime::types::short(s.message())
+                )),
+            })?;
+        Ok(answer.into_inner())
     }
 
     pub async fn console_log(&self, c: &Caller, id: Uuid, lines: u32) -> Result<String> {

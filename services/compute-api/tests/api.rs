@@ -18,15 +18,23 @@ use runtime::testing::{
 };
 use tonic::Code;
 
-const IMAGE: &str = "11111111-1111-4111-8111-111111111111";
-
 struct Api {
     _db: TestDatabase,
     served: Served,
+    /// The image service compute-api asks at create (schema `image`).
+    image: Served,
+    /// A public, active raw image of 4 KiB.
+    image_id: String,
+    _store: tempfile::TempDir,
 }
+
+#[path = "support/image.rs"]
+mod image_support;
 
 async fn start() -> Api {
     let db = TestDatabase::create().await.unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let (image, image_id) = image_support::start_image(&db.url, store.path()).await;
     let cfg = Config {
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -40,6 +48,11 @@ async fn start() -> Api {
         // Nothing listens there: placement fails, which these tests do not need.
         scheduler_url: "http://127.0.0.1:9".into(),
         queue_url: "http://127.0.0.1:9".into(),
+        // Image is here; network and volume are not configured.
+        peers: compute_api::peers::PeersConfig {
+            image: Some(format!("http://{}", image.addr)),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let served = Served::spawn(|l, s| compute_api::run(cfg, l, s)).await;
@@ -50,15 +63,23 @@ async fn start() -> Api {
         || async move { runtime::serve::healthcheck(addr).await },
     )
     .await;
-    Api { _db: db, served }
+    Api {
+        _db: db,
+        served,
+        image,
+        image_id,
+        _store: store,
+    }
 }
 
-fn server(name: &str, flavor: &str) -> pb::CreateServerRequest {
-    pb::CreateServerRequest {
-        name: name.into(),
-        flavor: flavor.into(),
-        image_id: IMAGE.into(),
-        ..Default::default()
+impl Api {
+    fn server(&self, name: &str, flavor: &str) -> pb::CreateServerRequest {
+        pb::CreateServerRequest {
+            name: name.into(),
+            flavor: flavor.into(),
+            image_id: self.image_id.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -78,24 +99,24 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
     let mut c = ServersClient::new(api.served.channel.clone());
     let cases: Vec<(pb::CreateServerRequest, Code, &str)> = vec![
         (
-            server("", "m1.tiny"),
+            api.server("", "m1.tiny"),
             Code::InvalidArgument,
             "name: must not be empty",
         ),
         (
-            server("x", "m9.huge"),
+            api.server("x", "m9.huge"),
             Code::NotFound,
             "flavor m9.huge not found",
         ),
         (
-            server("x", ""),
+            api.server("x", ""),
             Code::InvalidArgument,
             "flavor: is required",
         ),
         (
             pb::CreateServerRequest {
                 image_id: "zz".into(),
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::InvalidArgument,
             "image_id: is not a valid id: \"zz\"",
@@ -103,7 +124,7 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
         (
             pb::CreateServerRequest {
                 image_id: String::new(),
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::InvalidArgument,
             "image_id: is required unless a boot volume is given",
@@ -111,7 +132,7 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
         (
             pb::CreateServerRequest {
                 key_name: "nokey".into(),
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::NotFound,
             "key pair nokey not found",
@@ -119,7 +140,7 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
         (
             pb::CreateServerRequest {
                 user_data: vec![0; 64 * 1024 + 1],
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::InvalidArgument,
             "user_data: is larger than 65536 bytes",
@@ -127,7 +148,7 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
         (
             pb::CreateServerRequest {
                 networks: vec![pb::NetworkRequest::default()],
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::InvalidArgument,
             "networks: each entry names exactly one of network_id and port_id",
@@ -135,7 +156,7 @@ async fn bad_create_requests_are_refused_and_write_nothing() {
         (
             pb::CreateServerRequest {
                 server_group_id: "22222222-2222-4222-8222-222222222222".into(),
-                ..server("x", "m1.tiny")
+                ..api.server("x", "m1.tiny")
             },
             Code::NotFound,
             "server group 22222222-2222-4222-8222-222222222222 not found",
@@ -184,9 +205,9 @@ async fn quotas_are_checked_with_the_server_row() {
     let mut tasks = Vec::new();
     for i in 0..4 {
         let mut c = c.clone();
+        let r = api.server(&format!("q{i}"), "m1.tiny");
         tasks.push(tokio::spawn(async move {
-            c.create_server(req(server(&format!("q{i}"), "m1.tiny"), &member_a()))
-                .await
+            c.create_server(req(r, &member_a())).await
         }));
     }
     let mut ok = 0;
@@ -224,7 +245,7 @@ async fn quotas_are_checked_with_the_server_row() {
     .await
     .unwrap();
     assert_status(
-        c.create_server(req(server("big", "m1.medium"), &member_a()))
+        c.create_server(req(api.server("big", "m1.medium"), &member_a()))
             .await,
         Code::ResourceExhausted,
         "quota exceeded for cores: 2 requested, 2 of 3 used",
@@ -313,7 +334,7 @@ async fn a_retried_create_with_the_same_key_makes_one_server() {
     let mut c = ServersClient::new(api.served.channel.clone());
     let r = pb::CreateServerRequest {
         idempotency_key: "retry-1".into(),
-        ..server("once", "m1.tiny")
+        ..api.server("once", "m1.tiny")
     };
     let a = c
         .create_server(req(r.clone(), &member_a()))
@@ -341,11 +362,14 @@ async fn servers_page_by_marker_and_filter() {
     let api = start().await;
     let mut c = ServersClient::new(api.served.channel.clone());
     for i in 0..5 {
-        c.create_server(req(server(&format!("page-{i}"), "m1.tiny"), &member_a()))
-            .await
-            .unwrap();
+        c.create_server(req(
+            api.server(&format!("page-{i}"), "m1.tiny"),
+            &member_a(),
+        ))
+        .await
+        .unwrap();
     }
-    c.create_server(req(server("other", "m1.small"), &member_a()))
+    c.create_server(req(api.server("other", "m1.small"), &member_a()))
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -606,7 +630,7 @@ async fn key_pairs_import_or_generate_and_the_private_half_is_shown_once() {
         .create_server(req(
             pb::CreateServerRequest {
                 key_name: "gen".into(),
-                ..server("keyed", "m1.tiny")
+                ..api.server("keyed", "m1.tiny")
             },
             &member_a(),
         ))
@@ -687,7 +711,7 @@ async fn server_groups_belong_to_their_project() {
             .create_server(req(
                 pb::CreateServerRequest {
                     server_group_id: made.id.clone(),
-                    ..server("x", "m1.tiny")
+                    ..api.server("x", "m1.tiny")
                 },
                 &member_b(),
             ))
@@ -699,7 +723,7 @@ async fn server_groups_belong_to_their_project() {
         .create_server(req(
             pb::CreateServerRequest {
                 server_group_id: made.id.clone(),
-                ..server("in", "m1.tiny")
+                ..api.server("in", "m1.tiny")
             },
             &member_a(),
         ))
@@ -728,4 +752,136 @@ async fn server_groups_belong_to_their_project() {
         Code::FailedPrecondition,
         &format!("server group {} still has 1 servers", made.id),
     );
+}
+
+#[tokio::test]
+async fn the_image_is_looked_up_as_the_caller_and_must_fit_the_flavor() {
+    use proto::image::v1 as ipb;
+    let api = start().await;
+    let mut c = ServersClient::new(api.served.channel.clone());
+    // Another project's private image is, to project A, missing.
+    let private_b = image_support::upload_image(
+        &api.image,
+        &member_b(),
+        ipb::CreateImageRequest {
+            name: "b-only".into(),
+            ..Default::default()
+        },
+        Some(vec![1u8; 512]),
+    )
+    .await;
+    // Queued: created, never uploaded.
+    let queued = image_support::upload_image(
+        &api.image,
+        &member_a(),
+        ipb::CreateImageRequest {
+            name: "queued".into(),
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let big_min_disk = image_support::upload_image(
+        &api.image,
+        &member_a(),
+        ipb::CreateImageRequest {
+            name: "min-disk".into(),
+            min_disk: 50,
+            ..Default::default()
+        },
+        Some(vec![1u8; 512]),
+    )
+    .await;
+    let big_min_ram = image_support::upload_image(
+        &api.image,
+        &member_a(),
+        ipb::CreateImageRequest {
+            name: "min-ram".into(),
+            min_ram: 4096,
+            ..Default::default()
+        },
+        Some(vec![1u8; 512]),
+    )
+    .await;
+    let with = |image: &str| pb::CreateServerRequest {
+        image_id: image.into(),
+        ..api.server("x", "m1.tiny")
+    };
+    let missing = "33333333-3333-4333-8333-333333333333";
+    let cases: Vec<(pb::CreateServerRequest, Code, String)> = vec![
+        (
+            with(missing),
+            Code::NotFound,
+            format!("image {missing} not found"),
+        ),
+        (
+            with(&private_b),
+            Code::NotFound,
+            format!("image {private_b} not found"),
+        ),
+        (
+            with(&queued),
+            Code::FailedPrecondition,
+            format!("image {queued} is not active (it is queued)"),
+        ),
+        (
+            with(&big_min_disk),
+            Code::InvalidArgument,
+            format!(
+                "flavor: m1.tiny's root disk of 1 GB is smaller than image {big_min_disk}'s min_disk of 50 GB"
+            ),
+        ),
+        (
+            with(&big_min_ram),
+            Code::InvalidArgument,
+            format!(
+                "flavor: m1.tiny's 512 MB of RAM is less than image {big_min_ram}'s min_ram of 4096 MB"
+            ),
+        ),
+        // No network or volume service in this cloud: refused, clearly.
+        (
+            pb::CreateServerRequest {
+                networks: vec![pb::NetworkRequest {
+                    network_id: missing.into(),
+                    ..Default::default()
+                }],
+                ..api.server("x", "m1.tiny")
+            },
+            Code::FailedPrecondition,
+            "this cloud has no network service configured (compute-api [peers] network)".into(),
+        ),
+        (
+            pb::CreateServerRequest {
+                block_devices: vec![pb::BlockDevice {
+                    source: "volume".into(),
+                    uuid: missing.into(),
+                    boot_index: 1,
+                    ..Default::default()
+                }],
+                ..api.server("x", "m1.tiny")
+            },
+            Code::FailedPrecondition,
+            "this cloud has no volume service configured (compute-api [peers] volume)".into(),
+        ),
+    ];
+    for (r, code, msg) in cases {
+        assert_status(c.create_server(req(r, &member_a())).await, code, &msg);
+    }
+    assert_eq!(count(&api).await, 0);
+    // The image's properties are recorded for the scheduler and the host.
+    let s = c
+        .create_server(req(api.server("ok", "m1.tiny"), &member_a()))
+        .await
+        .unwrap()
+        .into_inner();
+    let sql = runtime::db::connect(&api._db.url).await.unwrap();
+    let props: serde_json::Value = sql
+        .query_one(
+            "SELECT image_properties FROM compute.servers WHERE id = $1::text::uuid",
+            &[&s.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(props["architecture"], "x86_64", "{props}");
 }

@@ -49,6 +49,7 @@ async fn boots(cloud: &Cloud, concurrency: usize, total: usize) -> (f64, Vec<Dur
     for _ in 0..concurrency {
         let servers = cloud.servers();
         let next = next.clone();
+        let image_id = cloud.image_id.clone();
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -63,7 +64,7 @@ async fn boots(cloud: &Cloud, concurrency: usize, total: usize) -> (f64, Vec<Dur
                         pb::CreateServerRequest {
                             name: format!("bench-{concurrency}-{i}"),
                             flavor: "m1.tiny".into(),
-                            image_id: IMAGE.into(),
+                            image_id: image_id.clone(),
                             ..Default::default()
                         },
                         &member_a(),
@@ -141,6 +142,7 @@ async fn scheduler_decisions(
                 server_id: id,
                 ignore_hosts: vec![],
                 dry_run: true,
+                token: String::new(),
             })
             .await
             .expect("select");

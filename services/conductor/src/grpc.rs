@@ -7,7 +7,9 @@ use runtime::error::Error;
 use runtime::types::{check_text, parse_id};
 use tonic::{Request, Response, Status};
 
-use crate::service::{BuildResult, Conductor, Outcome, StateUpdate};
+use crate::service::{
+    BuildResult, Conductor, Outcome, StateUpdate, VolumeOp, VolumeOutcome, VolumeResult,
+};
 
 type R<T> = Result<Response<T>, Status>;
 
@@ -100,6 +102,7 @@ fn spec_pb(s: Server) -> pb::BuildSpec {
         metadata: s.metadata.into_iter().collect(),
         vm_state: s.vm_state,
         task_state: s.task_state.unwrap_or_default(),
+        image_properties: s.image_properties.into_iter().collect(),
     }
 }
 
@@ -190,6 +193,12 @@ impl pb::conductor_server::Conductor for Api {
             fault_code: q.fault_code,
             fault_message: q.fault_message,
             reschedulable: q.reschedulable,
+            token: {
+                if q.token.len() > 16 * 1024 {
+                    return Err(Error::invalid("token", "at most 16384 bytes").into());
+                }
+                q.token
+            },
         };
         let (outcome, host) = match self.conductor.build_result(&c, result).await? {
             Outcome::Active => ("active", String::new()),
@@ -234,5 +243,95 @@ impl pb::conductor_server::Conductor for Api {
             .append_console(&c, id, &r.get_ref().text)
             .await?;
         Ok(Response::new(pb::AppendConsoleLogResponse {}))
+    }
+
+    async fn report_volume_attachment(
+        &self,
+        r: Request<pb::ReportVolumeAttachmentRequest>,
+    ) -> R<pb::ReportVolumeAttachmentResponse> {
+        let c = caller(&r);
+        let q = r.into_inner();
+        check_text("device", &q.device, 64)?;
+        check_text("attachment_id", &q.attachment_id, 64)?;
+        check_text("fault_message", &q.fault_message, 1024)?;
+        let op = match q.op.as_str() {
+            "attach" => VolumeOp::Attach,
+            "detach" => VolumeOp::Detach,
+            _ => return Err(Error::invalid("op", "must be attach or detach").into()),
+        };
+        if op == VolumeOp::Attach && q.ok && q.device.is_empty() {
+            return Err(
+                Error::invalid("device", "is required for an attach that succeeded").into(),
+            );
+        }
+        let outcome = self
+            .conductor
+            .volume_result(
+                &c,
+                VolumeResult {
+                    server_id: parse_id("server_id", &q.server_id)?,
+                    volume_id: parse_id("volume_id", &q.volume_id)?,
+                    op,
+                    ok: q.ok,
+                    device: q.device,
+                    attachment_id: q.attachment_id,
+                    fault_message: q.fault_message,
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::ReportVolumeAttachmentResponse {
+            outcome: match outcome {
+                VolumeOutcome::Attached => "attached",
+                VolumeOutcome::Detached => "detached",
+                VolumeOutcome::Failed => "failed",
+                VolumeOutcome::Stale => "stale",
+            }
+            .into(),
+        }))
+    }
+
+    async fn list_volume_attachments(
+        &self,
+        r: Request<pb::ServerRef>,
+    ) -> R<pb::ListVolumeAttachmentsResponse> {
+        let c = caller(&r);
+        let id = parse_id("id", &r.get_ref().id)?;
+        let all = self.conductor.attachments(&c, id).await?;
+        Ok(Response::new(pb::ListVolumeAttachmentsResponse {
+            attachments: all
+                .into_iter()
+                .map(|a| pb::VolumeAttachment {
+                    volume_id: a.volume_id.to_string(),
+                    status: a.status,
+                    device: a.device,
+                    attachment_id: a.attachment_id,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn set_agent_endpoint(
+        &self,
+        r: Request<pb::SetAgentEndpointRequest>,
+    ) -> R<pb::SetAgentEndpointResponse> {
+        let c = caller(&r);
+        let host = host_name("host", &r.get_ref().host)?;
+        let e = &r.get_ref().endpoint;
+        let url = e.starts_with("http://") || e.starts_with("https://");
+        let name = !e.is_empty()
+            && e.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if e.len() > 255 || !(e.is_empty() || url || name) {
+            return Err(Error::invalid(
+                "endpoint",
+                "must be an http:// URL or a service name (at most 255 characters)",
+            )
+            .into());
+        }
+        if url {
+            check_text("endpoint", e, 255)?;
+        }
+        self.conductor.set_agent_endpoint(&c, &host, e).await?;
+        Ok(Response::new(pb::SetAgentEndpointResponse {}))
     }
 }

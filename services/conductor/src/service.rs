@@ -64,6 +64,8 @@ pub struct BuildResult {
     pub fault_code: i32,
     pub fault_message: String,
     pub reschedulable: bool,
+    /// The build cast's token, carried on to the next host.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +73,31 @@ pub enum Outcome {
     Active,
     Rescheduled(String),
     Error,
+    Stale,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeOp {
+    Attach,
+    Detach,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeResult {
+    pub server_id: Uuid,
+    pub volume_id: Uuid,
+    pub op: VolumeOp,
+    pub ok: bool,
+    pub device: String,
+    pub attachment_id: String,
+    pub fault_message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeOutcome {
+    Attached,
+    Detached,
+    Failed,
     Stale,
 }
 
@@ -229,9 +256,12 @@ impl Conductor {
             && let Some(next) = self.claim_alternate(&tx, &s).await?
         {
             tx.commit().await?;
-            let cast = Cast::Build {
-                server_id: r.id,
-                attempt: s.attempt + 1,
+            let cast = CastMessage {
+                cast: Cast::Build {
+                    server_id: r.id,
+                    attempt: s.attempt + 1,
+                },
+                token: r.token.clone(),
             };
             if let Err(e) = self.inner.queue.cast_json(&host_topic(&next), &cast).await {
                 tracing::warn!(server = %r.id, status = %e, "reschedule cast failed");
@@ -347,6 +377,7 @@ impl Conductor {
         let mut db = self.inner.pool.get().await?;
         let tx = db.transaction().await?;
         repo::release_claim(&tx, id).await?;
+        repo::delete_attachments(&tx, id).await?;
         let s = repo::change_server(
             &tx,
             id,
@@ -384,6 +415,69 @@ impl Conductor {
         let _ = self.own_server(&host, id).await?;
         let db = self.inner.pool.get().await?;
         repo::append_console(&db, id, text, CONSOLE_LOG_MAX).await
+    }
+
+    /// Records the end of an `attach_volume` / `detach_volume` cast.
+    pub async fn volume_result(&self, c: &Caller, r: VolumeResult) -> Result<VolumeOutcome> {
+        let host = self.host_of(c)?;
+        let _ = self.own_server(&host, r.server_id).await?;
+        let db = self.inner.pool.get().await?;
+        let (id, v) = (r.server_id, r.volume_id);
+        let outcome = match (r.op, r.ok) {
+            (VolumeOp::Attach, true) => repo::set_attachment(
+                &db,
+                id,
+                v,
+                attach::ATTACHING,
+                attach::ATTACHED,
+                Some(&r.device),
+                Some(&r.attachment_id),
+            )
+            .await?
+            .map(|_| VolumeOutcome::Attached),
+            (VolumeOp::Attach, false) => repo::delete_attachment(&db, id, v, attach::ATTACHING)
+                .await?
+                .then_some(VolumeOutcome::Failed),
+            (VolumeOp::Detach, true) => repo::delete_attachment(&db, id, v, attach::DETACHING)
+                .await?
+                .then_some(VolumeOutcome::Detached),
+            (VolumeOp::Detach, false) => {
+                repo::set_attachment(&db, id, v, attach::DETACHING, attach::ATTACHED, None, None)
+                    .await?
+                    .map(|_| VolumeOutcome::Failed)
+            }
+        };
+        if !r.ok {
+            tracing::warn!(server = %id, volume = %v, op = ?r.op, fault = %r.fault_message, "volume operation failed on the host");
+            let text = format!(
+                "{} of volume {v} failed on {host}: {}",
+                match r.op {
+                    VolumeOp::Attach => "attach",
+                    VolumeOp::Detach => "detach",
+                },
+                r.fault_message
+            );
+            repo::append_console(&db, id, &text, CONSOLE_LOG_MAX).await?;
+        }
+        Ok(outcome.unwrap_or(VolumeOutcome::Stale))
+    }
+
+    pub async fn attachments(&self, c: &Caller, id: Uuid) -> Result<Vec<VolumeAttachment>> {
+        let host = self.host_of(c)?;
+        let _ = self.own_server(&host, id).await?;
+        let db = self.inner.pool.get().await?;
+        repo::list_attachments(&db, id).await
+    }
+
+    pub async fn set_agent_endpoint(&self, c: &Caller, host: &str, endpoint: &str) -> Result<()> {
+        let me = self.host_of(c)?;
+        if me != host {
+            return Err(Error::forbidden(format!(
+                "host {me} may not register the endpoint of host {host}"
+            )));
+        }
+        let db = self.inner.pool.get().await?;
+        repo::set_agent_endpoint(&db, host, endpoint).await
     }
 
     /// Sends builds that outlived the timeout to error, every `sweep_interval_ms`.

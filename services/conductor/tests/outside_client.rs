@@ -32,7 +32,7 @@ async fn python_grpcio_creates_a_server_and_watches_it_become_active() {
                 script,
                 &cloud.api.addr.to_string(),
                 runtime::testing::PROJECT_A,
-                IMAGE,
+                &cloud.image_id,
             ])
             .kill_on_drop(true)
             .output(),

@@ -171,13 +171,14 @@ async fn two_scheduler_replicas_fill_the_hosts_exactly_without_over_commit() {
     let mut tasks = Vec::new();
     for i in 0..16 {
         let ch = apis[i % 2].clone();
+        let image_id = cloud.image_id.clone();
         tasks.push(tokio::spawn(async move {
             proto::compute::v1::servers_client::ServersClient::new(ch)
                 .create_server(req(
                     pb::CreateServerRequest {
                         name: format!("fill-{i}"),
                         flavor: "m1.tiny".into(),
-                        image_id: IMAGE.into(),
+                        image_id,
                         ..Default::default()
                     },
                     &member_a(),
@@ -262,7 +263,7 @@ async fn create_in(cloud: &Cloud, name: &str, group: &str) -> String {
             pb::CreateServerRequest {
                 name: name.into(),
                 flavor: "m1.tiny".into(),
-                image_id: IMAGE.into(),
+                image_id: cloud.image_id.clone(),
                 server_group_id: group.into(),
                 ..Default::default()
             },

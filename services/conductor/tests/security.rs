@@ -162,7 +162,7 @@ async fn readers_look_members_change_other_projects_see_nothing() {
             pb::CreateServerRequest {
                 name: "r".into(),
                 flavor: "m1.tiny".into(),
-                image_id: IMAGE.into(),
+                image_id: cloud.image_id.clone(),
                 ..Default::default()
             },
             &reader_a(),

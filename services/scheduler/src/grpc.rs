@@ -22,9 +22,12 @@ impl pb::scheduler_server::Scheduler for Api {
         if q.ignore_hosts.len() > 1000 {
             return Err(runtime::Error::invalid("ignore_hosts", "at most 1000").into());
         }
+        if q.token.len() > 16 * 1024 {
+            return Err(runtime::Error::invalid("token", "at most 16384 bytes").into());
+        }
         let d = self
             .scheduler
-            .select(id, &q.ignore_hosts, q.dry_run)
+            .select(id, &q.ignore_hosts, q.dry_run, q.token)
             .await?;
         Ok(Response::new(pb::Destinations {
             host: d.host,

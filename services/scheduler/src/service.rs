@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use compute_api::model::{Cast, NO_VALID_HOST, Server, host_topic, task, vm};
+use compute_api::model::{Cast, CastMessage, NO_VALID_HOST, Server, host_topic, task, vm};
 use compute_api::repo;
 use deadpool_postgres::Pool;
 use runtime::error::{Error, Result};
@@ -63,7 +63,14 @@ impl Scheduler {
         self.inner.config.host_down_after_secs as f64
     }
 
-    pub async fn select(&self, id: Uuid, ignore: &[String], dry_run: bool) -> Result<Destinations> {
+    /// Places the server; the `build` cast carries the caller's `token`.
+    pub async fn select(
+        &self,
+        id: Uuid,
+        ignore: &[String],
+        dry_run: bool,
+        token: String,
+    ) -> Result<Destinations> {
         let started = Instant::now();
         let db = self.inner.pool.get().await?;
         let server = repo::get_server(&db, id)
@@ -131,9 +138,12 @@ impl Scheduler {
             repo::set_alternates(&db, id, &alternates).await?;
         }
         if !dry_run {
-            let cast = Cast::Build {
-                server_id: id,
-                attempt: server.attempt + 1,
+            let cast = CastMessage {
+                cast: Cast::Build {
+                    server_id: id,
+                    attempt: server.attempt + 1,
+                },
+                token,
             };
             if let Err(s) = self.inner.queue.cast_json(&host_topic(&host), &cast).await {
                 self.fail(&server, 500, "could not reach the chosen host's queue")

@@ -23,6 +23,11 @@ use tonic::transport::Channel;
 #[allow(unused_imports)]
 pub use runtime::testing::{member_a, member_b, reader_a};
 
+#[path = "../../../compute-api/tests/support/image.rs"]
+mod image_support;
+#[allow(unused_imports)]
+pub use image_support::{TINY_IMAGE_BYTES, start_image, upload_image};
+
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Options {
@@ -44,6 +49,11 @@ impl Default for Options {
 pub struct Cloud {
     pub db: TestDatabase,
     pub queue: Served,
+    /// The image service (schema `image` of the test database), which
+    /// compute-api asks as the caller at every create.
+    pub image: Served,
+    /// A public, active raw image of 4 KiB that every test boots.
+    pub image_id: String,
     pub api: Served,
     /// A second compute-api calling the second scheduler (with two).
     pub api2: Option<Served>,
@@ -96,6 +106,8 @@ impl Cloud {
         let queue = Served::spawn(|l, s| queue::run(queue_cfg, l, s)).await;
         healthy(&queue, "the queue").await;
         let queue_url = format!("http://{}", queue.addr);
+        let state = tempfile::tempdir().unwrap();
+        let (image, image_id) = start_image(&db.url, &state.path().join("image-store")).await;
 
         // Schedulers first (they connect lazily), so compute-api knows one.
         let mut schedulers = Vec::new();
@@ -115,6 +127,12 @@ impl Cloud {
             scheduler_url: format!("http://{}", schedulers[0].addr),
             queue_url: queue_url.clone(),
             host_down_after_secs: options.host_down_after_secs,
+            // Image is here; network and volume are not (requests naming
+            // them are refused: FAILED_PRECONDITION).
+            peers: compute_api::peers::PeersConfig {
+                image: Some(format!("http://{}", image.addr)),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let api2_cfg = (schedulers.len() > 1).then(|| compute_api::Config {
@@ -148,12 +166,14 @@ impl Cloud {
         Self {
             db,
             queue,
+            image,
+            image_id,
             api,
             api2,
             schedulers,
             conductor,
             agents: HashMap::new(),
-            state: tempfile::tempdir().unwrap(),
+            state,
             options,
             hypervisor: tokio::task::spawn_blocking(|| {
                 Libvirt::open("test:///default", "test").unwrap()
@@ -250,7 +270,7 @@ impl Cloud {
                 pb::CreateServerRequest {
                     name: name.into(),
                     flavor: flavor.into(),
-                    image_id: IMAGE.into(),
+                    image_id: self.image_id.clone(),
                     ..Default::default()
                 },
                 who,
@@ -352,10 +372,6 @@ impl Cloud {
             .into_inner()
     }
 }
-
-/// An image id (the test driver boots nothing; compute-api has no image
-/// service configured in these tests).
-pub const IMAGE: &str = "11111111-1111-4111-8111-111111111111";
 
 /// Reads a watch until the server reaches `vm_state` with no task; the
 /// (vm_state, task_state) pairs seen.
