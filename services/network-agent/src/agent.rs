@@ -161,7 +161,14 @@ impl Agent {
             .map(|p| (p.network_id.clone(), p.clone()))
             .collect();
         for n in state.networks.iter().filter(|n| n.dhcp) {
-            if !dhcp_ports.contains_key(&n.id) {
+            // Missing, or without an address on a DHCP subnet added since.
+            let complete = dhcp_ports.get(&n.id).is_some_and(|p| {
+                n.subnets
+                    .iter()
+                    .filter(|s| s.enable_dhcp)
+                    .all(|s| p.fixed_ips.iter().any(|f| f.subnet_id == s.id))
+            });
+            if !complete {
                 match self.client.ensure_dhcp_port(&n.id).await {
                     Ok(p) => {
                         dhcp_ports.insert(n.id.clone(), p);

@@ -75,6 +75,9 @@ impl Dhcp {
             .unwrap_or_default();
         let have_ns = ovs::namespaces(&ns).await?.contains(&ns);
         if !(have_ns && wired_before == wiring && ovs::link_exists(&host_if).await) {
+            // Off the bridge first: ovs-vswitchd keeps receiving on the old
+            // veth's socket if one of the same name comes back under it.
+            bridge.del_port(&host_if).await?;
             self.wire(&ns, &host_if, &ns_if, spec, have_ns).await?;
             tokio::fs::write(&wired_file, &wiring)
                 .await

@@ -1381,7 +1381,29 @@ impl Net {
             return Err(Error::not_found("network", network));
         }
         if let Some(p) = repo::dhcp_port(&conn, network, &device_id).await? {
-            return Ok(p);
+            // A DHCP subnet added since: the port gets an address on it too.
+            let subnets = repo::subnets_of(&conn, &[network]).await?;
+            let missing: Vec<&Subnet> = subnets
+                .iter()
+                .filter(|s| s.enable_dhcp && !p.fixed_ips.iter().any(|(sid, _)| *sid == s.id))
+                .collect();
+            if missing.is_empty() {
+                return Ok(p);
+            }
+            let tx = conn.transaction().await?;
+            let have: BTreeSet<Uuid> = repo::lock_port(&tx, p.id)
+                .await?
+                .map(|p| p.fixed_ips.into_iter().map(|(s, _)| s).collect())
+                .unwrap_or_default();
+            for s in missing.into_iter().filter(|s| !have.contains(&s.id)) {
+                self.allocate(&tx, s, p.id, None).await?;
+            }
+            repo::notify(&tx).await?;
+            tx.commit().await?;
+            self.changes.bump();
+            return repo::get_port(&conn, p.id)
+                .await?
+                .ok_or_else(|| Error::not_found("port", p.id));
         }
         let n = repo::get_network(&conn, network)
             .await?

@@ -367,3 +367,128 @@ async fn a_crashed_agent_leaves_nothing_orphaned_once_back_and_unknown_interface
     // The unknown interface is dead: nothing from it leaves (table 0 drops it).
     assert!(!gs.ping_within("10.80.0.1", 1).await);
 }
+
+#[tokio::test]
+async fn the_dhcp_port_gets_an_address_on_a_subnet_added_later_and_serves_it() {
+    let cloud = Cloud::start(1).await;
+    let host = Host::start(&cloud.url()).await;
+    cloud.wait_agent(host.host()).await;
+    let a = member_a();
+    let net = cloud.network(&a, "later").await;
+    let first = cloud.subnet(&a, &net.id, "10.80.0.0/24").await;
+    let p1 = cloud.port(&a, &net.id, Some("10.80.0.11"), &[]).await;
+    let g1 = host.plug(1, &p1);
+    cloud
+        .bind(&via(&a, host.host()), &p1.id, host.host())
+        .await
+        .unwrap();
+    cloud.wait_status(&a, &p1.id, "ACTIVE").await;
+    let dhcp_ips = |cloud: &Cloud| {
+        let mut c = cloud.client();
+        let net = net.id.clone();
+        async move {
+            let ports = c
+                .list_ports(req(
+                    pb::ListPortsRequest {
+                        network_id: net,
+                        all_projects: true,
+                        ..Default::default()
+                    },
+                    &runtime::testing::admin(),
+                ))
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .ports;
+            let d: Vec<pb::Port> = ports
+                .into_iter()
+                .filter(|p| p.device_owner == "network:dhcp")
+                .collect();
+            Ok::<_, String>(d)
+        }
+    };
+    let before = dhcp_ips(&cloud).await.unwrap();
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].fixed_ips.len(), 1, "{before:?}");
+    assert_eq!(before[0].fixed_ips[0].subnet_id, first.id);
+
+    // A second DHCP subnet: the same DHCP port gets an address on it, and a
+    // guest with an address only there gets its lease.
+    let second = cloud.subnet(&a, &net.id, "10.81.0.0/24").await;
+    runtime::testing::wait_for(
+        "the DHCP port has an address on the new subnet",
+        std::time::Duration::from_secs(30),
+        || {
+            let f = dhcp_ips(&cloud);
+            let sid = second.id.clone();
+            let id = before[0].id.clone();
+            async move {
+                let d = f.await?;
+                match d.as_slice() {
+                    [p] if p.id == id && p.fixed_ips.iter().any(|f| f.subnet_id == sid) => Ok(()),
+                    _ => Err(format!("{d:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let p2 = cloud
+        .client()
+        .create_port(req(
+            pb::CreatePortRequest {
+                network_id: net.id.clone(),
+                fixed_ips: vec![pb::FixedIpRequest {
+                    subnet_id: second.id.clone(),
+                    ip_address: String::new(),
+                }],
+                device_id: format!("vm-{}", uniq()),
+                ..Default::default()
+            },
+            &a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let g2 = host.plug(2, &p2);
+    cloud
+        .bind(&via(&a, host.host()), &p2.id, host.host())
+        .await
+        .unwrap();
+    cloud.wait_status(&a, &p2.id, "ACTIVE").await;
+    let lease = match g2.dhcp().await {
+        Ok(l) => l,
+        Err(e) => {
+            let dir = host.config.state_dir.join("dhcp").join(&net.id);
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            let hosts = std::fs::read_to_string(dir.join("hosts")).unwrap_or_default();
+            let ns = format!("{}dhcp-{}", host.config.namespace_prefix, net.id);
+            panic!(
+                "{e}\nlog:\n{log}\nhosts:\n{hosts}\naddr:\n{}\novs:\n{}\nps:\n{}",
+                sh(&["ip", "-n", &ns, "addr"]),
+                sh(&[
+                    "ovs-vsctl",
+                    "--columns=name,ofport,external_ids",
+                    "list",
+                    "Interface"
+                ]) + &sh(&[
+                    "ovs-ofctl",
+                    "-O",
+                    "OpenFlow13",
+                    "dump-flows",
+                    &host.config.bridge,
+                    "table=0"
+                ]),
+                sh(&["ip", "netns", "pids", &ns])
+            );
+        }
+    };
+    let fields: Vec<&str> = lease.split_whitespace().collect();
+    assert_eq!(fields[0], p2.fixed_ips[0].ip_address, "lease {lease}");
+    assert!(fields[0].starts_with("10.81.0."), "lease {lease}");
+    assert_eq!(fields[2], "10.81.0.1", "router; lease {lease}");
+    // The first subnet is still served.
+    assert_eq!(
+        g1.dhcp().await.unwrap().split_whitespace().next(),
+        Some("10.80.0.11")
+    );
+}
