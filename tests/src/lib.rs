@@ -14,7 +14,7 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps")
         .to_path_buf();
-    for b in ["cirrus", "identity", "sidecar", "queue", "image"] {
+    for b in SERVICES.iter().copied().chain(["cirrus", "sidecar"]) {
         assert!(
             dir.join(b).is_file(),
             "{b} is not built in {}: run `cargo build --workspace --bins` (scripts/test.sh does)",
@@ -79,9 +79,9 @@ pub async fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.args(args)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
-    tokio::time::timeout(Duration::from_secs(180), cmd.output())
+    tokio::time::timeout(Duration::from_secs(600), cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("{bin} {args:?} did not finish within 180 s"))
+        .unwrap_or_else(|_| panic!("{bin} {args:?} did not finish within 600 s"))
         .unwrap_or_else(|e| panic!("{bin} {args:?}: {e}"))
 }
 
@@ -111,8 +111,39 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// Ports one service of `cirrus up` takes (its port plan: base + 10 * slot).
 pub const PORTS_PER_SERVICE: u16 = 10;
-/// The services `cirrus up` runs, in slot order.
-pub const SERVICES: [&str; 3] = ["identity", "queue", "image"];
+/// The processes `cirrus up` runs (each beside its sidecar), in slot order.
+pub const SERVICES: [&str; 10] = [
+    "identity",
+    "queue",
+    "image",
+    "volume",
+    "network",
+    "network-agent",
+    "compute-api",
+    "scheduler",
+    "conductor",
+    "compute-agent",
+];
+/// What `cirrus up` lists in identity's catalog (agents serve no API).
+pub const CATALOG: [&str; 7] = [
+    "queue",
+    "image",
+    "volume",
+    "network",
+    "compute-api",
+    "scheduler",
+    "conductor",
+];
+
+/// Eight hex digits unlikely to repeat between two calls on one machine.
+pub fn unique_tag() -> String {
+    let n = u64::from(std::process::id()).wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    format!("{:08x}", (n ^ (n >> 32)) as u32)
+}
 
 /// A cloud started with `cirrus up --detach` in a state directory of its
 /// own, on ports of its own; stopped (and its own database dropped, when it
@@ -120,15 +151,22 @@ pub const SERVICES: [&str; 3] = ["identity", "queue", "image"];
 pub struct Cloud {
     pub state: tempfile::TempDir,
     pub base: u16,
+    /// This cloud's agent host name and OVS bridge: its own, since clouds
+    /// of parallel tests share the machine's Open vSwitch.
+    pub host: String,
+    pub bridge: String,
     env: Vec<(String, String)>,
 }
 
 impl Cloud {
     /// A state directory and a free port range; nothing started yet.
     pub fn new(env: &[(&str, &str)]) -> Self {
+        let tag = unique_tag();
         Self {
             state: tempfile::tempdir().expect("a state directory"),
             base: free_port_range(PORTS_PER_SERVICE * SERVICES.len() as u16),
+            host: format!("cu-{tag}"),
+            bridge: format!("cu{tag}"),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -151,15 +189,25 @@ impl Cloud {
 
     /// Runs `cirrus up --detach` for this state directory and ports.
     pub async fn start(&self) -> Output {
+        self.start_with(&[]).await
+    }
+
+    /// `cirrus up --detach` with more arguments (e.g. `--driver test`).
+    pub async fn start_with(&self, more: &[&str]) -> Output {
         let base = self.base.to_string();
-        let args = [
+        let mut args = vec![
             "up",
             "--detach",
             "--state-dir",
             self.dir(),
             "--port-base",
             &base,
+            "--host",
+            &self.host,
+            "--bridge",
+            &self.bridge,
         ];
+        args.extend_from_slice(more);
         run("cirrus", &args, &self.env_refs()).await
     }
 

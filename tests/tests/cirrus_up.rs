@@ -2,6 +2,8 @@
 //! then `cirrus down`; all real processes against a real Postgres.
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use runtime::db::TestDatabase;
 use tests::*;
 
@@ -44,7 +46,7 @@ async fn up_login_administer_and_down() {
         "{users}"
     );
     let catalog = cloud.admin_ok(&["catalog"]).await;
-    for svc in SERVICES {
+    for svc in CATALOG {
         assert!(
             catalog.contains(svc),
             "{svc} missing from the catalog: {catalog}"
@@ -345,4 +347,367 @@ async fn policy_check_answers_may_x_call_y_and_why() {
     )
     .await;
     assert!(stdout(&o).contains("administrator"), "{}", stdout(&o));
+}
+
+/// `grpcurl` as an outside client of `svc`'s public endpoint (TLS with the
+/// cluster CA, the token in `authorization`); the answer as JSON.
+async fn grpc(
+    cloud: &Cloud,
+    token: &str,
+    svc: &str,
+    method: &str,
+    body: &str,
+) -> Result<serde_json::Value, String> {
+    let port = cloud.ports(svc).2;
+    let bundle = format!("{}/pki/bundle.pem", cloud.dir());
+    let auth = format!("authorization: Bearer {token}");
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = tokio::process::Command::new("grpcurl");
+    c.args([
+        "-cacert",
+        &bundle,
+        "-servername",
+        svc,
+        "-H",
+        &auth,
+        "-emit-defaults",
+    ])
+    .args(["-max-time", "30", "-d", body, &addr, method])
+    .stdin(std::process::Stdio::null());
+    let o = tokio::time::timeout(std::time::Duration::from_secs(60), c.output())
+        .await
+        .map_err(|_| format!("grpcurl {method} did not finish within 60 s"))?
+        .map_err(|e| format!("grpcurl: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("{method}: {}{}", stdout(&o), stderr(&o)));
+    }
+    let text = stdout(&o);
+    serde_json::from_str(if text.trim().is_empty() { "{}" } else { &text })
+        .map_err(|e| format!("{method}: {e}: {text}"))
+}
+
+async fn grpc_ok(
+    cloud: &Cloud,
+    token: &str,
+    svc: &str,
+    method: &str,
+    body: &str,
+) -> serde_json::Value {
+    grpc(cloud, token, svc, method, body)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn named<'a>(list: &'a serde_json::Value, key: &str, name: &str) -> Vec<&'a serde_json::Value> {
+    list[key]
+        .as_array()
+        .map(|a| a.iter().filter(|x| x["name"] == name).collect())
+        .unwrap_or_default()
+}
+
+/// A bounded command's stdout (empty when it fails).
+async fn sh(prog: &str, args: &[&str]) -> String {
+    let mut c = tokio::process::Command::new(prog);
+    c.args(args).stdin(std::process::Stdio::null());
+    match tokio::time::timeout(std::time::Duration::from_secs(30), c.output()).await {
+        Ok(Ok(o)) => stdout(&o),
+        _ => String::new(),
+    }
+}
+
+/// What this cloud left on the host: its bridge, its namespaces, its
+/// dnsmasqs, its libvirt domains (by the names and paths only it uses).
+async fn leftovers(cloud: &Cloud, prefix: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let bridges = sh("ovs-vsctl", &["list-br"]).await;
+    if bridges.lines().any(|b| b == cloud.bridge) {
+        let ports = sh("ovs-vsctl", &["list-ports", &cloud.bridge]).await;
+        left.push(format!("bridge {} (ports: {ports:?})", cloud.bridge));
+    }
+    for ns in sh("ip", &["netns", "list"]).await.lines() {
+        if ns.starts_with(prefix) {
+            left.push(format!("namespace {ns}"));
+        }
+    }
+    for p in sh("pgrep", &["-a", "dnsmasq"]).await.lines() {
+        if p.contains(cloud.dir()) || p.contains(prefix) {
+            left.push(format!("dnsmasq {p}"));
+        }
+    }
+    let agent_dir = format!("{}/compute-agent", cloud.dir());
+    for d in sh(
+        "virsh",
+        &["-c", "qemu:///system", "list", "--all", "--name"],
+    )
+    .await
+    .lines()
+    .filter(|d| d.starts_with("cirrus-"))
+    {
+        if sh("virsh", &["-c", "qemu:///system", "dumpxml", d])
+            .await
+            .contains(&agent_dir)
+        {
+            left.push(format!("domain {d}"));
+        }
+    }
+    left
+}
+
+/// The whole cloud on this machine (issues 10 and 11): every service and
+/// both agents behind their sidecars, each public API answering an outside
+/// client with a token, this host's compute agent heartbeating, the
+/// defaults made once and reused by a second `up`, and `cirrus down`
+/// leaving no bridge, namespace, dnsmasq or domain of this cloud behind.
+#[tokio::test]
+async fn up_runs_the_whole_cloud_with_defaults_and_down_clears_the_host() {
+    let db = TestDatabase::create().await.unwrap();
+    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
+    let o = cloud.start().await;
+    let said = stdout(&o);
+    assert!(
+        o.status.success() && said.contains("Cirrus is up"),
+        "cirrus up failed: {said}{}",
+        stderr(&o)
+    );
+    assert!(
+        said.contains("cirrus server create demo --flavor m1.tiny --image cirrus-tiny --network default --wait"),
+        "{said}"
+    );
+    assert!(said.contains("compute agent driver: "), "{said}");
+    let libvirtd = sh("virsh", &["-c", "qemu:///system", "version"]).await;
+    if !libvirtd.is_empty() {
+        assert!(
+            said.contains("compute agent driver: qemu:///system, domain type"),
+            "libvirtd answers, so the agent drives it: {said}"
+        );
+    }
+
+    // Every process and its sidecar runs; the compute agent's driver is said.
+    let status = cloud.status().await;
+    let procs = status.as_array().unwrap();
+    for svc in SERVICES {
+        for name in [svc.to_string(), format!("{svc}-sidecar")] {
+            let p = procs
+                .iter()
+                .find(|p| p["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("no {name} in {status}"));
+            assert_eq!(p["state"], "running", "{status}");
+        }
+    }
+    let agent = procs.iter().find(|p| p["name"] == "compute-agent").unwrap();
+    assert!(
+        agent["note"].as_str().unwrap().starts_with("driver "),
+        "{status}"
+    );
+
+    let token = cloud
+        .admin_ok(&["token", "issue", "-f", "value", "-c", "token"])
+        .await;
+    let token = token.trim();
+    let c = &cloud;
+
+    // Each public API answers an outside client.
+    let flavors = grpc_ok(
+        c,
+        token,
+        "compute-api",
+        "compute.v1.Flavors/ListFlavors",
+        "{}",
+    )
+    .await;
+    assert_eq!(named(&flavors, "flavors", "m1.tiny").len(), 1, "{flavors}");
+    let volumes = grpc_ok(c, token, "volume", "volume.v1.Volumes/ListVolumes", "{}").await;
+    assert!(volumes.is_object(), "{volumes}");
+    let nets = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/ListNetworks",
+        "{}",
+    )
+    .await;
+    let default = named(&nets, "networks", "default");
+    assert_eq!(default.len(), 1, "{nets}");
+    let net_id = default[0]["id"].as_str().unwrap().to_string();
+    let subnets = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/ListSubnets",
+        &format!("{{\"network_id\":\"{net_id}\"}}"),
+    )
+    .await;
+    let subnet = &subnets["subnets"][0];
+    assert_eq!(subnet["cidr"], "10.20.0.0/24", "{subnets}");
+    assert_eq!(subnet["enableDhcp"], true, "{subnets}");
+    let groups = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/ListSecurityGroups",
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        named(&groups, "securityGroups", "default").len(),
+        1,
+        "{groups}"
+    );
+
+    // The tiny guest: a root disk whose kernel_id / ramdisk_id name an aki and an ari.
+    let images = grpc_ok(c, token, "image", "image.v1.Images/ListImages", "{}").await;
+    let tiny = named(&images, "images", "cirrus-tiny");
+    assert_eq!(tiny.len(), 1, "{images}");
+    let props = &tiny[0]["properties"];
+    for (key, format) in [
+        ("kernel_id", "DISK_FORMAT_AKI"),
+        ("ramdisk_id", "DISK_FORMAT_ARI"),
+    ] {
+        let id = props[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key}: {images}"));
+        let part = images["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .unwrap_or_else(|| panic!("{key} {id} is not listed: {images}"));
+        assert_eq!(part["diskFormat"], format, "{images}");
+        assert_eq!(part["status"], "STATUS_ACTIVE", "{images}");
+    }
+
+    // This host's agents heartbeat: compute lists the host up, network its agent alive.
+    let host = cloud.host.clone();
+    let h = host.as_str();
+    eventually(
+        Duration::from_secs(60),
+        "the compute host listed up",
+        || async move {
+            let hosts = grpc(c, token, "compute-api", "compute.v1.Hosts/ListHosts", "{}").await?;
+            let up = hosts["hosts"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["name"] == h && x["up"] == true));
+            if up { Ok(()) } else { Err(hosts.to_string()) }
+        },
+    )
+    .await;
+    let bridge = cloud.bridge.clone();
+    let b = bridge.as_str();
+    eventually(
+        Duration::from_secs(60),
+        "the network agent alive",
+        || async move {
+            let agents = grpc(c, token, "network", "network.v1.Networks/ListAgents", "{}").await?;
+            let alive = agents["agents"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x["host"] == h && x["alive"] == true && x["bridge"] == b)
+            });
+            if alive {
+                Ok(())
+            } else {
+                Err(agents.to_string())
+            }
+        },
+    )
+    .await;
+
+    // A port bound to this host makes the agent wire the default network:
+    // its DHCP namespace (this cloud's prefix) with a dnsmasq in it.
+    let cluster = std::fs::read_to_string(format!("{}/cluster.toml", cloud.dir())).unwrap();
+    let id = cluster
+        .lines()
+        .find_map(|l| l.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .replace('-', "");
+    let prefix = format!("cirrus-{}-", &id[..6]);
+    let port = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/CreatePort",
+        &format!("{{\"network_id\":\"{net_id}\",\"name\":\"probe\"}}"),
+    )
+    .await;
+    let port_id = port["id"].as_str().unwrap().to_string();
+    grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/BindPort",
+        &format!("{{\"port_id\":\"{port_id}\",\"host\":\"{h}\"}}"),
+    )
+    .await;
+    let p = prefix.as_str();
+    eventually(
+        Duration::from_secs(60),
+        "the DHCP namespace and its dnsmasq",
+        || async move {
+            let left = leftovers(c, p).await;
+            let ns = left.iter().any(|l| l.starts_with("namespace "));
+            let dnsmasq = left.iter().any(|l| l.starts_with("dnsmasq "));
+            if ns && dnsmasq {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+
+    // A second `up` reuses everything: the same defaults, none twice.
+    cloud.down().await;
+    let o = cloud.start().await;
+    let said = stdout(&o);
+    assert!(o.status.success(), "second up: {said}{}", stderr(&o));
+    assert!(said.contains("(reused)"), "{said}");
+    let token = cloud
+        .admin_ok(&["token", "issue", "-f", "value", "-c", "token"])
+        .await;
+    let token = token.trim();
+    let images = grpc_ok(c, token, "image", "image.v1.Images/ListImages", "{}").await;
+    for name in ["cirrus-tiny", "cirrus-tiny-kernel", "cirrus-tiny-ramdisk"] {
+        assert_eq!(named(&images, "images", name).len(), 1, "{name}: {images}");
+    }
+    let nets = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/ListNetworks",
+        "{}",
+    )
+    .await;
+    assert_eq!(named(&nets, "networks", "default").len(), 1, "{nets}");
+    let subnets = grpc_ok(
+        c,
+        token,
+        "network",
+        "network.v1.Networks/ListSubnets",
+        &format!("{{\"network_id\":\"{net_id}\"}}"),
+    )
+    .await;
+    assert_eq!(
+        subnets["subnets"].as_array().map(Vec::len),
+        Some(1),
+        "{subnets}"
+    );
+    // The bound port is wired again after the restart.
+    eventually(
+        Duration::from_secs(60),
+        "the DHCP namespace back",
+        || async move {
+            let left = leftovers(c, p).await;
+            if left.iter().any(|l| l.starts_with("dnsmasq ")) {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+
+    // Down leaves nothing of this cloud on the host.
+    cloud.down().await;
+    let left = leftovers(&cloud, &prefix).await;
+    assert!(left.is_empty(), "cirrus down left {left:?}");
 }

@@ -45,7 +45,11 @@ async fn public(admin: &Profile, svc: &str, p: Ports) -> anyhow::Result<Channel>
 pub async fn guest_dir(bin_dir: PathBuf) -> Result<PathBuf, String> {
     let target = bin_dir.parent().unwrap_or(&bin_dir);
     let out = target.join("guest");
-    let have = |d: &Path| ["vmlinuz", "initramfs.img", "root.qcow2"].iter().all(|f| d.join(f).is_file());
+    let have = |d: &Path| {
+        ["vmlinuz", "initramfs.img", "root.qcow2"]
+            .iter()
+            .all(|f| d.join(f).is_file())
+    };
     if have(&out) {
         return Ok(out);
     }
@@ -258,7 +262,11 @@ async fn image(
         }
         buf.truncate(n);
         chunks.push(ipb::UploadRequest {
-            image_id: if chunks.is_empty() { id.clone() } else { String::new() },
+            image_id: if chunks.is_empty() {
+                id.clone()
+            } else {
+                String::new()
+            },
             data: buf.into(),
         });
     }

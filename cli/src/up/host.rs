@@ -45,7 +45,11 @@ pub async fn domains(uri: &str, agent_state: &Path) -> Vec<String> {
     };
     let mut ours = Vec::new();
     let dir = agent_state.display().to_string();
-    for name in names.lines().map(str::trim).filter(|n| n.starts_with("cirrus-")) {
+    for name in names
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with("cirrus-"))
+    {
         if let Ok(xml) = output("virsh", &["-c", uri, "dumpxml", name]).await
             && xml.contains(&dir)
         {
@@ -67,7 +71,14 @@ pub async fn teardown(state: &State) -> Vec<String> {
             let _ = output("virsh", &["-c", uri, "destroy", &d]).await;
             let undefined = match output(
                 "virsh",
-                &["-c", uri, "undefine", "--managed-save", "--snapshots-metadata", &d],
+                &[
+                    "-c",
+                    uri,
+                    "undefine",
+                    "--managed-save",
+                    "--snapshots-metadata",
+                    &d,
+                ],
             )
             .await
             {

@@ -331,8 +331,14 @@ async fn start(
         }
     }
     let at = defaults::Endpoints {
-        image: Ports::of(args.port_base, services::spec("image").map_or(0, |s| s.slot)),
-        network: Ports::of(args.port_base, services::spec("network").map_or(0, |s| s.slot)),
+        image: Ports::of(
+            args.port_base,
+            services::spec("image").map_or(0, |s| s.slot),
+        ),
+        network: Ports::of(
+            args.port_base,
+            services::spec("network").map_or(0, |s| s.slot),
+        ),
         compute: Ports::of(
             args.port_base,
             services::spec("compute-api").map_or(0, |s| s.slot),
@@ -497,8 +503,15 @@ pub async fn down(state_dir: &Path) -> anyhow::Result<()> {
 }
 
 impl Record for ProcStatus {
-    const COLUMNS: &'static [&'static str] =
-        &["Name", "PID", "State", "Restarts", "Last Exit", "Log", "Note"];
+    const COLUMNS: &'static [&'static str] = &[
+        "Name",
+        "PID",
+        "State",
+        "Restarts",
+        "Last Exit",
+        "Log",
+        "Note",
+    ];
     fn values(&self) -> Vec<String> {
         // Between the supervisor's rounds a child may already be gone.
         let state = match self.pid {

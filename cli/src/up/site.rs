@@ -69,7 +69,10 @@ pub fn domain_type() -> (&'static str, &'static str) {
         })
         .unwrap_or(true);
     if nested {
-        ("qemu", "inside a VM, where nested KVM guests hang: QEMU/TCG")
+        (
+            "qemu",
+            "inside a VM, where nested KVM guests hang: QEMU/TCG",
+        )
     } else {
         ("kvm", "KVM")
     }
