@@ -24,6 +24,24 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
+    main_with_threads(name, config_file, validate, |_| None, body)
+}
+
+/// [`main`] with the number of runtime worker threads taken from the config
+/// (`None`: one per core, Tokio's default).
+pub fn main_with_threads<C, F, Fut, E>(
+    name: &str,
+    config_file: Option<&Path>,
+    validate: fn(&C) -> Result<(), ConfigError>,
+    threads: fn(&C) -> Option<usize>,
+    body: F,
+) -> ExitCode
+where
+    C: Default + Serialize + DeserializeOwned,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
     let config: C = match load(config_file).and_then(|c: C| validate(&c).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
@@ -31,7 +49,14 @@ where
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let built = match threads(&config) {
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");
@@ -105,6 +130,12 @@ pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
     /// authenticates every peer by mTLS, says no.
     fn trusts_local_callers(&self) -> bool {
         true
+    }
+
+    /// How many runtime worker threads to start; `None` (the default): one
+    /// per core. A proxy beside every service (the sidecar) may want fewer.
+    fn worker_threads(&self) -> Option<usize> {
+        None
     }
 
     /// Subcommands this binary has besides `serve` and `healthcheck`
@@ -183,10 +214,11 @@ pub fn service_main<S: Service>() -> ExitCode {
         );
     }
     let command = args.command.unwrap_or(Command::Serve);
-    main(
+    main_with_threads(
         S::NAME,
         args.config.as_deref(),
         S::validate,
+        S::worker_threads,
         |config: S| async move {
             match command {
                 Command::Serve => {

@@ -337,10 +337,16 @@ async fn bench() {
         std::fs::write(&p, body).expect("config");
         p
     };
+    // BENCH_SIDECAR_THREADS: the sidecars' `worker_threads` (the nginx
+    // anchor runs one worker process per proxy).
+    let threads = std::env::var("BENCH_SIDECAR_THREADS")
+        .ok()
+        .map(|n| format!("worker_threads = {n}\n"))
+        .unwrap_or_default();
     let common = |svc: &str| {
         format!(
             "service = \"{svc}\"\ncert = \"{d}/{svc}.crt\"\nkey = \"{d}/{svc}.key\"\nbundle = \"{d}/bundle.pem\"\n\
-             identity_url = \"http://{id_addr}\"\npolicy = \"{p}\"\n",
+             identity_url = \"http://{id_addr}\"\npolicy = \"{p}\"\n{threads}",
             d = dir.display(),
             p = policy.display()
         )

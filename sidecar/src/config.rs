@@ -59,6 +59,10 @@ pub struct Config {
     pub drain_secs: u64,
     /// Identity's longest token lifetime, after which revocation rules are dropped.
     pub max_token_ttl_secs: u64,
+    /// Runtime worker threads of the binary; absent: one per core. One
+    /// sidecar runs beside every service, so a machine holds many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -89,6 +93,7 @@ impl Default for Config {
             max_header_bytes: 16 * 1024,
             drain_secs: 10,
             max_token_ttl_secs: 3600,
+            worker_threads: None,
         }
     }
 }
@@ -161,6 +166,10 @@ impl runtime::process::Service for Config {
     /// The internal listener authenticates every peer by mTLS.
     fn trusts_local_callers(&self) -> bool {
         false
+    }
+
+    fn worker_threads(&self) -> Option<usize> {
+        self.worker_threads
     }
 
     /// `listener` is `server.listen` (internal); the public and outbound

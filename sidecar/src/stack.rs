@@ -196,7 +196,8 @@ pub fn outbound(o: Outbound) -> Stack {
         // The peer's sidecar checks the method; a bad path is refused here already.
         .layer(layers::method::layer())
         // Our own service cannot vouch for anyone: the peer's sidecar decides.
-        .layer(layers::strip::layer())
+        // The token goes on under a name HPACK may index (see the module).
+        .layer(layers::strip::outbound())
         // Past the concurrency bound, refuse at once.
         .layer(layers::shed::layer(o.inflight))
         // Every outgoing call has a deadline.
