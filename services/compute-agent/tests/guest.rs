@@ -25,10 +25,7 @@ fn env(mesh: &common::Mesh, state: &std::path::Path) -> Env {
     Env {
         services: Services::new(
             Some(mesh.outbound),
-            &format!(
-                "spiffe://cirrus.local/svc/compute-agent/host/{}",
-                common::HOST
-            ),
+            &format!("spiffe://cirrus.local/svc/compute-agent/host/{}", mesh.host),
         )
         .unwrap(),
         cache: ImageCache::new(state.join("images"), 1 << 30),
@@ -38,12 +35,12 @@ fn env(mesh: &common::Mesh, state: &std::path::Path) -> Env {
     }
 }
 
-fn spec(id: Uuid, name: &str, image: &str) -> pb::BuildSpec {
+fn spec(host: &str, id: Uuid, name: &str, image: &str) -> pb::BuildSpec {
     pb::BuildSpec {
         server_id: id.to_string(),
         name: name.into(),
         project_id: "p".into(),
-        host: common::HOST.into(),
+        host: host.into(),
         attempt: 1,
         vcpus: 1,
         ram_mb: 256,
@@ -90,10 +87,10 @@ async fn real_tcg_guest_boots_from_the_image_service_and_reads_its_config_drive(
 
     let id = Uuid::new_v4();
     let name = format!("guest-{}", &id.to_string()[..8]);
-    let spec = spec(id, &name, &image);
+    let spec = spec(&mesh.host, id, &name, &image);
     let dir = saga::server_dir(state.path(), id);
     let ctx = Ctx {
-        host: common::HOST,
+        host: &mesh.host,
         id,
         spec: &spec,
         journal: std::sync::Mutex::new(saga::load_journal(&dir)),
@@ -158,14 +155,17 @@ async fn concurrent_guest_builds_of_one_image_share_one_cached_base() {
     let env = env(&mesh, state.path());
     let lv = open_libvirt().await;
     let ids = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
-    let specs: Vec<_> = ids.iter().map(|id| spec(*id, "same", &image)).collect();
+    let specs: Vec<_> = ids
+        .iter()
+        .map(|id| spec(&mesh.host, *id, "same", &image))
+        .collect();
     let ctxs: Vec<Ctx> = ids
         .iter()
         .zip(&specs)
         .map(|(id, spec)| {
             let dir = saga::server_dir(state.path(), *id);
             Ctx {
-                host: common::HOST,
+                host: &mesh.host,
                 id: *id,
                 spec,
                 journal: std::sync::Mutex::new(saga::load_journal(&dir)),
@@ -197,10 +197,10 @@ async fn concurrent_guest_builds_of_one_image_share_one_cached_base() {
 
     // Without the user's token the image service refuses the agent, clearly.
     let id = Uuid::new_v4();
-    let spec = spec(id, "anon", &image);
+    let spec = spec(&mesh.host, id, "anon", &image);
     let dir = saga::server_dir(state.path(), id);
     let ctx = Ctx {
-        host: common::HOST,
+        host: &mesh.host,
         id,
         spec: &spec,
         journal: std::sync::Mutex::new(saga::load_journal(&dir)),
@@ -215,4 +215,111 @@ async fn concurrent_guest_builds_of_one_image_share_one_cached_base() {
         "{}",
         e.message
     );
+}
+
+/// The ports step on the real network service and this host's real network
+/// agent: the port made for the server is bound here, the guest's NIC is an
+/// OVS interface on the agent's bridge carrying the port id, the guest
+/// starts paused and resumes once the port is ACTIVE, and DHCP gives it the
+/// port's fixed IP. Unwinding deletes the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_tcg_guest_on_an_ovs_port_gets_its_fixed_ip_by_dhcp() {
+    use proto::network::v1 as npb;
+    let files = common::guest_files();
+    let mesh = common::Mesh::start_with(true).await;
+    let _net_host = common::NetworkHost::start(&mesh.host, mesh.network_url.as_ref().unwrap());
+    let image = mesh.upload_tiny_guest(&files).await;
+    let mut net = mesh.networks();
+    let network = net
+        .create_network(common::auth(
+            npb::CreateNetworkRequest {
+                name: format!("n-{}", common::uniq()),
+                ..Default::default()
+            },
+            &mesh.token,
+        ))
+        .await
+        .expect("create network")
+        .into_inner();
+    net.create_subnet(common::auth(
+        npb::CreateSubnetRequest {
+            network_id: network.id.clone(),
+            cidr: "10.77.0.0/24".into(),
+            ..Default::default()
+        },
+        &mesh.token,
+    ))
+    .await
+    .expect("create subnet");
+
+    let state = tempfile::tempdir().unwrap();
+    let env = env(&mesh, state.path());
+    let lv = open_libvirt().await;
+    let id = Uuid::new_v4();
+    let name = format!("net-{}", &id.to_string()[..8]);
+    let mut spec = spec(&mesh.host, id, &name, &image);
+    spec.networks = vec![pb::Network {
+        network_id: network.id.clone(),
+        ..Default::default()
+    }];
+    let dir = saga::server_dir(state.path(), id);
+    let ctx = Ctx {
+        host: &mesh.host,
+        id,
+        spec: &spec,
+        journal: std::sync::Mutex::new(saga::load_journal(&dir)),
+        dir: dir.clone(),
+        libvirt: &lv,
+        env: &env,
+        token: Some(&mesh.token),
+    };
+    // The network agent must be up before a port can be bound to this host.
+    let mut done = Vec::new();
+    for row in &BUILD {
+        done.push(row.step);
+        let mut r = row.step.run(&ctx).await;
+        if row.step == Step::Ports {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while let Err(e) = &r {
+                if tokio::time::Instant::now() > deadline || !e.message.contains("network agent") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                r = row.step.run(&ctx).await;
+            }
+        }
+        if let Err(e) = r {
+            let _ = saga::unwind(&done, &ctx).await;
+            panic!("step {} failed: {}", row.name, e.message);
+        }
+    }
+    let ports = ctx.journal().ports;
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let port = &ports[0];
+    assert!(port.created && port.bound, "{port:?}");
+    assert_eq!(port.bridge, _net_host.bridge);
+    let ip = port.fixed_ips[0].clone();
+    let log = saga::console_log_path(&dir);
+    let wanted = [
+        format!("CIRRUS-GUEST hostname={name}"),
+        format!("CIRRUS-GUEST uuid={id}"),
+        format!("CIRRUS-GUEST ip={ip}/"),
+    ];
+    common::wait_console(&log, &wanted, BOOT).await;
+
+    saga::unwind(&done, &ctx).await.unwrap();
+    saga::remove_server_dir(&dir).await.unwrap();
+    let left = net
+        .list_ports(common::auth(
+            npb::ListPortsRequest {
+                device_id: id.to_string(),
+                ..Default::default()
+            },
+            &mesh.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .ports;
+    assert!(left.is_empty(), "ports outlived their server: {left:?}");
 }

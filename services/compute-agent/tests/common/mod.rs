@@ -24,7 +24,11 @@ use tonic::transport::Channel;
 
 const ADMIN_PASSWORD: &str = "guest-admin-pw";
 const MIB: usize = 1024 * 1024;
-pub const HOST: &str = "h1";
+
+/// A name unique to this test run (host names, bridges, namespaces).
+pub fn uniq() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..6].to_string()
+}
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -57,6 +61,10 @@ async fn listener() -> tokio::net::TcpListener {
 }
 
 pub struct Mesh {
+    /// This host's name (the agent's certificate names it).
+    pub host: String,
+    /// The network service, when started (direct, for its host agent).
+    pub network_url: Option<String>,
     pub pki: tempfile::TempDir,
     pub store: tempfile::TempDir,
     /// The compute agent's sidecar outbound listener.
@@ -81,10 +89,20 @@ impl Drop for Mesh {
 
 impl Mesh {
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `network`: the network service too, behind its sidecar.
+    pub async fn start_with(network: bool) -> Self {
+        let host = format!("h-{}", uniq());
         let pki = tempfile::tempdir().unwrap();
         let ca = certs::Authority::create("test CA", time::Duration::days(1)).unwrap();
         ca.save(pki.path()).unwrap();
-        for (svc, host) in [("image", None), ("compute-agent", Some(HOST))] {
+        for (svc, host) in [
+            ("image", None),
+            ("network", None),
+            ("compute-agent", Some(host.as_str())),
+        ] {
             let pair = ca
                 .issue(
                     &certs::service_id(svc, host).unwrap(),
@@ -197,23 +215,55 @@ impl Mesh {
             }
         }));
 
-        // image's inbound sidecar and the agent's outbound one.
+        let mut dbs = vec![id_db, image_db];
+        let mut network_addr = None;
+        if network {
+            let db = runtime::db::TestDatabase::create().await.unwrap();
+            let mut c = network::Config::default();
+            c.server.listen = "127.0.0.1:0".parse().unwrap();
+            c.server.metrics_listen = None;
+            c.database.url = db.url.clone();
+            c.database.pool_size = 8;
+            c.agent_down_secs = 5;
+            let l = listener().await;
+            network_addr = Some(l.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = network::run(c, l, async {
+                    let _ = stopped.await;
+                })
+                .await
+                {
+                    eprintln!("network stopped: {e:#}");
+                }
+            }));
+            dbs.push(db);
+        }
+
+        // image's (and network's) inbound sidecar and the agent's outbound one.
         let policy = root().join("sidecar/policy");
-        let (image_internal, agent_internal, outbound) =
-            (listener().await, listener().await, listener().await);
+        let (image_internal, agent_internal, outbound, network_internal) = (
+            listener().await,
+            listener().await,
+            listener().await,
+            listener().await,
+        );
         let inbound = image_internal.local_addr().unwrap();
+        let network_inbound = network_internal.local_addr().unwrap();
         let outbound_addr = outbound.local_addr().unwrap();
-        for (svc, policy_file, upstream, internal, out) in [
-            ("image", "image.toml", image_addr, image_internal, None),
-            (
-                "compute-agent",
-                // (The agent serves nothing through its sidecar; any policy.)
-                "conductor.toml",
-                SocketAddr::from(([127, 0, 0, 1], 9)),
-                agent_internal,
-                Some(outbound),
-            ),
-        ] {
+        let mut sidecars = vec![("image", "image.toml", image_addr, image_internal, None)];
+        if let Some(addr) = network_addr {
+            sidecars.push(("network", "network.toml", addr, network_internal, None));
+        }
+        for (svc, policy_file, upstream, internal, out) in sidecars.into_iter().chain([(
+            "compute-agent",
+            // (The agent serves nothing through its sidecar; any policy.)
+            "conductor.toml",
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            agent_internal,
+            Some(outbound),
+        )]) {
             let d = pki.path();
             let config = sidecar::Config {
                 service: svc.into(),
@@ -246,40 +296,48 @@ impl Mesh {
             }));
         }
 
-        // The catalog names image's inbound sidecar.
+        // The catalog names the inbound sidecars.
         let mut catalog = ipb::catalog_client::CatalogClient::new(id_channel);
-        catalog
-            .create_service(auth(
-                ipb::CreateServiceRequest {
-                    name: "image".into(),
-                    r#type: "image".into(),
-                    ..Default::default()
-                },
-                &token,
-            ))
-            .await
-            .unwrap();
-        catalog
-            .create_endpoint(auth(
-                ipb::CreateEndpointRequest {
-                    service: "image".into(),
-                    interface: ipb::Interface::Internal as i32,
-                    url: format!("https://{inbound}"),
-                    ..Default::default()
-                },
-                &token,
-            ))
-            .await
-            .unwrap();
+        let mut entries = vec![("image", inbound)];
+        if network_addr.is_some() {
+            entries.push(("network", network_inbound));
+        }
+        for (name, at) in entries {
+            catalog
+                .create_service(auth(
+                    ipb::CreateServiceRequest {
+                        name: name.into(),
+                        r#type: name.into(),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap();
+            catalog
+                .create_endpoint(auth(
+                    ipb::CreateEndpointRequest {
+                        service: name.into(),
+                        interface: ipb::Interface::Internal as i32,
+                        url: format!("https://{at}"),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap();
+        }
 
         let mesh = Self {
+            host,
+            network_url: network_addr.map(|a| format!("http://{a}")),
             pki,
             store,
             outbound: outbound_addr,
             token,
             stops,
             tasks,
-            _dbs: vec![id_db, image_db],
+            _dbs: dbs,
         };
         let client = mesh.images();
         let token = mesh.token.clone();
@@ -299,6 +357,12 @@ impl Mesh {
         )
         .await;
         mesh
+    }
+
+    /// network through the agent's sidecar.
+    pub fn networks(&self) -> proto::network::v1::networks_client::NetworksClient<Channel> {
+        let ch = runtime::serve::via_sidecar(self.outbound, "network").unwrap();
+        proto::network::v1::networks_client::NetworksClient::new(ch)
     }
 
     /// image through the agent's sidecar.
@@ -396,5 +460,83 @@ pub async fn wait_console(log: &Path, wanted: &[String], bound: Duration) -> Str
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// This host's network agent (OVS bridge, dnsmasq in namespaces), on a
+/// test-unique bridge and namespace prefix; removed on drop.
+pub struct NetworkHost {
+    pub bridge: String,
+    prefix: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl NetworkHost {
+    pub fn start(host: &str, network_url: &str) -> Self {
+        let u = uniq();
+        let dir = tempfile::tempdir().unwrap();
+        let config = network_agent::Config {
+            host: host.into(),
+            network_url: network_url.into(),
+            bridge: format!("bg{u}"),
+            namespace_prefix: format!("cg{u}-"),
+            state_dir: dir.path().join("agent"),
+            heartbeat_secs: 1,
+            sync_wait_ms: 5000,
+            ..network_agent::Config::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let bridge = config.bridge.clone();
+        let prefix = config.namespace_prefix.clone();
+        tokio::spawn(async move {
+            if let Err(e) = network_agent::run(config, async {
+                let _ = rx.await;
+            })
+            .await
+            {
+                eprintln!("network agent stopped: {e:#}");
+            }
+        });
+        Self {
+            bridge,
+            prefix,
+            stop: Some(tx),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for NetworkHost {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        let run = |args: &[&str]| {
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .ok()
+        };
+        if let Some(out) = run(&["ip", "netns", "list"]) {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let Some(ns) = line.split_whitespace().next() else {
+                    continue;
+                };
+                if ns.starts_with(&self.prefix) {
+                    if let Some(p) = run(&["ip", "netns", "pids", ns]) {
+                        for pid in String::from_utf8_lossy(&p.stdout).split_whitespace() {
+                            run(&["kill", "-KILL", pid]);
+                        }
+                    }
+                    run(&["ip", "netns", "del", ns]);
+                }
+            }
+        }
+        run(&[
+            "ovs-vsctl",
+            "--timeout=10",
+            "--if-exists",
+            "del-br",
+            &self.bridge,
+        ]);
     }
 }
