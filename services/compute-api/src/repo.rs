@@ -454,24 +454,35 @@ pub async fn console_log(c: &impl GenericClient, id: Uuid) -> Result<String> {
 
 // ------------------------------------------------------------------- claims
 
-/// Claims `res` on `host` for `server`, if the host is still at `generation`
-/// and has room (with its allocation ratios). False when it changed or is full.
+/// Claims `res` on `host` for `server`, if the host is still at `generation`,
+/// enabled, up (heartbeat within `down_after_secs`) and has room (with its
+/// allocation ratios). False when it changed, went down or is full — so a
+/// caller deciding on a cached view of the hosts never claims wrongly.
 pub async fn claim(
     c: &impl GenericClient,
     server_id: Uuid,
     host: &str,
     generation: i64,
     res: Resources,
+    down_after_secs: f64,
 ) -> Result<bool> {
     let n = c
         .execute(
             "UPDATE hosts SET vcpus_used = vcpus_used + $3, ram_mb_used = ram_mb_used + $4, \
              disk_gb_used = disk_gb_used + $5, generation = generation + 1 \
-             WHERE name = $1 AND generation = $2 \
+             WHERE name = $1 AND generation = $2 AND enabled \
+             AND last_heartbeat > now() - make_interval(secs => $6) \
              AND vcpus_used + $3 <= vcpus * cpu_ratio \
              AND ram_mb_used + $4 <= ram_mb * ram_ratio \
              AND disk_gb_used + $5 <= disk_gb * disk_ratio",
-            &[&host, &generation, &res.vcpus, &res.ram_mb, &res.disk_gb],
+            &[
+                &host,
+                &generation,
+                &res.vcpus,
+                &res.ram_mb,
+                &res.disk_gb,
+                &down_after_secs,
+            ],
         )
         .await?;
     if n == 0 {

@@ -169,10 +169,8 @@ impl Conductor {
 
     pub async fn update_state(&self, c: &Caller, id: Uuid, u: StateUpdate) -> Result<Server> {
         let host = self.host_of(c)?;
-        let current = self.own_server(&host, id).await?;
-        if current.vm_state == vm::DELETED {
-            return Err(Error::precondition(format!("server {id} is deleted")));
-        }
+        // One statement: the guard holds the host check (a miss is explained
+        // below with a read, off the common path).
         let db = self.inner.pool.get().await?;
         let task = u.task_state.as_ref().map(|t| t.as_deref());
         let expected = u.expected_task_state.as_ref().map(|t| t.as_deref());
@@ -203,7 +201,11 @@ impl Conductor {
         match changed {
             Some(s) => Ok(s),
             None => {
+                drop(db);
                 let now = self.own_server(&host, id).await?;
+                if now.vm_state == vm::DELETED {
+                    return Err(Error::precondition(format!("server {id} is deleted")));
+                }
                 Err(Error::precondition(format!(
                     "server {id} is {} with task {}",
                     now.vm_state,
@@ -215,10 +217,12 @@ impl Conductor {
 
     pub async fn build_result(&self, c: &Caller, r: BuildResult) -> Result<Outcome> {
         let host = self.host_of(c)?;
-        let _ = self.own_server(&host, r.id).await?;
         let mut db = self.inner.pool.get().await?;
         let tx = db.transaction().await?;
-        let Some(s) = repo::lock_server(&tx, r.id).await? else {
+        let Some(s) = repo::lock_server(&tx, r.id)
+            .await?
+            .filter(|s| s.host.as_deref() == Some(host.as_str()))
+        else {
             return Err(not_yours(r.id, &host));
         };
         let current = s.host.as_deref() == Some(host.as_str())
@@ -329,7 +333,16 @@ impl Conductor {
             if !h.enabled || !h.up {
                 continue;
             }
-            if repo::claim(tx, s.id, alt, h.generation, s.resources()).await? {
+            if repo::claim(
+                tx,
+                s.id,
+                alt,
+                h.generation,
+                s.resources(),
+                self.down_after(),
+            )
+            .await?
+            {
                 let rest: Vec<String> = s.alternates[i + 1..].to_vec();
                 if repo::replace_server(tx, s.id, alt, &rest, s.attempt)
                     .await?

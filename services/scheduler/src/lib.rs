@@ -45,6 +45,11 @@ pub struct Config {
     pub host_down_after_secs: u64,
     /// How many alternates to record for rescheduling.
     pub alternates: usize,
+    /// How long the in-memory view of the hosts serves placements before
+    /// it is read again (Nova's HostManager cache). Each claim is still
+    /// generation-checked in Postgres (and requires the host enabled and up),
+    /// so a stale view costs a retry, never an over-commit. 0: read per call.
+    pub host_cache_ms: u64,
     pub weights: filters::Weights,
 }
 
@@ -57,6 +62,7 @@ impl Default for Config {
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             host_down_after_secs: 60,
             alternates: 2,
+            host_cache_ms: 500,
             weights: filters::Weights::default(),
         }
     }
@@ -76,6 +82,9 @@ impl runtime::process::Service for Config {
             return Err(ConfigError(
                 "host_down_after_secs must be between 1 and 3600".into(),
             ));
+        }
+        if self.host_cache_ms > 60_000 {
+            return Err(ConfigError("host_cache_ms must be at most 60000".into()));
         }
         if self.alternates > 10 {
             return Err(ConfigError("alternates must be at most 10".into()));

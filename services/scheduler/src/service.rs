@@ -5,10 +5,12 @@
 //! cast `build` to the host's topic.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use compute_api::model::{Cast, CastMessage, NO_VALID_HOST, Server, host_topic, task, vm};
+use compute_api::model::{
+    Cast, CastMessage, Host, NO_VALID_HOST, Resources, Server, host_topic, task, vm,
+};
 use compute_api::repo;
 use deadpool_postgres::Pool;
 use runtime::error::{Error, Result};
@@ -37,6 +39,50 @@ struct Inner {
     pool: Pool,
     config: Config,
     queue: queue_client::Client,
+    hosts: Mutex<HostCache>,
+}
+
+/// The candidate hosts as last read, with this replica's own claims
+/// applied since (Nova's HostState.consume_from_request).
+#[derive(Default)]
+struct HostCache {
+    read_at: Option<Instant>,
+    hosts: Vec<Host>,
+}
+
+impl HostCache {
+    fn fresh(&self, ttl: Duration) -> Option<Vec<Host>> {
+        match self.read_at {
+            Some(t) if t.elapsed() < ttl => Some(self.hosts.clone()),
+            _ => None,
+        }
+    }
+
+    /// A claim this replica made: the host's usage and generation as the
+    /// database now has them (unless another replica moved it too).
+    fn claimed(&mut self, name: &str, generation: i64, r: Resources) {
+        if let Some(h) = self.hosts.iter_mut().find(|h| h.name == name)
+            && h.generation == generation
+        {
+            h.generation += 1;
+            h.vcpus_used += r.vcpus;
+            h.ram_mb_used += r.ram_mb;
+            h.disk_gb_used += r.disk_gb;
+            h.in_flight += 1;
+        }
+    }
+
+    /// A host re-read after a conflict (or gone: `None` drops it).
+    fn refreshed(&mut self, name: &str, fresh: Option<&Host>) {
+        match fresh {
+            Some(f) => {
+                if let Some(h) = self.hosts.iter_mut().find(|h| h.name == name) {
+                    *h = f.clone();
+                }
+            }
+            None => self.hosts.retain(|h| h.name != name),
+        }
+    }
 }
 
 impl Scheduler {
@@ -55,6 +101,7 @@ impl Scheduler {
                 pool,
                 config,
                 queue,
+                hosts: Mutex::new(HostCache::default()),
             }),
         })
     }
@@ -92,9 +139,7 @@ impl Scheduler {
             Some(g) => repo::group_hosts(&db, g, id).await?,
             None => vec![],
         };
-        let hosts = repo::candidate_hosts(&db, self.down_after()).await?;
         drop(db);
-
         let mut ignore_set: HashSet<&str> = ignore.iter().map(String::as_str).collect();
         ignore_set.extend(server.tried_hosts.iter().map(String::as_str));
         let req = Request {
@@ -105,38 +150,66 @@ impl Scheduler {
                 .as_deref()
                 .map(|p| (p, members.into_iter().collect())),
         };
-        let mut passing: Vec<_> = hosts
-            .iter()
-            .filter(|h| filters::check(h, &req).is_ok())
-            .collect();
-        filters::weigh(&mut passing, &req, &self.inner.config.weights);
-        let considered = hosts.len() as u32;
-        let passed = passing.len() as u32;
 
-        let mut chosen = None;
-        for (i, h) in passing.iter().enumerate() {
-            if self.try_claim(&server, &req, &h.name, h.generation).await? {
-                chosen = Some(i);
+        // From the cached view first; when nothing in it can be claimed,
+        // once more from the database (a host registered or freed since the
+        // view was read is then seen before "no valid host" is said).
+        let ttl = Duration::from_millis(self.inner.config.host_cache_ms);
+        let mut placed = None;
+        let (mut considered, mut passed) = (0, 0);
+        for pass in 0..2 {
+            let cached = if pass == 0 {
+                self.cache().fresh(ttl)
+            } else {
+                None
+            };
+            let from_cache = cached.is_some();
+            let hosts = match cached {
+                Some(h) => h,
+                None => {
+                    let db = self.inner.pool.get().await?;
+                    let h = repo::candidate_hosts(&db, self.down_after()).await?;
+                    let mut c = self.cache();
+                    c.read_at = Some(Instant::now());
+                    c.hosts = h.clone();
+                    h
+                }
+            };
+            let mut passing: Vec<_> = hosts
+                .iter()
+                .filter(|h| filters::check(h, &req).is_ok())
+                .collect();
+            filters::weigh(&mut passing, &req, &self.inner.config.weights);
+            considered = hosts.len() as u32;
+            passed = passing.len() as u32;
+            let alternates_of = |i: usize| -> Vec<String> {
+                passing
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .take(self.inner.config.alternates)
+                    .map(|(_, h)| h.name.clone())
+                    .collect()
+            };
+            for (i, h) in passing.iter().enumerate() {
+                let alternates = alternates_of(i);
+                if self
+                    .try_claim(&server, &req, &h.name, h.generation, &alternates)
+                    .await?
+                {
+                    placed = Some((h.name.clone(), alternates));
+                    break;
+                }
+            }
+            if placed.is_some() || !from_cache {
                 break;
             }
         }
         metrics::histogram!("scheduler_decision_seconds").record(started.elapsed().as_secs_f64());
-        let Some(i) = chosen else {
+        let Some((host, alternates)) = placed else {
             self.no_valid_host(&server).await?;
             return Err(Error::exhausted(NO_VALID_HOST));
         };
-        let host = passing[i].name.clone();
-        let alternates: Vec<String> = passing
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .take(self.inner.config.alternates)
-            .map(|(_, h)| h.name.clone())
-            .collect();
-        {
-            let db = self.inner.pool.get().await?;
-            repo::set_alternates(&db, id, &alternates).await?;
-        }
         if !dry_run {
             let cast = CastMessage {
                 cast: Cast::Build {
@@ -168,6 +241,7 @@ impl Scheduler {
         req: &Request<'_>,
         host: &str,
         mut generation: i64,
+        alternates: &[String],
     ) -> Result<bool> {
         for _ in 0..CLAIM_RETRIES {
             let mut db = self.inner.pool.get().await?;
@@ -192,8 +266,18 @@ impl Scheduler {
                 }
                 generation = h.generation;
             }
-            if repo::claim(&tx, server.id, host, generation, req.resources).await? {
-                if repo::place_server(&tx, server.id, host, &[])
+            if repo::claim(
+                &tx,
+                server.id,
+                host,
+                generation,
+                req.resources,
+                self.down_after(),
+            )
+            .await?
+            {
+                // The host and its alternates in the claim's transaction.
+                if repo::place_server(&tx, server.id, host, alternates)
                     .await?
                     .is_none()
                 {
@@ -204,13 +288,19 @@ impl Scheduler {
                     )));
                 }
                 tx.commit().await?;
+                self.cache().claimed(host, generation, req.resources);
                 return Ok(true);
             }
             drop(tx);
             let db = self.inner.pool.get().await?;
-            let Some(h) = repo::get_host(&db, host, self.down_after()).await? else {
+            let fresh = repo::get_host(&db, host, self.down_after()).await?;
+            self.cache().refreshed(host, fresh.as_ref());
+            let Some(h) = fresh else {
                 return Ok(false);
             };
+            if !h.enabled || !h.up {
+                return Ok(false);
+            }
             if filters::check(&h, req).is_err() {
                 return Ok(false);
             }
@@ -218,6 +308,15 @@ impl Scheduler {
             metrics::counter!("scheduler_claim_conflicts_total").increment(1);
         }
         Ok(false)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HostCache> {
+        // A panic while holding it cannot leave the view half-written in a
+        // way that matters: every claim is re-checked by the database.
+        self.inner
+            .hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn no_valid_host(&self, server: &Server) -> Result<()> {
