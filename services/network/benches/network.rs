@@ -102,7 +102,11 @@ async fn main() {
         );
     }
 
-    // Bind → ACTIVE and DHCP, with a real agent on its own bridge.
+    // Bind → ACTIVE and DHCP, with a real agent on its own bridge, in
+    // another project: project A's default group now has 4,000 members, and
+    // its remote-group rule expands to one flow per member per port (see the
+    // README: conjunctive matches are not done yet).
+    let a = runtime::testing::member_b();
     let host = Host::start(&cloud.url()).await;
     cloud.wait_agent(host.host()).await;
     let dnet = cloud.network(&a, "bench-dhcp").await;
