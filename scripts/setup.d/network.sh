@@ -23,3 +23,10 @@ if ! ovs-vsctl --timeout=2 show >/dev/null 2>&1; then
   /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >/dev/null
 fi
 ovs-vsctl --timeout=5 show >/dev/null
+
+# The agent reads and writes OVSDB over its JSON-RPC socket (agent config
+# `ovsdb_socket`, this path by default).
+test -S /var/run/openvswitch/db.sock || {
+  echo "setup: no OVSDB socket at /var/run/openvswitch/db.sock" >&2
+  exit 1
+}
