@@ -39,6 +39,10 @@ pub fn layer(service: &str, side: Side) -> ObserveLayer {
         service: service.into(),
         side,
         handles: Arc::default(),
+        // Spans are exported only with an OTLP endpoint (runtime::telemetry);
+        // without one, a span per request at the default `info` filter is
+        // pure cost (the log formatter records its fields), so it is `debug`.
+        traced: std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some(),
     }
 }
 
@@ -54,6 +58,7 @@ pub struct ObserveLayer {
     service: Arc<str>,
     side: Side,
     handles: Handles,
+    traced: bool,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -64,6 +69,7 @@ impl<S> Layer<S> for ObserveLayer {
             service: self.service.clone(),
             side: self.side,
             handles: self.handles.clone(),
+            traced: self.traced,
         }
     }
 }
@@ -74,6 +80,8 @@ pub struct Observe<S> {
     service: Arc<str>,
     side: Side,
     handles: Handles,
+    /// Per-request spans at `info` (exported) rather than `debug`.
+    traced: bool,
 }
 
 impl<S> Service<Req> for Observe<S>
@@ -98,10 +106,18 @@ where
             (Side::Inbound, _) => "public",
         };
         let method: Arc<str> = super::method::of(req.uri()).unwrap_or("unknown").into();
-        let span = match self.side {
-            Side::Inbound => tracing::info_span!("inbound", service = %self.service, %method,
-                peer = %peer.map_or("", |p| &*p.id), listener),
-            Side::Outbound => tracing::info_span!("outbound", from = %self.service, %method),
+        let peer_id = peer.map_or("", |p| &*p.id);
+        let span = match (self.side, self.traced) {
+            (Side::Inbound, true) => tracing::info_span!("inbound", service = %self.service,
+                %method, peer = %peer_id, listener),
+            (Side::Inbound, false) => tracing::debug_span!("inbound", service = %self.service,
+                %method, peer = %peer_id, listener),
+            (Side::Outbound, true) => {
+                tracing::info_span!("outbound", from = %self.service, %method)
+            }
+            (Side::Outbound, false) => {
+                tracing::debug_span!("outbound", from = %self.service, %method)
+            }
         };
         let service = self.service.clone();
         let handles = self.handles.clone();
