@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use proto::compute::v1 as pb;
 use proto::compute::v1::servers_client::ServersClient;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::api::{Api, COMPUTE, NETWORK, image_id, join, pick};
@@ -102,6 +103,10 @@ pub enum ServerCmd {
         server: String,
     },
     Resume {
+        server: String,
+    },
+    /// An interactive serial console: stdin goes to the guest, its output to stdout.
+    Console {
         server: String,
     },
     /// The tail of the server's serial console.
@@ -426,6 +431,7 @@ pub async fn run(cmd: ServerCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ServerCmd::Console { server } => console(&api, &server).await,
         ServerCmd::Start { server } => action(&api, ctx, &server, Action::Start).await,
         ServerCmd::Stop { server } => action(&api, ctx, &server, Action::Stop).await,
         ServerCmd::Pause { server } => action(&api, ctx, &server, Action::Pause).await,
@@ -462,5 +468,48 @@ async fn action(api: &Api, ctx: &Ctx<'_>, server: &str, a: Action) -> anyhow::Re
         "{verb} server {server} (vm_state {}, task_state {})",
         s.vm_state, s.task_state
     ));
+    Ok(())
+}
+
+/// Pipes stdin to the server's serial console (`AttachConsole`, a bidi
+/// stream) and its output to stdout, until either side closes.
+async fn console(api: &Api, server: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let id = find(api, server).await?.id;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsoleInput>(16);
+    tx.send(pb::ConsoleInput {
+        server_id: id,
+        data: Vec::new(),
+    })
+    .await?;
+    // Standard input is read on a thread of its own (a blocking read).
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = pb::ConsoleInput {
+                        server_id: String::new(),
+                        data: buf[..n].to_vec(),
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut r = api.req(ReceiverStream::new(rx));
+    // A console stays open as long as its user wants.
+    r.set_timeout(Duration::from_secs(7 * 24 * 3600));
+    let mut output = client(api).attach_console(r).await?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = output.message().await? {
+        stdout.write_all(&chunk.data)?;
+        stdout.flush()?;
+    }
     Ok(())
 }

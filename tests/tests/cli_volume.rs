@@ -1,0 +1,162 @@
+//! The volume nouns of the CLI (`volume`, `snapshot`) against a cloud from
+//! `cirrus up`: real binaries, real Postgres, real qemu-img, the public
+//! endpoint through the catalog.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use runtime::db::TestDatabase;
+use serde_json::Value;
+use tests::*;
+
+async fn json(c: &Cloud, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-f", "json"]);
+    let out = c.admin_ok(&a).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cirrus {args:?}: {e}: {out}"))
+}
+
+/// Runs a command that must fail; its one line of stderr.
+async fn fails(c: &Cloud, args: &[&str]) -> String {
+    let o = c.admin(args).await;
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "cirrus {args:?} succeeded: {}",
+        stdout(&o)
+    );
+    assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err}");
+    err
+}
+
+/// Runs `cirrus ARGS -f json` until `done` holds of its answer (at most 60 s).
+async fn until(c: &Cloud, args: &[&str], done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = json(c, args).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cirrus {args:?} never got there; last: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn volumes_and_snapshots_by_name() {
+    let db = TestDatabase::create().await.unwrap();
+    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
+    let o = cloud.start_with(&["--driver", "test"]).await;
+    assert!(o.status.success(), "up: {}{}", stdout(&o), stderr(&o));
+
+    // An empty volume, waited for.
+    let v = json(
+        &cloud,
+        &[
+            "volume",
+            "create",
+            "data",
+            "--size",
+            "1",
+            "--wait",
+            "--property",
+            "tier=gold",
+        ],
+    )
+    .await;
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(v["size"], "1");
+    assert_eq!(v["properties"], "tier=gold");
+    let id = v["id"].as_str().unwrap().to_string();
+    let names = cloud
+        .admin_ok(&[
+            "volume", "list", "-f", "value", "-c", "Name", "-c", "Status",
+        ])
+        .await;
+    assert!(names.lines().any(|l| l == "data available"), "{names}");
+    assert_eq!(
+        json(&cloud, &["volume", "show", "data"]).await["id"],
+        id.as_str()
+    );
+
+    // Extend by name; it is available again at the new size.
+    cloud
+        .admin_ok(&["volume", "extend", "data", "--size", "2"])
+        .await;
+    until(&cloud, &["volume", "show", "data"], |v| {
+        v["status"] == "available" && v["size"] == "2"
+    })
+    .await;
+
+    // A snapshot of it, by the volume's name.
+    let s = json(
+        &cloud,
+        &[
+            "snapshot",
+            "create",
+            "data-snap",
+            "--volume",
+            "data",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(s["status"], "available", "{s}");
+    assert_eq!(s["volume_id"], id.as_str());
+    assert_eq!(s["size"], "2");
+    let list = json(&cloud, &["snapshot", "list", "--volume", "data"]).await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // A volume from the snapshot (its size by default).
+    let copy = json(
+        &cloud,
+        &[
+            "volume",
+            "create",
+            "copy",
+            "--snapshot",
+            "data-snap",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(copy["status"], "available", "{copy}");
+    assert_eq!(copy["source_snapshot_id"], s["id"]);
+    assert_eq!(copy["size"], "2");
+
+    // What a user gets wrong: one line each, non-zero.
+    let err = fails(&cloud, &["volume", "create", "x", "--image", "nosuch"]).await;
+    assert_eq!(err.trim(), "cirrus: NOT_FOUND: no image named \"nosuch\"");
+    let err = fails(&cloud, &["volume", "create", "x"]).await;
+    assert!(err.contains("--size is required"), "{err}");
+    let err = fails(&cloud, &["volume", "show", "nosuch"]).await;
+    assert_eq!(err.trim(), "cirrus: NOT_FOUND: no volume named \"nosuch\"");
+    let err = fails(&cloud, &["volume", "extend", "data", "--size", "1"]).await;
+    assert!(err.starts_with("cirrus: INVALID_ARGUMENT"), "shrink: {err}");
+    let err = fails(&cloud, &["volume", "delete", "data"]).await;
+    assert!(
+        err.starts_with("cirrus: FAILED_PRECONDITION"),
+        "has a snapshot: {err}"
+    );
+    let err = fails(&cloud, &["snapshot", "create", "x", "--volume", "nosuch"]).await;
+    assert!(err.contains("no volume named \"nosuch\""), "{err}");
+
+    // Tear down by name; the names are gone.
+    cloud.admin_ok(&["volume", "delete", "copy"]).await;
+    cloud.admin_ok(&["snapshot", "delete", "data-snap"]).await;
+    until(&cloud, &["snapshot", "list", "--volume", "data"], |l| {
+        l.as_array().is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let out = cloud.admin_ok(&["volume", "delete", "data"]).await;
+    assert!(out.contains("deleted volume data"), "{out}");
+    until(&cloud, &["volume", "list"], |l| {
+        l.as_array()
+            .is_some_and(|a| a.iter().all(|v| v["name"] != "data" && v["name"] != "copy"))
+    })
+    .await;
+    cloud.down().await;
+}
