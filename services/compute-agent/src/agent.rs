@@ -336,6 +336,8 @@ impl Agent {
                     fault_code: 500,
                     fault_message: e.message,
                     reschedulable: e.reschedulable,
+                    // Carried on to the next host's build cast.
+                    token: token.unwrap_or_default().to_string(),
                     ..Default::default()
                 })
                 .await?;
@@ -581,7 +583,8 @@ impl Agent {
     /// Live attach of a data volume (the cast's agent side): the volume is
     /// reserved and connected, plugged into the running guest and its
     /// definition (libvirt live + config), then completed; a failed plug
-    /// rolls the attachment back.
+    /// rolls the attachment back. The end goes to conductor (the server's
+    /// volume mapping); if conductor no longer wants it (stale), it is undone.
     async fn attach_volume(
         &self,
         id: Uuid,
@@ -590,11 +593,22 @@ impl Agent {
     ) -> Result<(), Status> {
         let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
         let ctx = self.ctx(id, &spec, token);
-        match crate::steps::attach_volume(&ctx, volume_id).await {
-            Ok(dev) => {
-                self.console(id, format!("volume {volume_id} attached as /dev/{dev}"))
-                    .await;
-                Ok(())
+        let report = match crate::steps::attach_volume(&ctx, volume_id).await {
+            Ok(rec) => {
+                self.console(
+                    id,
+                    format!("volume {volume_id} attached as /dev/{}", rec.dev),
+                )
+                .await;
+                pb::ReportVolumeAttachmentRequest {
+                    server_id: id.to_string(),
+                    volume_id: volume_id.to_string(),
+                    op: "attach".into(),
+                    ok: true,
+                    device: rec.dev,
+                    attachment_id: rec.id,
+                    ..Default::default()
+                }
             }
             Err(e) => {
                 tracing::warn!(server = %id, volume = volume_id, error = %e.message, "attach failed");
@@ -603,9 +617,23 @@ impl Agent {
                     format!("attaching volume {volume_id} failed: {}", e.message),
                 )
                 .await;
-                Ok(())
+                pb::ReportVolumeAttachmentRequest {
+                    server_id: id.to_string(),
+                    volume_id: volume_id.to_string(),
+                    op: "attach".into(),
+                    ok: false,
+                    fault_message: e.message,
+                    ..Default::default()
+                }
             }
+        };
+        let ok = report.ok;
+        let outcome = self.inner.conductor.volume_result(report).await?;
+        if ok && outcome == "stale" {
+            tracing::info!(server = %id, volume = volume_id, "attach no longer wanted; detaching");
+            let _ = crate::steps::detach_volume(&ctx, volume_id).await;
         }
+        Ok(())
     }
 
     async fn detach_volume(
@@ -616,11 +644,11 @@ impl Agent {
     ) -> Result<(), Status> {
         let spec = self.inner.conductor.build_spec(&id.to_string()).await?;
         let ctx = self.ctx(id, &spec, token);
-        match crate::steps::detach_volume(&ctx, volume_id).await {
+        let (ok, fault) = match crate::steps::detach_volume(&ctx, volume_id).await {
             Ok(()) => {
                 self.console(id, format!("volume {volume_id} detached"))
                     .await;
-                Ok(())
+                (true, String::new())
             }
             Err(e) => {
                 tracing::warn!(server = %id, volume = volume_id, error = %e.message, "detach failed");
@@ -629,9 +657,21 @@ impl Agent {
                     format!("detaching volume {volume_id} failed: {}", e.message),
                 )
                 .await;
-                Ok(())
+                (false, e.message)
             }
-        }
+        };
+        self.inner
+            .conductor
+            .volume_result(pb::ReportVolumeAttachmentRequest {
+                server_id: id.to_string(),
+                volume_id: volume_id.to_string(),
+                op: "detach".into(),
+                ok,
+                fault_message: fault,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
     }
 
     fn forget_console(&self, id: Uuid) {

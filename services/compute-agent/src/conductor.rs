@@ -100,4 +100,19 @@ impl Conductor {
         self.client.clone().append_console_log(r).await?;
         Ok(())
     }
+
+    /// The end of an `attach_volume` / `detach_volume` cast; the outcome
+    /// (attached, detached, failed, stale).
+    pub async fn volume_result(
+        &self,
+        r: pb::ReportVolumeAttachmentRequest,
+    ) -> Result<String, Status> {
+        Ok(self
+            .client
+            .clone()
+            .report_volume_attachment(self.req(r))
+            .await?
+            .into_inner()
+            .outcome)
+    }
 }

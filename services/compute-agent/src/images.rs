@@ -282,3 +282,42 @@ async fn virtual_size(p: &Path) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.get("virtual-size")?.as_u64()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn base(dir: &Path, name: &str, len: usize, age_s: u64) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![0u8; len]).unwrap();
+        let f = std::fs::File::options().append(true).open(&p).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .unwrap();
+        p
+    }
+
+    /// Over its bound, the cache drops the least recently used bases that no
+    /// server stands on, and stops as soon as it fits.
+    #[tokio::test]
+    async fn eviction_drops_the_least_recently_used_unused_bases_until_it_fits() {
+        let d = tempfile::tempdir().unwrap();
+        let oldest = base(d.path(), &"a".repeat(64), 400, 300);
+        let old_in_use = base(d.path(), &"b".repeat(64), 400, 200);
+        let older = base(d.path(), &"c".repeat(64), 400, 100);
+        let newest = base(d.path(), &"d".repeat(64), 400, 0);
+        // A download in progress is never counted or removed.
+        let part = base(d.path(), &format!("{}.part", "e".repeat(64)), 400, 500);
+        let cache = ImageCache::new(d.path().to_path_buf(), 1000);
+        cache.evict(std::slice::from_ref(&old_in_use)).await;
+        assert!(!oldest.exists());
+        assert!(old_in_use.exists());
+        assert!(!older.exists());
+        assert!(newest.exists());
+        assert!(part.exists());
+        // Within the bound nothing goes.
+        cache.evict(&[]).await;
+        assert!(old_in_use.exists() && newest.exists());
+    }
+}

@@ -532,7 +532,7 @@ pub async fn undo_volumes(c: &Ctx<'_>) -> Result<(), StepError> {
 /// Live attach (Nova's `attach_volume`): reserve + connect, plug the disk
 /// into the running guest and its definition, complete; a failed plug rolls
 /// the attachment back.
-pub async fn attach_volume(c: &Ctx<'_>, volume_id: &str) -> Result<String, StepError> {
+pub async fn attach_volume(c: &Ctx<'_>, volume_id: &str) -> Result<AttachmentRecord, StepError> {
     let mut vol = volume(c)?;
     let lv = c.libvirt.clone();
     let id = c.id;
@@ -560,7 +560,7 @@ pub async fn attach_volume(c: &Ctx<'_>, volume_id: &str) -> Result<String, StepE
         return Err(fail(format!("libvirt: {e}")));
     }
     complete(c, &mut vol, &rec).await?;
-    Ok(rec.dev)
+    Ok(rec)
 }
 
 /// Live detach: unplug from the guest and its definition, then delete the attachment.
