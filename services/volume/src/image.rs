@@ -30,6 +30,11 @@ use uuid::Uuid;
 
 use crate::model::Format;
 
+/// HTTP/2 receive windows and largest frame of the image client (see [`Images::new`]).
+const STREAM_WINDOW: u32 = 32 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+const MAX_FRAME: u32 = 1024 * 1024 + 64;
+
 /// Where the image service is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -93,6 +98,14 @@ impl Images {
                 tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| format!("image.url {url:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
+                    // A download is one long stream of 1 MiB messages: with
+                    // HTTP/2's default windows and 16 KiB frames the image
+                    // server waits for a WINDOW_UPDATE every few frames.
+                    // Large windows keep it sending; 1 MiB frames carry a
+                    // chunk in one frame.
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
                     .connect_lazy(),
                 true,
             ),

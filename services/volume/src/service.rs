@@ -291,50 +291,59 @@ impl Volumes {
             ));
         }
 
-        let mut c = self.inner.pool.get().await?;
-        let tx = c.transaction().await?;
-        repo::lock_project(&tx, &project).await?;
-        self.check_quota(&tx, &project, 1, size_gb, 0).await?;
-        if let Source::Snapshot(id) = new.source
-            && repo::begin_read(&tx, id).await?.is_none()
-        {
-            return Err(Error::precondition(format!(
-                "snapshot {id} is no longer available"
-            )));
-        }
         let now = time::OffsetDateTime::now_utc();
-        let volume = repo::insert_volume(
-            &tx,
-            &Volume {
-                id: Uuid::new_v4(),
-                name: new.name.map(|n| n.into_string()).unwrap_or_default(),
-                description: new.description,
-                project_id: project,
-                user_id: caller.user_id.clone().unwrap_or_default(),
-                size_gb,
-                status: VolumeStatus::Creating,
-                format,
-                bootable,
-                metadata: new.metadata,
-                source_image_id: match new.source {
-                    Source::Image(id) => Some(id),
-                    _ => None,
-                },
-                source_snapshot_id: match new.source {
-                    Source::Snapshot(id) => Some(id),
-                    _ => None,
-                },
-                attachment_id: None,
-                status_reason: String::new(),
-                created_at: now,
-                updated_at: now,
+        let mut record = Volume {
+            id: Uuid::new_v4(),
+            name: new.name.map(|n| n.into_string()).unwrap_or_default(),
+            description: new.description,
+            project_id: project,
+            user_id: caller.user_id.clone().unwrap_or_default(),
+            size_gb,
+            status: VolumeStatus::Creating,
+            format,
+            bootable,
+            metadata: new.metadata,
+            source_image_id: match new.source {
+                Source::Image(id) => Some(id),
+                _ => None,
             },
-        )
-        .await?;
-        tx.commit().await?;
-        // Not held while waiting: the task needs a connection of its own.
-        drop(c);
-        metrics::counter!("volume_created_total").increment(1);
+            source_snapshot_id: match new.source {
+                Source::Snapshot(id) => Some(id),
+                _ => None,
+            },
+            attachment_id: None,
+            status_reason: String::new(),
+            created_at: now,
+            updated_at: now,
+        };
+
+        if new.source == Source::Empty && new.wait {
+            // An empty volume the caller waits for: the file first (durable,
+            // in place), then one transaction inserts the volume AVAILABLE —
+            // no CREATING row, no second commit, no task. A crash between
+            // the two leaves a file without a row, which the start-up sweep
+            // removes; a refusal (quota) removes it at once. In a task, so
+            // that a caller that goes away cannot cut it in half.
+            record.status = VolumeStatus::Available;
+            let this = self.clone();
+            return tokio::spawn(async move {
+                let id = record.id;
+                this.inner.store.create(id, format, size_gb * GIB).await?;
+                match this.insert_checked(&record, Source::Empty).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        if let Err(d) = this.inner.store.delete_volume(id).await {
+                            tracing::error!(volume = %id, detail = ?d.internal_detail(), "cannot remove the file of a refused create");
+                        }
+                        Err(e)
+                    }
+                }
+            })
+            .await
+            .map_err(|e| Error::internal(format!("volume create task: {e}")))?;
+        }
+
+        let volume = self.insert_checked(&record, new.source).await?;
 
         // The bytes: in a task that outlives this request.
         let this = self.clone();
@@ -347,6 +356,27 @@ impl Volumes {
         }
         task.await
             .map_err(|e| Error::internal(format!("volume build task: {e}")))?
+    }
+
+    /// Inserts a new volume in one transaction with its quota check (under
+    /// the project's lock) and, for a restore, the snapshot's reader count.
+    async fn insert_checked(&self, record: &Volume, source: Source) -> Result<Volume> {
+        let mut c = self.inner.pool.get().await?;
+        let tx = c.transaction().await?;
+        repo::lock_project(&tx, &record.project_id).await?;
+        self.check_quota(&tx, &record.project_id, 1, record.size_gb, 0)
+            .await?;
+        if let Source::Snapshot(id) = source
+            && repo::begin_read(&tx, id).await?.is_none()
+        {
+            return Err(Error::precondition(format!(
+                "snapshot {id} is no longer available"
+            )));
+        }
+        let volume = repo::insert_volume(&tx, record).await?;
+        tx.commit().await?;
+        metrics::counter!("volume_created_total").increment(1);
+        Ok(volume)
     }
 
     /// Makes the bytes of a CREATING volume, then AVAILABLE (or ERROR).

@@ -220,3 +220,83 @@ async fn a_client_that_drops_its_call_never_leaves_a_volume_creating() {
     assert_eq!(status(&v), pb::VolumeStatus::Available, "{v:?}");
     assert_holds(&s.volume_file(&id), &data, GIB);
 }
+
+/// Boot from volume: what the compute agent needs of a volume made from an
+/// image — the bootable flag, and in the attachment's connection info the
+/// file's absolute path and its format, which a disk definition names
+/// (`<source file=…/>`, `<driver type=…/>`). qemu-img, told that format,
+/// reads the image's bytes at that path.
+#[tokio::test]
+async fn a_volume_from_an_image_is_bootable_and_its_connection_info_names_file_and_format() {
+    let s = Server::with_image().await;
+    let images = s.image.as_ref().unwrap();
+    let data = pattern(3 * MIB + 777, 11);
+    let raw = images
+        .upload(&member_a(), ipb::DiskFormat::Raw, &data)
+        .await;
+    let qcow2 = images
+        .upload(&member_a(), ipb::DiskFormat::Qcow2, &qcow2_of(&data))
+        .await;
+    let agent = runtime::caller::Caller {
+        peer: Some("spiffe://cirrus.local/svc/compute-agent/host/h1".into()),
+        ..member_a()
+    };
+    for (img, format, name) in [
+        (&raw, pb::VolumeFormat::Raw, "raw"),
+        (&raw, pb::VolumeFormat::Qcow2, "qcow2"),
+        (&qcow2, pb::VolumeFormat::Raw, "raw"),
+        (&qcow2, pb::VolumeFormat::Qcow2, "qcow2"),
+    ] {
+        let v = s
+            .create(&member_a(), from_image(&img.id, format))
+            .await
+            .unwrap();
+        assert_eq!(status(&v), pb::VolumeStatus::Available, "{v:?}");
+        assert!(v.bootable, "{v:?}");
+        let a = s
+            .client()
+            .create_attachment(req(
+                pb::CreateAttachmentRequest {
+                    volume_id: v.id.clone(),
+                    server_id: format!("boot-{}", v.id),
+                    connector: Some(pb::HostConnector {
+                        host: "h1".into(),
+                        transports: vec![pb::Transport::LocalFile as i32],
+                    }),
+                },
+                &agent,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let info = a.connection_info.unwrap();
+        assert_eq!(info.transport, pb::Transport::LocalFile as i32);
+        assert_eq!(info.format, format as i32);
+        let path = match info.target {
+            Some(pb::connection_info::Target::LocalFile(f)) => std::path::PathBuf::from(f.path),
+            other => panic!("expected a local file, got {other:?}"),
+        };
+        assert!(path.is_absolute(), "{path:?}");
+        assert_eq!(qemu_info(&path)["format"], name);
+        assert_holds(&path, &data, GIB);
+    }
+    // The bootable volumes, as a boot-from-volume picker lists them.
+    let listed = s
+        .client()
+        .list_volumes(req(
+            pb::ListVolumesRequest {
+                bootable: Some(true),
+                ..Default::default()
+            },
+            &member_a(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.volumes.len(), 4);
+    // A caller may say otherwise; an empty volume is not bootable.
+    let mut m = from_image(&raw.id, pb::VolumeFormat::Raw);
+    m.bootable = Some(false);
+    assert!(!s.create(&member_a(), m).await.unwrap().bootable);
+    assert!(!s.create_empty(&member_a(), "data", 1).await.bootable);
+}
