@@ -224,10 +224,7 @@ async fn image(
         if fits && keep.is_none() {
             keep = Some(i.id);
         } else {
-            let req = ipb::DeleteImageRequest {
-                id: i.id.clone(),
-                ..Default::default()
-            };
+            let req = ipb::DeleteImageRequest { id: i.id.clone() };
             c.delete_image(with_token(req, token))
                 .await
                 .with_context(|| format!("removing the stale image {} ({name})", i.id))?;

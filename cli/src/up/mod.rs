@@ -248,8 +248,10 @@ async fn start(
     pki::ensure(state, &site.host)?;
     // The default policies, written once; an operator may edit them.
     std::fs::create_dir_all(state.path("policy"))?;
-    let agent_policy = (services::AGENT_POLICY, services::AGENT_POLICY_TEXT);
-    for (svc, text) in sidecar::policy::DEFAULTS.into_iter().chain([agent_policy]) {
+    for (svc, text) in sidecar::policy::DEFAULTS
+        .into_iter()
+        .chain(services::AGENT_POLICIES)
+    {
         let p = state.path(&format!("policy/{svc}.toml"));
         if !p.exists() {
             std::fs::write(&p, text)?;

@@ -93,7 +93,7 @@ pub const SERVICES: &[Spec] = &[
     Spec {
         name: "network-agent",
         schema: None,
-        policy: AGENT_POLICY,
+        policy: "network-agent",
         listing: Listing::None,
         agent: true,
         slot: 5,
@@ -132,7 +132,7 @@ pub const SERVICES: &[Spec] = &[
     Spec {
         name: "compute-agent",
         schema: None,
-        policy: AGENT_POLICY,
+        policy: "compute-agent",
         listing: Listing::None,
         agent: true,
         slot: 9,
@@ -140,15 +140,38 @@ pub const SERVICES: &[Spec] = &[
     },
 ];
 
-/// The policy of an agent's sidecar: agents serve no API, only health.
-pub const AGENT_POLICY: &str = "agent";
-pub const AGENT_POLICY_TEXT: &str = "\
-# Mesh policy for an agent's sidecar (written by cirrus up): agents serve no
-# API, only health and reflection; everything else is refused (default deny).
+/// The policies of the agents' sidecars (written by `cirrus up`, as the
+/// services' defaults are, once): the network agent serves no API; the
+/// compute agent serves its guests' serial consoles to compute-api only.
+pub const AGENT_POLICIES: [(&str, &str); 2] = [
+    (
+        "network-agent",
+        "\
+# Mesh policy for the network agent's sidecar (written by cirrus up): the
+# agent serves no API, only health and reflection (default deny for the rest).
 [[rule]]
 methods = [\"grpc.health.v1.Health/*\", \"grpc.reflection.v1.ServerReflection/*\", \"grpc.reflection.v1alpha.ServerReflection/*\"]
 token = \"none\"
-";
+",
+    ),
+    (
+        "compute-agent",
+        "\
+# Mesh policy for the compute agent's sidecar (written by cirrus up): health
+# and reflection, and the guests' serial consoles for compute-api only (it
+# has checked the user; the agent checks the server is on its host).
+[[rule]]
+methods = [\"grpc.health.v1.Health/*\", \"grpc.reflection.v1.ServerReflection/*\", \"grpc.reflection.v1alpha.ServerReflection/*\"]
+token = \"none\"
+
+[[rule]]
+methods = [\"conductor.v1.Agent/AttachConsole\"]
+token = \"none\"
+peers = [\"spiffe://cirrus.local/svc/compute-api\"]
+internal_only = true
+",
+    ),
+];
 
 pub fn spec(name: &str) -> Option<&'static Spec> {
     SERVICES.iter().find(|s| s.name == name)
@@ -549,8 +572,11 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_policy_parses_and_allows_only_health() {
-        let p = sidecar::policy::Policy::parse(AGENT_POLICY_TEXT).unwrap();
-        assert_eq!(p.rules.len(), 1);
+    fn the_agent_policies_parse_and_name_each_agent() {
+        for (name, text) in AGENT_POLICIES {
+            let p = sidecar::policy::Policy::parse(text).unwrap();
+            assert!(!p.rules.is_empty(), "{name}");
+            assert!(spec(name).is_some_and(|s| s.agent && s.policy == name));
+        }
     }
 }
