@@ -105,6 +105,28 @@ pub enum ServerCmd {
     Resume {
         server: String,
     },
+    /// Attaches a volume to a running, paused or stopped server (live when running).
+    AttachVolume {
+        server: String,
+        /// Volume name or id.
+        volume: String,
+        /// Return once the host attached it (non-zero if the attach failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Detaches a volume from a server.
+    DetachVolume {
+        server: String,
+        /// Volume name or id.
+        volume: String,
+        /// Return once the host detached it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The volumes attached to a server.
+    Volumes {
+        server: String,
+    },
     /// An interactive serial console: stdin goes to the guest, its output to stdout.
     Console {
         server: String,
@@ -431,6 +453,22 @@ pub async fn run(cmd: ServerCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ServerCmd::AttachVolume {
+            server,
+            volume,
+            wait,
+        } => attach_volume(&api, ctx, &server, &volume, true, wait).await,
+        ServerCmd::DetachVolume {
+            server,
+            volume,
+            wait,
+        } => attach_volume(&api, ctx, &server, &volume, false, wait).await,
+        ServerCmd::Volumes { server } => {
+            let id = find(&api, &server).await?.id;
+            let r = api.req(pb::ServerRef { id });
+            let all = c.list_volume_attachments(r).await?.into_inner().attachments;
+            ctx.out.list(&all)
+        }
         ServerCmd::Console { server } => console(&api, &server).await,
         ServerCmd::Start { server } => action(&api, ctx, &server, Action::Start).await,
         ServerCmd::Stop { server } => action(&api, ctx, &server, Action::Stop).await,
@@ -438,6 +476,84 @@ pub async fn run(cmd: ServerCmd, ctx: &Ctx<'_>) -> anyhow::Result<()> {
         ServerCmd::Unpause { server } => action(&api, ctx, &server, Action::Unpause).await,
         ServerCmd::Suspend { server } => action(&api, ctx, &server, Action::Suspend).await,
         ServerCmd::Resume { server } => action(&api, ctx, &server, Action::Resume).await,
+    }
+}
+
+record!(pb::VolumeAttachment, |a| {
+    "Volume ID": a.volume_id, "Status": a.status, "Device": a.device,
+    "Attachment ID": a.attachment_id, "Server ID": a.server_id, "Created At": ts(a.created_at),
+});
+
+/// How long `attach-volume --wait` / `detach-volume --wait` wait for the host.
+const ATTACH_WAIT: Duration = Duration::from_secs(120);
+
+/// Asks for an attach (or detach); with `wait`, follows the server's
+/// attachments until the host has done it. The host's answer shows in the
+/// attachment list, not in the server's state, so this re-reads the list
+/// (every 250 ms, bounded) rather than watching the server.
+async fn attach_volume(
+    api: &Api,
+    ctx: &Ctx<'_>,
+    server: &str,
+    volume: &str,
+    attach: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let server_id = find(api, server).await?.id;
+    let vapi = Api::open(ctx, crate::api::VOLUME).await?;
+    let volume_id = crate::volume::find(&vapi, volume).await?.id;
+    let mut c = client(api);
+    if attach {
+        let r = pb::AttachVolumeRequest {
+            server_id: server_id.clone(),
+            volume_id: volume_id.clone(),
+        };
+        c.attach_volume(api.req(r)).await?;
+    } else {
+        let r = pb::DetachVolumeRequest {
+            server_id: server_id.clone(),
+            volume_id: volume_id.clone(),
+        };
+        c.detach_volume(api.req(r)).await?;
+    }
+    let verb = if attach { "attach" } else { "detach" };
+    if !wait {
+        ctx.out.done(&format!(
+            "asked to {verb} volume {volume} on server {server}"
+        ));
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + ATTACH_WAIT;
+    loop {
+        let r = api.req(pb::ServerRef {
+            id: server_id.clone(),
+        });
+        let all = c.list_volume_attachments(r).await?.into_inner().attachments;
+        let mine = all.iter().find(|a| a.volume_id == volume_id);
+        match (attach, mine) {
+            (true, Some(a)) if a.status == "attached" => {
+                ctx.out.done(&format!(
+                    "attached volume {volume} to server {server} as {}",
+                    a.device
+                ));
+                return Ok(());
+            }
+            (true, None) => anyhow::bail!(
+                "the host could not attach volume {volume} to server {server} \
+                 (see `cirrus server show {server}` and the volume's status)"
+            ),
+            (false, None) => {
+                ctx.out
+                    .done(&format!("detached volume {volume} from server {server}"));
+                return Ok(());
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            let seen = mine.map_or("no attachment".to_string(), |a| a.status.clone());
+            anyhow::bail!("volume {volume} on server {server}: still {seen} after {ATTACH_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -745,10 +745,16 @@ impl Agent {
                 break;
             }
             buf.truncate(n);
-            let text = String::from_utf8_lossy(&buf).replace('\r', "");
+            let text = console_text(&buf);
             if let Err(s) = self.inner.conductor.console(&id.to_string(), text).await {
-                tracing::debug!(server = %id, status = %s, "console log append failed");
-                break;
+                // A refusal of this chunk would stall the log for ever if it
+                // were retried: skip it. Anything else is tried again next round.
+                if s.code() == tonic::Code::InvalidArgument {
+                    tracing::warn!(server = %id, status = %s, "console output refused; skipped");
+                } else {
+                    tracing::debug!(server = %id, status = %s, "console log append failed");
+                    break;
+                }
             }
             sent += n as u64;
         }
@@ -867,4 +873,25 @@ fn time_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     format!("{}.{:03}", now.as_secs(), now.subsec_millis())
+}
+
+/// A guest's serial output as text the console log keeps: its shell writes
+/// terminal escapes (`ESC [6n`) and carriage returns, and conductor keeps
+/// text without control characters, so all but newlines and tabs go.
+fn console_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_text;
+
+    #[test]
+    fn console_text_keeps_lines_and_drops_terminal_controls() {
+        let raw = b"/ # \x1b[6nCIRRUS-GUEST ip=10.0.0.5/24\r\n\tok\x07\x00\n";
+        assert_eq!(console_text(raw), "/ # [6nCIRRUS-GUEST ip=10.0.0.5/24\n\tok\n");
+    }
 }
