@@ -234,12 +234,13 @@ async fn three_guests_on_two_networks_live_and_leave_nothing() {
     let ids: Vec<String> = futures_util::future::join_all(
         guests
             .iter()
-            .map(|(name, ..)| server_field(&cloud, name, "ID")),
+            .map(|(name, ..)| server_field(&cloud, name, "id")),
     )
     .await;
     for (name, ..) in &guests {
         cloud.admin_ok(&["server", "delete", name, "--wait"]).await;
     }
+    assert!(ids.iter().all(|id| id.len() == 36), "server ids: {ids:?}");
     let domains = virsh(&["list", "--all", "--name"]);
     for id in &ids {
         assert!(
