@@ -892,6 +892,9 @@ mod tests {
     #[test]
     fn console_text_keeps_lines_and_drops_terminal_controls() {
         let raw = b"/ # \x1b[6nCIRRUS-GUEST ip=10.0.0.5/24\r\n\tok\x07\x00\n";
-        assert_eq!(console_text(raw), "/ # [6nCIRRUS-GUEST ip=10.0.0.5/24\n\tok\n");
+        assert_eq!(
+            console_text(raw),
+            "/ # [6nCIRRUS-GUEST ip=10.0.0.5/24\n\tok\n"
+        );
     }
 }
