@@ -137,7 +137,7 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 impl FsStore {
-    /// Opens (creating, mode 0700) the store at `root`; `qemu_img` is the
+    /// Opens (creating) the store at `root`; `qemu_img` is the
     /// program to run.
     pub fn open(root: &Path, qemu_img: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
@@ -145,13 +145,24 @@ impl FsStore {
         let volumes = root.join("volumes");
         let snapshots = root.join("snapshots");
         let tmp = root.join("tmp");
-        for d in [&root, &volumes, &snapshots, &tmp] {
+        // The hypervisor (QEMU as its own user) opens an attached volume by
+        // its path, after libvirt gave the file to it: so the root and the
+        // volumes directory may be traversed (0711), never listed, and each
+        // volume file is 0600. Snapshots and staging stay 0700.
+        for (d, mode) in [
+            (&root, 0o711),
+            (&volumes, 0o711),
+            (&snapshots, 0o700),
+            (&tmp, 0o700),
+        ] {
             std::fs::create_dir_all(d)?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?;
             }
+            #[cfg(not(unix))]
+            let _ = mode;
         }
         Ok(Self {
             volumes,
@@ -288,6 +299,11 @@ impl FsStore {
                 .write(true)
                 .open(&tmp.path)?
                 .sync_all()?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp.path, std::fs::Permissions::from_mode(0o600))?;
+            }
             std::fs::rename(&tmp.path, &dest)?;
             // Renamed: nothing left for the guard to remove.
             tmp.disarm();
