@@ -7,12 +7,10 @@
 //! commits. Waiters poll at a bound as well, so a notice lost while the
 //! listener reconnects delays, never loses, a change.
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use runtime::listen::Listen;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::repo::CHANGES_CHANNEL;
 
@@ -70,51 +68,16 @@ impl Changes {
     }
 }
 
-/// Listens for every replica's changes until the task is aborted.
+/// Listens for every replica's changes until the task is aborted
+/// (`runtime::listen`: bounded steps, ping, reconnect with backoff).
 pub async fn listen(url: String, changes: Changes) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match listen_once(&url, &changes).await {
-            Ok(()) => tracing::warn!("notification connection closed; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "notification connection failed; reconnecting"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn listen_once(url: &str, changes: &Changes) -> Result<(), tokio_postgres::Error> {
-    let mut cfg = tokio_postgres::Config::from_str(url)?;
-    cfg.connect_timeout(Duration::from_secs(5));
-    cfg.application_name("cirrus-network-listener");
-    let (client, mut conn) = cfg.connect(NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<AsyncMessage>(1024);
-    let driver = tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(m) => {
-                    if tx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification connection error");
-                    break;
-                }
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
-        .await?;
-    // Changes may have committed while we were disconnected.
-    changes.bump();
-    while let Some(m) = rx.recv().await {
-        if let AsyncMessage::Notification(_) = m {
+    let listen = Listen::new(url, CHANGES_CHANNEL, "cirrus-network-listener".to_string());
+    listen
+        .run(|_heard| {
+            // A notice, or a (re)connect after which changes may have
+            // committed unheard: either way the waiters look again.
             changes.bump();
-        }
-    }
-    driver.abort();
-    Ok(())
+            std::future::ready(Ok(()))
+        })
+        .await;
 }
