@@ -333,3 +333,44 @@ where
         }
     }
 }
+
+/// `cirrus ARGS -f json` as the cloud's admin, which must succeed, parsed.
+pub async fn json(c: &Cloud, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["-f", "json"]);
+    let out = c.admin_ok(&a).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cirrus {args:?}: {e}: {out}"))
+}
+
+/// Runs a command that must fail; its stderr, which must be one line.
+pub async fn fails(c: &Cloud, args: &[&str]) -> String {
+    let o = c.admin(args).await;
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "cirrus {args:?} succeeded: {}",
+        stdout(&o)
+    );
+    assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err}");
+    err
+}
+
+/// Runs `cirrus ARGS -f json` until `done` holds of its answer (at most 60 s).
+pub async fn until(
+    c: &Cloud,
+    args: &[&str],
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = json(c, args).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cirrus {args:?} never got there; last: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

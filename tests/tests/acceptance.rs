@@ -8,19 +8,10 @@
 use std::time::Duration;
 
 use runtime::db::TestDatabase;
-use serde_json::Value;
 use tests::*;
 
 /// Guests under TCG: an honest bound for boot + DHCP + a few pings.
 const GUEST: Duration = Duration::from_secs(240);
-
-/// `cirrus ARGS -f json` as the admin, parsed.
-async fn json(cloud: &Cloud, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend_from_slice(&["-f", "json"]);
-    let out = cloud.admin_ok(&a).await;
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cirrus {args:?}: {e}: {out}"))
-}
 
 async fn server_field(cloud: &Cloud, server: &str, field: &str) -> String {
     json(cloud, &["server", "show", server]).await[field]

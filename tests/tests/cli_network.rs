@@ -4,28 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use runtime::db::TestDatabase;
-use serde_json::Value;
 use tests::*;
-
-async fn json(c: &Cloud, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-f", "json"]);
-    let out = c.admin_ok(&a).await;
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cirrus {args:?}: {e}: {out}"))
-}
-
-/// Runs a command that must fail; its one line of stderr.
-async fn fails(c: &Cloud, args: &[&str]) -> String {
-    let o = c.admin(args).await;
-    let err = stderr(&o);
-    assert!(
-        !o.status.success(),
-        "cirrus {args:?} succeeded: {}",
-        stdout(&o)
-    );
-    assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err}");
-    err
-}
 
 #[tokio::test]
 async fn networks_subnets_ports_and_security_groups_by_name() {
