@@ -8,6 +8,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../../target/guest}"
 mkdir -p "$out"
+# Tests build it on first use, several at once on a clean clone: one at a
+# time (the others then find it built).
+exec 9>"$out/.lock"
+flock 9
 
 need=()
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
