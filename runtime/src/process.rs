@@ -377,35 +377,8 @@ pub async fn serve_unix_with(
     shutdown: impl Future<Output = ()> + Send,
     options: crate::serve::ServeOptions,
 ) -> Result<(), crate::serve::ServeError> {
-    use tonic_health::ServingStatus;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    for name in health_names {
-        reporter
-            .set_service_status(*name, ServingStatus::Serving)
-            .await;
-    }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let mut server = tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .max_concurrent_streams(Some(256))
-        .initial_stream_window_size(options.stream_window)
-        .initial_connection_window_size(options.connection_window)
-        .max_frame_size(options.max_frame_size);
-    if let Some(t) = options.request_timeout {
-        server = server.timeout(t);
-    }
-    server
-        .add_routes(routes)
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    crate::serve::router(routes, health_names, options)
+        .await?
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

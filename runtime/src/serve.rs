@@ -76,6 +76,27 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send,
     options: ServeOptions,
 ) -> Result<(), ServeError> {
+    router(routes, health_names, options)
+        .await?
+        // TCP_NODELAY: tonic sets it only on listeners it binds itself.
+        // Without it, small frames (unary answers, stream messages) wait
+        // for the peer's delayed ACK under Nagle's algorithm.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A service's routes with health (every name in `health_names` serving),
+/// reflection and the per-connection bounds of `options`: what [`serve_with`]
+/// and `process::serve_unix_with` serve, on TCP and on a Unix socket.
+pub(crate) async fn router(
+    routes: Routes,
+    health_names: &[&str],
+    options: ServeOptions,
+) -> Result<tonic::transport::server::Router, ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names {
         reporter
@@ -102,20 +123,11 @@ pub async fn serve_with(
     if let Some(t) = options.request_timeout {
         server = server.timeout(t);
     }
-    server
+    Ok(server
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        // TCP_NODELAY: tonic sets it only on listeners it binds itself.
-        // Without it, small frames (unary answers, stream messages) wait
-        // for the peer's delayed ACK under Nagle's algorithm.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
-    Ok(())
+        .add_service(reflection_v1alpha))
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
