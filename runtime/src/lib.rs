@@ -30,6 +30,7 @@ pub mod listen;
 pub mod process;
 pub mod serve;
 pub mod telemetry;
+pub mod trace;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;

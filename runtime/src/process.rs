@@ -388,18 +388,19 @@ pub async fn serve_unix_with(
 }
 
 /// [`crate::serve::via_sidecar`] over the sidecar's outbound Unix socket
-/// (its `[outbound_socket]`): requests are addressed `http://<service>`.
-pub fn via_sidecar_unix(socket: &Path, service: &str) -> Result<tonic::transport::Channel, String> {
+/// (its `[outbound_socket]`): requests are addressed `http://<service>` and
+/// carry the current span's trace context ([`crate::trace`]).
+pub fn via_sidecar_unix(socket: &Path, service: &str) -> Result<crate::trace::Channel, String> {
     let origin: tonic::codegen::http::Uri = format!("http://{service}")
         .parse()
         .map_err(|_| format!("invalid service name {service:?}"))?;
-    Ok(
+    Ok(crate::trace::traced(
         tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
             .map_err(|e| e.to_string())?
             .origin(origin)
             .connect_timeout(std::time::Duration::from_secs(2))
             .connect_lazy(),
-    )
+    ))
 }
 
 /// The `healthcheck` subcommand for a service on a Unix socket.

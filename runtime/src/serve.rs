@@ -113,8 +113,9 @@ pub(crate) async fn router(
         .build_v1alpha()?;
 
     let mut server = Server::builder()
-        // One span per request, named by its gRPC path.
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        // One span per request, named by its gRPC path, continuing the
+        // caller's trace when the request carries a `traceparent`.
+        .trace_fn(crate::trace::request_span)
         // Bound what one connection can ask of us.
         .max_concurrent_streams(Some(256))
         .initial_stream_window_size(options.stream_window)
@@ -181,19 +182,17 @@ pub async fn healthcheck(addr: SocketAddr) -> Result<(), String> {
 
 /// A channel to another service through this workload's sidecar: plaintext to
 /// the sidecar's outbound listener on loopback, addressed `http://<service>`,
-/// which the sidecar resolves through the catalog and dials over mTLS.
-pub fn via_sidecar(
-    outbound: SocketAddr,
-    service: &str,
-) -> Result<tonic::transport::Channel, String> {
+/// which the sidecar resolves through the catalog and dials over mTLS. Each
+/// call carries the current span's trace context ([`crate::trace`]).
+pub fn via_sidecar(outbound: SocketAddr, service: &str) -> Result<crate::trace::Channel, String> {
     let origin: tonic::codegen::http::Uri = format!("http://{service}")
         .parse()
         .map_err(|_| format!("invalid service name {service:?}"))?;
-    Ok(
+    Ok(crate::trace::traced(
         tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
             .map_err(|e| e.to_string())?
             .origin(origin)
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy(),
-    )
+    ))
 }

@@ -1,6 +1,9 @@
 //! Telemetry set-up for a service process: logs through `tracing` (filter with
 //! `RUST_LOG`), spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is
-//! set, and a Prometheus `/metrics` endpoint on its own port.
+//! set, and a Prometheus `/metrics` endpoint on its own port. How a trace
+//! crosses services, sidecars and the queue: [`crate::trace`]. The batch
+//! exporter honours the standard `OTEL_BSP_*` variables (tests set
+//! `OTEL_BSP_SCHEDULE_DELAY` low to see spans soon).
 
 use std::net::SocketAddr;
 
@@ -60,6 +63,10 @@ pub fn init(
     } else {
         None
     };
+    // W3C trace context for anything that asks the global propagator.
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));

@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use runtime::trace::Channel;
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -110,7 +111,7 @@ impl Client {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(Self { channel })
+        Ok(Self::from_channel(channel))
     }
 
     /// A client that reaches the queue through this workload's sidecar: plaintext
@@ -122,9 +123,12 @@ impl Client {
         Ok(Self { channel })
     }
 
-    /// A client over an existing channel (tests, or a caller's own settings).
-    pub fn from_channel(channel: Channel) -> Self {
-        Self { channel }
+    /// A client over an existing channel (tests, or a caller's own settings);
+    /// its calls carry the trace context like every runtime channel's.
+    pub fn from_channel(channel: tonic::transport::Channel) -> Self {
+        Self {
+            channel: runtime::trace::traced(channel),
+        }
     }
 
     pub fn queue(&self) -> QueueClient<Channel> {
