@@ -22,45 +22,22 @@ pub struct PublicKey {
     pub fingerprint: String,
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
+/// Standard base64 (the `base64` crate the workspace already links through
+/// tonic), padded or not.
 pub fn base64(data: &[u8], pad: bool) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..4 {
-            if i < chars {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
+    use ::base64::Engine;
+    if pad {
+        ::base64::engine::general_purpose::STANDARD.encode(data)
+    } else {
+        ::base64::engine::general_purpose::STANDARD_NO_PAD.encode(data)
     }
-    out
 }
 
 fn unbase64(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = B64.iter().position(|&b| b == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use ::base64::Engine;
+    ::base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
 }
 
 fn read_string(blob: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -122,11 +99,31 @@ pub fn parse_public(line: &str) -> Result<PublicKey> {
     })
 }
 
-/// A new Ed25519 pair: the public key and the private key in OpenSSH format.
+/// ring's PKCS#8 v2 document for an Ed25519 key (RFC 8410 with the public
+/// key): this prefix, the 32-byte seed, then the public key.
+const PKCS8_SEED_PREFIX: [u8; 16] = [
+    0x30, 0x53, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A new Ed25519 pair (ring, as the rest of the workspace signs): the public
+/// key and the private key in OpenSSH format.
 pub fn generate(comment: &str) -> Result<(PublicKey, String)> {
-    let kp = ed25519_compact::KeyPair::generate();
-    let pk: &[u8] = kp.pk.as_ref();
-    let sk: &[u8] = kp.sk.as_ref();
+    use ring::rand::SecureRandom;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let failed = |what: &str| Error::internal(format!("key pair generation: {what}"));
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| failed("no randomness"))?;
+    let pkcs8 = pkcs8.as_ref();
+    let seed = match (pkcs8.get(..16), pkcs8.get(16..48)) {
+        (Some(prefix), Some(seed)) if prefix == PKCS8_SEED_PREFIX => seed,
+        _ => return Err(failed("unexpected PKCS#8 layout")),
+    };
+    let kp = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| failed("bad PKCS#8"))?;
+    let pk: &[u8] = kp.public_key().as_ref();
+    // The seed read out of the document belongs to this public key.
+    Ed25519KeyPair::from_seed_and_public_key(seed, pk).map_err(|_| failed("seed mismatch"))?;
+    // OpenSSH's private half: the seed followed by the public key.
+    let sk: Vec<u8> = seed.iter().chain(pk).copied().collect();
     let mut blob = Vec::new();
     put_string(&mut blob, b"ssh-ed25519");
     put_string(&mut blob, pk);
@@ -137,13 +134,15 @@ pub fn generate(comment: &str) -> Result<(PublicKey, String)> {
         line,
     };
 
-    let check = u32::from_be_bytes([sk[0], sk[1], sk[2], sk[3]]);
+    // The check integer (twice) that tells a wrong passphrase: random.
+    let mut check = [0u8; 4];
+    rng.fill(&mut check).map_err(|_| failed("no randomness"))?;
     let mut private = Vec::new();
-    private.extend_from_slice(&check.to_be_bytes());
-    private.extend_from_slice(&check.to_be_bytes());
+    private.extend_from_slice(&check);
+    private.extend_from_slice(&check);
     put_string(&mut private, b"ssh-ed25519");
     put_string(&mut private, pk);
-    put_string(&mut private, sk);
+    put_string(&mut private, &sk);
     put_string(&mut private, comment.as_bytes());
     let mut pad = 1u8;
     while private.len() % 8 != 0 {
@@ -188,6 +187,25 @@ mod tests {
         let parsed = parse_public(&public.line).unwrap();
         assert_eq!(parsed.fingerprint, public.fingerprint);
         assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+        // The private half: seed and public key, and the seed signs for it.
+        let body: String = private
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let body = unbase64(&body).unwrap();
+        let blob = unbase64(public.line.split(' ').nth(1).unwrap()).unwrap();
+        let (_, rest) = read_string(&blob).unwrap();
+        let (pub_raw, _) = read_string(rest).unwrap();
+        let at = body
+            .windows(64)
+            .position(|w| w[32..] == *pub_raw && w[..32] != *pub_raw)
+            .expect("seed || public key in the private half");
+        let seed = &body[at..at + 32];
+        let kp = ring::signature::Ed25519KeyPair::from_seed_and_public_key(seed, pub_raw).unwrap();
+        let sig = kp.sign(b"m");
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pub_raw)
+            .verify(b"m", sig.as_ref())
+            .unwrap();
     }
 
     #[test]

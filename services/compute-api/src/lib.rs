@@ -65,6 +65,9 @@ pub struct Config {
     pub peers: peers::PeersConfig,
     /// The SPIFFE trust domain (names compute-api to agents without a mesh).
     pub trust_domain: String,
+    /// How long an image service answer (an active image, per project)
+    /// serves later creates; 0 asks at every create.
+    pub image_cache_ms: u64,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             host_down_after_secs: 60,
             peers: peers::PeersConfig::default(),
             trust_domain: "cirrus.local".into(),
+            image_cache_ms: 2000,
         }
     }
 }
@@ -97,6 +101,9 @@ impl runtime::process::Service for Config {
             return Err(ConfigError(
                 "host_down_after_secs must be between 1 and 3600".into(),
             ));
+        }
+        if self.image_cache_ms > 60_000 {
+            return Err(ConfigError("image_cache_ms must be at most 60000".into()));
         }
         self.peers
             .validate(self.sidecar_outbound)

@@ -12,6 +12,48 @@ use uuid::Uuid;
 
 use crate::model::*;
 
+/// Every statement through the connection's prepared-statement cache: a
+/// statement given as text is otherwise parsed and described by the server
+/// in a round trip of its own before each execution (tokio-postgres's
+/// unnamed statements), which doubled the round trips of every call. The
+/// SQL here is fixed per call site (values are always parameters), so each
+/// connection caches a bounded set.
+mod sq {
+    use deadpool_postgres::GenericClient;
+    use tokio_postgres::types::ToSql;
+    use tokio_postgres::{Error, Row};
+
+    type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+    pub async fn query(
+        c: &impl GenericClient,
+        sql: &str,
+        p: Params<'_>,
+    ) -> Result<Vec<Row>, Error> {
+        let s = c.prepare_cached(sql).await?;
+        c.query(&s, p).await
+    }
+
+    pub async fn query_opt(
+        c: &impl GenericClient,
+        sql: &str,
+        p: Params<'_>,
+    ) -> Result<Option<Row>, Error> {
+        let s = c.prepare_cached(sql).await?;
+        c.query_opt(&s, p).await
+    }
+
+    pub async fn query_one(c: &impl GenericClient, sql: &str, p: Params<'_>) -> Result<Row, Error> {
+        let s = c.prepare_cached(sql).await?;
+        c.query_one(&s, p).await
+    }
+
+    pub async fn execute(c: &impl GenericClient, sql: &str, p: Params<'_>) -> Result<u64, Error> {
+        let s = c.prepare_cached(sql).await?;
+        c.execute(&s, p).await
+    }
+}
+
 const SERVER_COLUMNS: &str = "id, project_id, user_id, name, flavor_id, flavor_name, vcpus, ram_mb, \
     disk_gb, ephemeral_gb, image_id, image_properties, key_name, public_key, user_data, metadata, \
     networks, block_devices, security_groups, availability_zone, server_group_id, host, alternates, \
@@ -110,42 +152,42 @@ pub async fn insert_server(c: &impl GenericClient, s: &NewServer) -> Result<Serv
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21, \
          'building', 'scheduling', $22) RETURNING {SERVER_COLUMNS}"
     );
-    let row = c
-        .query_one(
-            &sql,
-            &[
-                &s.id,
-                &s.project_id,
-                &s.user_id,
-                &s.name,
-                &s.flavor.id,
-                &s.flavor.name,
-                &s.flavor.vcpus,
-                &s.flavor.ram_mb,
-                &s.flavor.disk_gb,
-                &s.flavor.ephemeral_gb,
-                &s.image_id,
-                &json_of(&s.image_properties),
-                &s.key_name,
-                &s.public_key,
-                &s.user_data,
-                &json_of(&s.metadata),
-                &to_json(&s.networks)?,
-                &to_json(&s.block_devices)?,
-                &to_json(&s.security_groups)?,
-                &s.availability_zone,
-                &s.server_group_id,
-                &s.idempotency_key,
-            ],
-        )
-        .await
-        .map_err(|e| constraint(e, "server", &s.name))?;
+    let row = sq::query_one(
+        c,
+        &sql,
+        &[
+            &s.id,
+            &s.project_id,
+            &s.user_id,
+            &s.name,
+            &s.flavor.id,
+            &s.flavor.name,
+            &s.flavor.vcpus,
+            &s.flavor.ram_mb,
+            &s.flavor.disk_gb,
+            &s.flavor.ephemeral_gb,
+            &s.image_id,
+            &json_of(&s.image_properties),
+            &s.key_name,
+            &s.public_key,
+            &s.user_data,
+            &json_of(&s.metadata),
+            &to_json(&s.networks)?,
+            &to_json(&s.block_devices)?,
+            &to_json(&s.security_groups)?,
+            &s.availability_zone,
+            &s.server_group_id,
+            &s.idempotency_key,
+        ],
+    )
+    .await
+    .map_err(|e| constraint(e, "server", &s.name))?;
     server(&row)
 }
 
 pub async fn get_server(c: &impl GenericClient, id: Uuid) -> Result<Option<Server>> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = $1");
-    c.query_opt(&sql, &[&id])
+    sq::query_opt(c, &sql, &[&id])
         .await?
         .map(|r| server(&r))
         .transpose()
@@ -154,7 +196,7 @@ pub async fn get_server(c: &impl GenericClient, id: Uuid) -> Result<Option<Serve
 /// The server, locked for the rest of the transaction.
 pub async fn lock_server(c: &impl GenericClient, id: Uuid) -> Result<Option<Server>> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = $1 FOR UPDATE");
-    c.query_opt(&sql, &[&id])
+    sq::query_opt(c, &sql, &[&id])
         .await?
         .map(|r| server(&r))
         .transpose()
@@ -168,7 +210,7 @@ pub async fn find_by_idempotency_key(
     let sql = format!(
         "SELECT {SERVER_COLUMNS} FROM servers WHERE project_id = $1 AND idempotency_key = $2"
     );
-    c.query_opt(&sql, &[&project_id, &key])
+    sq::query_opt(c, &sql, &[&project_id, &key])
         .await?
         .map(|r| server(&r))
         .transpose()
@@ -199,21 +241,21 @@ pub async fn list_servers(c: &impl GenericClient, f: &ServerFilter) -> Result<Ve
          AND ($7::uuid IS NULL OR id > $7) \
          ORDER BY id LIMIT $8"
     );
-    let rows = c
-        .query(
-            &sql,
-            &[
-                &f.project_id,
-                &f.name,
-                &f.vm_state,
-                &f.host,
-                &f.flavor_id,
-                &f.image_id,
-                &f.marker,
-                &f.limit,
-            ],
-        )
-        .await?;
+    let rows = sq::query(
+        c,
+        &sql,
+        &[
+            &f.project_id,
+            &f.name,
+            &f.vm_state,
+            &f.host,
+            &f.flavor_id,
+            &f.image_id,
+            &f.marker,
+            &f.limit,
+        ],
+    )
+    .await?;
     rows.iter().map(server).collect()
 }
 
@@ -222,7 +264,7 @@ pub async fn host_servers(c: &impl GenericClient, host: &str) -> Result<Vec<Serv
     let sql = format!(
         "SELECT {SERVER_COLUMNS} FROM servers WHERE host = $1 AND vm_state <> 'deleted' ORDER BY id"
     );
-    let rows = c.query(&sql, &[&host]).await?;
+    let rows = sq::query(c, &sql, &[&host]).await?;
     rows.iter().map(server).collect()
 }
 
@@ -284,28 +326,28 @@ pub async fn change_server(
            AND ($15::int IS NULL OR attempt = $15) \
          RETURNING {SERVER_COLUMNS}"
     );
-    let row = c
-        .query_opt(
-            &sql,
-            &[
-                &id,
-                &change.vm_state,
-                &set_task,
-                &task,
-                &change.power_state,
-                &set_fault,
-                &fault_code,
-                &fault_message,
-                &change.launched,
-                &change.deleted,
-                &vm_states,
-                &check_task,
-                &expect_task,
-                &guard.host,
-                &guard.attempt,
-            ],
-        )
-        .await?;
+    let row = sq::query_opt(
+        c,
+        &sql,
+        &[
+            &id,
+            &change.vm_state,
+            &set_task,
+            &task,
+            &change.power_state,
+            &set_fault,
+            &fault_code,
+            &fault_message,
+            &change.launched,
+            &change.deleted,
+            &vm_states,
+            &check_task,
+            &expect_task,
+            &guard.host,
+            &guard.attempt,
+        ],
+    )
+    .await?;
     row.map(|r| server(&r)).transpose()
 }
 
@@ -323,13 +365,14 @@ pub async fn place_server(
          WHERE id = $1 AND vm_state = 'building' AND task_state = 'scheduling' \
          RETURNING {SERVER_COLUMNS}"
     );
-    let row = c.query_opt(&sql, &[&id, &host, &alternates]).await?;
+    let row = sq::query_opt(c, &sql, &[&id, &host, &alternates]).await?;
     row.map(|r| server(&r)).transpose()
 }
 
 /// Records the hosts a failed build may be retried on.
 pub async fn set_alternates(c: &impl GenericClient, id: Uuid, alternates: &[String]) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "UPDATE servers SET alternates = $2 WHERE id = $1",
         &[&id, &alternates],
     )
@@ -351,9 +394,7 @@ pub async fn replace_server(
          WHERE id = $1 AND vm_state = 'building' AND attempt = $4 \
          RETURNING {SERVER_COLUMNS}"
     );
-    let row = c
-        .query_opt(&sql, &[&id, &host, &alternates, &expect_attempt])
-        .await?;
+    let row = sq::query_opt(c, &sql, &[&id, &host, &alternates, &expect_attempt]).await?;
     row.map(|r| server(&r)).transpose()
 }
 
@@ -368,7 +409,7 @@ pub async fn set_lock(
         "UPDATE servers SET locked = $2, locked_by = $3, locked_reason = $4 WHERE id = $1 \
          RETURNING {SERVER_COLUMNS}"
     );
-    let row = c.query_opt(&sql, &[&id, &locked, &by, &reason]).await?;
+    let row = sq::query_opt(c, &sql, &[&id, &locked, &by, &reason]).await?;
     row.map(|r| server(&r)).transpose()
 }
 
@@ -378,7 +419,7 @@ pub async fn timed_out_builds(c: &impl GenericClient, timeout_secs: f64) -> Resu
         "SELECT {SERVER_COLUMNS} FROM servers WHERE vm_state = 'building' \
          AND build_started_at < now() - make_interval(secs => $1) LIMIT 100"
     );
-    let rows = c.query(&sql, &[&timeout_secs]).await?;
+    let rows = sq::query(c, &sql, &[&timeout_secs]).await?;
     rows.iter().map(server).collect()
 }
 
@@ -396,8 +437,7 @@ pub struct Event {
 }
 
 pub async fn events_after(c: &impl GenericClient, id: Uuid, after: i64) -> Result<Vec<Event>> {
-    let rows = c
-        .query(
+    let rows = sq::query(c,
             "SELECT seq, revision, vm_state, task_state, power_state, fault_code, fault_message, \
              host, locked FROM server_events WHERE server_id = $1 AND seq > $2 ORDER BY seq LIMIT 1000",
             &[&id, &after],
@@ -423,18 +463,19 @@ pub async fn events_after(c: &impl GenericClient, id: Uuid, after: i64) -> Resul
 
 /// The sequence number of the server's latest event.
 pub async fn last_event(c: &impl GenericClient, id: Uuid) -> Result<i64> {
-    let row = c
-        .query_one(
-            "SELECT COALESCE(max(seq), 0) FROM server_events WHERE server_id = $1",
-            &[&id],
-        )
-        .await?;
+    let row = sq::query_one(
+        c,
+        "SELECT COALESCE(max(seq), 0) FROM server_events WHERE server_id = $1",
+        &[&id],
+    )
+    .await?;
     Ok(row.try_get(0)?)
 }
 
 /// Appends to the console log, keeping its last `max` bytes.
 pub async fn append_console(c: &impl GenericClient, id: Uuid, text: &str, max: i32) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "UPDATE servers SET console_log = right(console_log || $2, $3) WHERE id = $1",
         &[&id, &text, &max],
     )
@@ -443,9 +484,7 @@ pub async fn append_console(c: &impl GenericClient, id: Uuid, text: &str, max: i
 }
 
 pub async fn console_log(c: &impl GenericClient, id: Uuid) -> Result<String> {
-    let row = c
-        .query_opt("SELECT console_log FROM servers WHERE id = $1", &[&id])
-        .await?;
+    let row = sq::query_opt(c, "SELECT console_log FROM servers WHERE id = $1", &[&id]).await?;
     Ok(row
         .map(|r| r.try_get::<_, String>(0))
         .transpose()?
@@ -453,6 +492,80 @@ pub async fn console_log(c: &impl GenericClient, id: Uuid) -> Result<String> {
 }
 
 // ------------------------------------------------------------------- claims
+
+/// What [`claim_and_place`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Claimed and placed.
+    Placed,
+    /// The host changed since `generation`, went down or is full: nothing written.
+    HostMoved,
+    /// The server is no longer waiting for a host (deleted, timed out): nothing written.
+    ServerGone,
+}
+
+/// The scheduler's claim in one statement (one round trip, atomic by
+/// itself, inside a transaction or not): lock the server while it waits
+/// for a host, add `res` to `host`'s usage if the host is still at
+/// `generation`, enabled, up and has room (as [`claim`] checks), and only
+/// then record the claim and place the server there with its alternates.
+/// Either all of it is written or none of it. The server row is locked
+/// before the host's, the order conductor's result handling uses.
+pub async fn claim_and_place(
+    c: &impl GenericClient,
+    server_id: Uuid,
+    host: &str,
+    generation: i64,
+    res: Resources,
+    down_after_secs: f64,
+    alternates: &[String],
+) -> Result<Placement> {
+    let row = sq::query_one(
+        c,
+        "WITH srv AS ( \
+           SELECT id FROM servers WHERE id = $1 AND vm_state = 'building' \
+           AND task_state = 'scheduling' FOR UPDATE), \
+         h AS ( \
+           UPDATE hosts SET vcpus_used = vcpus_used + $4::int, \
+             ram_mb_used = ram_mb_used + $5::bigint, disk_gb_used = disk_gb_used + $6::bigint, \
+             generation = generation + 1 \
+           WHERE name = $2 AND generation = $3 AND enabled \
+             AND last_heartbeat > now() - make_interval(secs => $7::float8) \
+             AND vcpus_used + $4::int <= vcpus * cpu_ratio \
+             AND ram_mb_used + $5::bigint <= ram_mb * ram_ratio \
+             AND disk_gb_used + $6::bigint <= disk_gb * disk_ratio \
+             AND EXISTS (SELECT 1 FROM srv) \
+           RETURNING name), \
+         s AS ( \
+           UPDATE servers SET host = $2, alternates = $8, \
+             tried_hosts = array_append(tried_hosts, $2::text), attempt = attempt + 1 \
+           WHERE id IN (SELECT id FROM srv) AND EXISTS (SELECT 1 FROM h) \
+           RETURNING id), \
+         cl AS ( \
+           INSERT INTO claims (server_id, host, vcpus, ram_mb, disk_gb) \
+           SELECT id, $2, $4::int, $5::bigint, $6::bigint FROM s RETURNING server_id) \
+         SELECT (SELECT count(*) FROM srv), (SELECT count(*) FROM cl)",
+        &[
+            &server_id,
+            &host,
+            &generation,
+            &res.vcpus,
+            &res.ram_mb,
+            &res.disk_gb,
+            &down_after_secs,
+            &alternates,
+        ],
+    )
+    .await
+    .map_err(|e| constraint(e, "claim", &server_id.to_string()))?;
+    let waiting: i64 = row.try_get(0)?;
+    let claimed: i64 = row.try_get(1)?;
+    Ok(match (waiting, claimed) {
+        (0, _) => Placement::ServerGone,
+        (_, 0) => Placement::HostMoved,
+        _ => Placement::Placed,
+    })
+}
 
 /// Claims `res` on `host` for `server`, if the host is still at `generation`,
 /// enabled, up (heartbeat within `down_after_secs`) and has room (with its
@@ -466,29 +579,30 @@ pub async fn claim(
     res: Resources,
     down_after_secs: f64,
 ) -> Result<bool> {
-    let n = c
-        .execute(
-            "UPDATE hosts SET vcpus_used = vcpus_used + $3, ram_mb_used = ram_mb_used + $4, \
+    let n = sq::execute(
+        c,
+        "UPDATE hosts SET vcpus_used = vcpus_used + $3, ram_mb_used = ram_mb_used + $4, \
              disk_gb_used = disk_gb_used + $5, generation = generation + 1 \
              WHERE name = $1 AND generation = $2 AND enabled \
              AND last_heartbeat > now() - make_interval(secs => $6) \
              AND vcpus_used + $3 <= vcpus * cpu_ratio \
              AND ram_mb_used + $4 <= ram_mb * ram_ratio \
              AND disk_gb_used + $5 <= disk_gb * disk_ratio",
-            &[
-                &host,
-                &generation,
-                &res.vcpus,
-                &res.ram_mb,
-                &res.disk_gb,
-                &down_after_secs,
-            ],
-        )
-        .await?;
+        &[
+            &host,
+            &generation,
+            &res.vcpus,
+            &res.ram_mb,
+            &res.disk_gb,
+            &down_after_secs,
+        ],
+    )
+    .await?;
     if n == 0 {
         return Ok(false);
     }
-    c.execute(
+    sq::execute(
+        c,
         "INSERT INTO claims (server_id, host, vcpus, ram_mb, disk_gb) VALUES ($1, $2, $3, $4, $5)",
         &[&server_id, &host, &res.vcpus, &res.ram_mb, &res.disk_gb],
     )
@@ -499,18 +613,18 @@ pub async fn claim(
 
 /// Releases the server's claim, if it holds one; the host it was on.
 pub async fn release_claim(c: &impl GenericClient, server_id: Uuid) -> Result<Option<String>> {
-    let row = c
-        .query_opt(
-            "DELETE FROM claims WHERE server_id = $1 RETURNING host, vcpus, ram_mb, disk_gb",
-            &[&server_id],
-        )
-        .await?;
+    let row = sq::query_opt(
+        c,
+        "DELETE FROM claims WHERE server_id = $1 RETURNING host, vcpus, ram_mb, disk_gb",
+        &[&server_id],
+    )
+    .await?;
     let Some(r) = row else { return Ok(None) };
     let host: String = r.try_get(0)?;
     let vcpus: i32 = r.try_get(1)?;
     let ram: i64 = r.try_get(2)?;
     let disk: i64 = r.try_get(3)?;
-    c.execute(
+    sq::execute(c,
         "UPDATE hosts SET vcpus_used = GREATEST(vcpus_used - $2, 0), \
          ram_mb_used = GREATEST(ram_mb_used - $3, 0), disk_gb_used = GREATEST(disk_gb_used - $4, 0), \
          generation = generation + 1 WHERE name = $1",
@@ -522,7 +636,8 @@ pub async fn release_claim(c: &impl GenericClient, server_id: Uuid) -> Result<Op
 
 /// A build on `host` ended (either way): it no longer counts as in flight.
 pub async fn build_ended(c: &impl GenericClient, host: &str, failed: bool) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "UPDATE hosts SET failures = CASE WHEN $2 THEN failures + 1 ELSE 0 END WHERE name = $1",
         &[&host, &failed],
     )
@@ -535,12 +650,12 @@ pub async fn claim_of(
     c: &impl GenericClient,
     server_id: Uuid,
 ) -> Result<Option<(String, Resources)>> {
-    let row = c
-        .query_opt(
-            "SELECT host, vcpus, ram_mb, disk_gb FROM claims WHERE server_id = $1",
-            &[&server_id],
-        )
-        .await?;
+    let row = sq::query_opt(
+        c,
+        "SELECT host, vcpus, ram_mb, disk_gb FROM claims WHERE server_id = $1",
+        &[&server_id],
+    )
+    .await?;
     row.map(|r| {
         Ok((
             r.try_get(0)?,
@@ -555,7 +670,7 @@ pub async fn claim_of(
 }
 
 pub async fn claim_count(c: &impl GenericClient) -> Result<i64> {
-    Ok(c.query_one("SELECT count(*) FROM claims", &[])
+    Ok(sq::query_one(c, "SELECT count(*) FROM claims", &[])
         .await?
         .try_get(0)?)
 }
@@ -604,7 +719,7 @@ pub async fn list_hosts(c: &impl GenericClient, down_after_secs: f64) -> Result<
          (SELECT count(*) FROM claims WHERE claims.host = h.name) AS servers \
          FROM hosts h {IN_FLIGHT_JOIN} ORDER BY h.name"
     );
-    let rows = c.query(&sql, &[&down_after_secs]).await?;
+    let rows = sq::query(c, &sql, &[&down_after_secs]).await?;
     rows.iter().map(host).collect()
 }
 
@@ -614,7 +729,7 @@ pub async fn candidate_hosts(c: &impl GenericClient, down_after_secs: f64) -> Re
         "SELECT {HOST_COLUMNS}, true AS up, 0::bigint AS servers FROM hosts h {IN_FLIGHT_JOIN} \
          WHERE h.enabled AND h.last_heartbeat > now() - make_interval(secs => $1)"
     );
-    let rows = c.query(&sql, &[&down_after_secs]).await?;
+    let rows = sq::query(c, &sql, &[&down_after_secs]).await?;
     rows.iter().map(host).collect()
 }
 
@@ -628,7 +743,7 @@ pub async fn get_host(
          (SELECT count(*) FROM claims WHERE claims.host = h.name) AS servers \
          FROM hosts h {IN_FLIGHT_JOIN} WHERE h.name = $1"
     );
-    c.query_opt(&sql, &[&name, &down_after_secs])
+    sq::query_opt(c, &sql, &[&name, &down_after_secs])
         .await?
         .map(|r| host(&r))
         .transpose()
@@ -636,9 +751,9 @@ pub async fn get_host(
 
 /// Registers or refreshes a host from its agent's heartbeat; whether it is enabled.
 pub async fn heartbeat(c: &impl GenericClient, h: &HostReport) -> Result<bool> {
-    let row = c
-        .query_one(
-            "INSERT INTO hosts (name, vcpus, ram_mb, disk_gb, availability_zone, hypervisor_type, \
+    let row = sq::query_one(
+        c,
+        "INSERT INTO hosts (name, vcpus, ram_mb, disk_gb, availability_zone, hypervisor_type, \
              architecture, cpu_ratio, ram_ratio, disk_ratio, last_heartbeat) \
              VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10, now()) \
              ON CONFLICT (name) DO UPDATE SET vcpus = $2, ram_mb = $3, disk_gb = $4, \
@@ -648,20 +763,20 @@ pub async fn heartbeat(c: &impl GenericClient, h: &HostReport) -> Result<bool> {
                hosts.ram_ratio, hosts.disk_ratio) IS DISTINCT FROM ($2, $3, $4, $8, $9, $10) \
                THEN hosts.generation + 1 ELSE hosts.generation END \
              RETURNING enabled",
-            &[
-                &h.name,
-                &h.vcpus,
-                &h.ram_mb,
-                &h.disk_gb,
-                &h.availability_zone,
-                &h.hypervisor_type,
-                &h.architecture,
-                &h.cpu_ratio,
-                &h.ram_ratio,
-                &h.disk_ratio,
-            ],
-        )
-        .await?;
+        &[
+            &h.name,
+            &h.vcpus,
+            &h.ram_mb,
+            &h.disk_gb,
+            &h.availability_zone,
+            &h.hypervisor_type,
+            &h.architecture,
+            &h.cpu_ratio,
+            &h.ram_ratio,
+            &h.disk_ratio,
+        ],
+    )
+    .await?;
     Ok(row.try_get(0)?)
 }
 
@@ -671,24 +786,24 @@ pub async fn set_host(
     enabled: bool,
     reason: &str,
 ) -> Result<bool> {
-    let n = c
-        .execute(
-            "UPDATE hosts SET enabled = $2, disabled_reason = $3 WHERE name = $1",
-            &[&name, &enabled, &reason],
-        )
-        .await?;
+    let n = sq::execute(
+        c,
+        "UPDATE hosts SET enabled = $2, disabled_reason = $3 WHERE name = $1",
+        &[&name, &enabled, &reason],
+    )
+    .await?;
     Ok(n > 0)
 }
 
 /// The hosts of the other members of a server group.
 pub async fn group_hosts(c: &impl GenericClient, group: Uuid, except: Uuid) -> Result<Vec<String>> {
-    let rows = c
-        .query(
-            "SELECT DISTINCT cl.host FROM servers s JOIN claims cl ON cl.server_id = s.id \
+    let rows = sq::query(
+        c,
+        "SELECT DISTINCT cl.host FROM servers s JOIN claims cl ON cl.server_id = s.id \
              WHERE s.server_group_id = $1 AND s.id <> $2",
-            &[&group, &except],
-        )
-        .await?;
+        &[&group, &except],
+    )
+    .await?;
     rows.iter()
         .map(|r| r.try_get(0).map_err(Error::from))
         .collect()
@@ -696,7 +811,8 @@ pub async fn group_hosts(c: &impl GenericClient, group: Uuid, except: Uuid) -> R
 
 /// Serialises placements of one server group's members (for (anti-)affinity).
 pub async fn lock_group(c: &impl GenericClient, group: Uuid) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 1))",
         &[&group.to_string()],
     )
@@ -725,7 +841,7 @@ fn flavor(r: &Row) -> Result<Flavor> {
 }
 
 pub async fn insert_flavor(c: &impl GenericClient, f: &Flavor) -> Result<Flavor> {
-    c.execute(
+    sq::execute(c,
         "INSERT INTO flavors (id, name, vcpus, ram_mb, disk_gb, ephemeral_gb, extra_specs, is_public) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
         &[
@@ -755,7 +871,7 @@ pub async fn get_flavor(
         "SELECT {FLAVOR_COLUMNS} FROM flavors f WHERE ($1::uuid IS NOT NULL AND f.id = $1) \
          OR ($2::text IS NOT NULL AND f.name = $2)"
     );
-    c.query_opt(&sql, &[&id, &name])
+    sq::query_opt(c, &sql, &[&id, &name])
         .await?
         .map(|r| flavor(&r))
         .transpose()
@@ -763,14 +879,12 @@ pub async fn get_flavor(
 
 pub async fn list_flavors(c: &impl GenericClient) -> Result<Vec<Flavor>> {
     let sql = format!("SELECT {FLAVOR_COLUMNS} FROM flavors f ORDER BY f.ram_mb, f.name");
-    let rows = c.query(&sql, &[]).await?;
+    let rows = sq::query(c, &sql, &[]).await?;
     rows.iter().map(flavor).collect()
 }
 
 pub async fn delete_flavor(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    Ok(c.execute("DELETE FROM flavors WHERE id = $1", &[&id])
-        .await?
-        > 0)
+    Ok(sq::execute(c, "DELETE FROM flavors WHERE id = $1", &[&id]).await? > 0)
 }
 
 pub async fn set_flavor_access(
@@ -780,13 +894,14 @@ pub async fn set_flavor_access(
     add: bool,
 ) -> Result<()> {
     if add {
-        c.execute(
+        sq::execute(c,
             "INSERT INTO flavor_access (flavor_id, project_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&id, &project],
         )
         .await?;
     } else {
-        c.execute(
+        sq::execute(
+            c,
             "DELETE FROM flavor_access WHERE flavor_id = $1 AND project_id = $2",
             &[&id, &project],
         )
@@ -810,21 +925,21 @@ fn keypair(r: &Row) -> Result<KeyPair> {
 }
 
 pub async fn insert_keypair(c: &impl GenericClient, k: &KeyPair) -> Result<KeyPair> {
-    let row = c
-        .query_one(
-            "INSERT INTO keypairs (user_id, name, project_id, type, public_key, fingerprint) \
+    let row = sq::query_one(
+        c,
+        "INSERT INTO keypairs (user_id, name, project_id, type, public_key, fingerprint) \
              VALUES ($1,$2,$3,$4,$5,$6) RETURNING *",
-            &[
-                &k.user_id,
-                &k.name,
-                &k.project_id,
-                &k.kind,
-                &k.public_key,
-                &k.fingerprint,
-            ],
-        )
-        .await
-        .map_err(|e| constraint(e, "key pair", &k.name))?;
+        &[
+            &k.user_id,
+            &k.name,
+            &k.project_id,
+            &k.kind,
+            &k.public_key,
+            &k.fingerprint,
+        ],
+    )
+    .await
+    .map_err(|e| constraint(e, "key pair", &k.name))?;
     keypair(&row)
 }
 
@@ -833,7 +948,8 @@ pub async fn get_keypair(
     user: &str,
     name: &str,
 ) -> Result<Option<KeyPair>> {
-    c.query_opt(
+    sq::query_opt(
+        c,
         "SELECT * FROM keypairs WHERE user_id = $1 AND name = $2",
         &[&user, &name],
     )
@@ -843,17 +959,18 @@ pub async fn get_keypair(
 }
 
 pub async fn list_keypairs(c: &impl GenericClient, user: &str) -> Result<Vec<KeyPair>> {
-    let rows = c
-        .query(
-            "SELECT * FROM keypairs WHERE user_id = $1 ORDER BY name",
-            &[&user],
-        )
-        .await?;
+    let rows = sq::query(
+        c,
+        "SELECT * FROM keypairs WHERE user_id = $1 ORDER BY name",
+        &[&user],
+    )
+    .await?;
     rows.iter().map(keypair).collect()
 }
 
 pub async fn delete_keypair(c: &impl GenericClient, user: &str, name: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(sq::execute(
+        c,
         "DELETE FROM keypairs WHERE user_id = $1 AND name = $2",
         &[&user, &name],
     )
@@ -879,7 +996,8 @@ const GROUP_COLUMNS: &str = "g.id, g.project_id, g.user_id, g.name, g.policy, \
     AND s.vm_state <> 'deleted'), '{}') AS members";
 
 pub async fn insert_group(c: &impl GenericClient, g: &ServerGroup) -> Result<ServerGroup> {
-    c.execute(
+    sq::execute(
+        c,
         "INSERT INTO server_groups (id, project_id, user_id, name, policy) VALUES ($1,$2,$3,$4,$5)",
         &[&g.id, &g.project_id, &g.user_id, &g.name, &g.policy],
     )
@@ -892,7 +1010,7 @@ pub async fn insert_group(c: &impl GenericClient, g: &ServerGroup) -> Result<Ser
 
 pub async fn get_group(c: &impl GenericClient, id: Uuid) -> Result<Option<ServerGroup>> {
     let sql = format!("SELECT {GROUP_COLUMNS} FROM server_groups g WHERE g.id = $1");
-    c.query_opt(&sql, &[&id])
+    sq::query_opt(c, &sql, &[&id])
         .await?
         .map(|r| group(&r))
         .transpose()
@@ -906,18 +1024,17 @@ pub async fn list_groups(
         "SELECT {GROUP_COLUMNS} FROM server_groups g WHERE ($1::text IS NULL OR g.project_id = $1) \
          ORDER BY g.name, g.id"
     );
-    let rows = c.query(&sql, &[&project]).await?;
+    let rows = sq::query(c, &sql, &[&project]).await?;
     rows.iter().map(group).collect()
 }
 
 pub async fn delete_group(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    c.execute(
+    sq::execute(c,
         "UPDATE servers SET server_group_id = NULL WHERE server_group_id = $1 AND vm_state = 'deleted'",
         &[&id],
     )
     .await?;
-    let n = c
-        .execute("DELETE FROM server_groups WHERE id = $1", &[&id])
+    let n = sq::execute(c, "DELETE FROM server_groups WHERE id = $1", &[&id])
         .await
         .map_err(|e| constraint(e, "server group", &id.to_string()))?;
     Ok(n > 0)
@@ -927,7 +1044,8 @@ pub async fn delete_group(c: &impl GenericClient, id: Uuid) -> Result<bool> {
 
 /// Serialises quota-checked creations of one project until the transaction ends.
 pub async fn lock_project(c: &impl GenericClient, project: &str) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
         &[&project],
     )
@@ -940,8 +1058,7 @@ pub async fn quota_limits(
     project: &str,
     defaults: Limits,
 ) -> Result<Limits> {
-    let row = c
-        .query_opt(
+    let row = sq::query_opt(c,
             "SELECT instances, cores, ram_mb, key_pairs, server_groups FROM quotas WHERE project_id = $1",
             &[&project],
         )
@@ -959,7 +1076,8 @@ pub async fn quota_limits(
 }
 
 pub async fn set_quota(c: &impl GenericClient, project: &str, l: &Limits) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "INSERT INTO quotas (project_id, instances, cores, ram_mb, key_pairs, server_groups) \
          VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (project_id) DO UPDATE SET instances = $2, \
          cores = $3, ram_mb = $4, key_pairs = $5, server_groups = $6",
@@ -979,23 +1097,48 @@ pub async fn set_quota(c: &impl GenericClient, project: &str, l: &Limits) -> Res
 /// What a project uses now. Key pairs belong to users; they count in the
 /// project they were created in.
 pub async fn quota_usage(c: &impl GenericClient, project: &str) -> Result<Limits> {
-    let r = c
-        .query_one(
-            "SELECT (SELECT count(*) FROM servers WHERE project_id = $1 AND vm_state <> 'deleted'), \
-             (SELECT COALESCE(sum(vcpus), 0)::bigint FROM servers WHERE project_id = $1 AND vm_state <> 'deleted'), \
-             (SELECT COALESCE(sum(ram_mb), 0)::bigint FROM servers WHERE project_id = $1 AND vm_state <> 'deleted'), \
-             (SELECT count(*) FROM keypairs WHERE project_id = $1), \
-             (SELECT count(*) FROM server_groups WHERE project_id = $1)",
-            &[&project],
-        )
-        .await?;
-    Ok(Limits {
-        instances: r.try_get(0)?,
-        cores: r.try_get(1)?,
-        ram_mb: r.try_get(2)?,
-        key_pairs: r.try_get(3)?,
-        server_groups: r.try_get(4)?,
-    })
+    Ok(quota(c, project, Limits::default()).await?.1)
+}
+
+/// The project's limits (`defaults` without a row of its own) and its usage,
+/// in one statement (one round trip, one scan of its servers).
+pub async fn quota(
+    c: &impl GenericClient,
+    project: &str,
+    defaults: Limits,
+) -> Result<(Limits, Limits)> {
+    let r = sq::query_one(
+        c,
+        "SELECT q.instances, q.cores, q.ram_mb, q.key_pairs, q.server_groups, \
+         u.n, u.cores, u.ram, \
+         (SELECT count(*) FROM keypairs WHERE project_id = $1), \
+         (SELECT count(*) FROM server_groups WHERE project_id = $1) \
+         FROM (SELECT count(*) AS n, COALESCE(sum(vcpus), 0)::bigint AS cores, \
+               COALESCE(sum(ram_mb), 0)::bigint AS ram \
+               FROM servers WHERE project_id = $1 AND vm_state <> 'deleted') u \
+         LEFT JOIN quotas q ON q.project_id = $1",
+        &[&project],
+    )
+    .await?;
+    let own: Option<i64> = r.try_get(0)?;
+    let limits = match own {
+        Some(instances) => Limits {
+            instances,
+            cores: r.try_get(1)?,
+            ram_mb: r.try_get(2)?,
+            key_pairs: r.try_get(3)?,
+            server_groups: r.try_get(4)?,
+        },
+        None => defaults,
+    };
+    let usage = Limits {
+        instances: r.try_get(5)?,
+        cores: r.try_get(6)?,
+        ram_mb: r.try_get(7)?,
+        key_pairs: r.try_get(8)?,
+        server_groups: r.try_get(9)?,
+    };
+    Ok((limits, usage))
 }
 
 // ------------------------------------------------------ volume attachments
@@ -1024,7 +1167,7 @@ pub async fn insert_attachment(
         "INSERT INTO volume_attachments (server_id, volume_id, status) VALUES ($1, $2, 'attaching') \
          ON CONFLICT (volume_id) DO NOTHING RETURNING {ATTACHMENT_COLUMNS}"
     );
-    c.query_opt(&sql, &[&server, &volume])
+    sq::query_opt(c, &sql, &[&server, &volume])
         .await?
         .map(|r| attachment_of(&r))
         .transpose()
@@ -1038,7 +1181,7 @@ pub async fn get_attachment(
     let sql = format!(
         "SELECT {ATTACHMENT_COLUMNS} FROM volume_attachments WHERE server_id = $1 AND volume_id = $2"
     );
-    c.query_opt(&sql, &[&server, &volume])
+    sq::query_opt(c, &sql, &[&server, &volume])
         .await?
         .map(|r| attachment_of(&r))
         .transpose()
@@ -1051,7 +1194,7 @@ pub async fn list_attachments(
     let sql = format!(
         "SELECT {ATTACHMENT_COLUMNS} FROM volume_attachments WHERE server_id = $1 ORDER BY created_at, volume_id"
     );
-    c.query(&sql, &[&server])
+    sq::query(c, &sql, &[&server])
         .await?
         .iter()
         .map(attachment_of)
@@ -1074,7 +1217,8 @@ pub async fn set_attachment(
          attachment_id = COALESCE($6, attachment_id) \
          WHERE server_id = $1 AND volume_id = $2 AND status = $3 RETURNING {ATTACHMENT_COLUMNS}"
     );
-    c.query_opt(
+    sq::query_opt(
+        c,
         &sql,
         &[&server, &volume, &from, &to, &device, &attachment_id],
     )
@@ -1090,7 +1234,8 @@ pub async fn delete_attachment(
     volume: Uuid,
     from: &str,
 ) -> Result<bool> {
-    Ok(c.execute(
+    Ok(sq::execute(
+        c,
         "DELETE FROM volume_attachments WHERE server_id = $1 AND volume_id = $2 AND status = $3",
         &[&server, &volume, &from],
     )
@@ -1100,7 +1245,8 @@ pub async fn delete_attachment(
 
 /// Forgets every attachment of a deleted server.
 pub async fn delete_attachments(c: &impl GenericClient, server: Uuid) -> Result<u64> {
-    Ok(c.execute(
+    Ok(sq::execute(
+        c,
         "DELETE FROM volume_attachments WHERE server_id = $1",
         &[&server],
     )
@@ -1110,7 +1256,8 @@ pub async fn delete_attachments(c: &impl GenericClient, server: Uuid) -> Result<
 // ---------------------------------------------------------- agent endpoints
 
 pub async fn set_agent_endpoint(c: &impl GenericClient, host: &str, endpoint: &str) -> Result<()> {
-    c.execute(
+    sq::execute(
+        c,
         "INSERT INTO agent_endpoints (host, endpoint) VALUES ($1, $2) \
          ON CONFLICT (host) DO UPDATE SET endpoint = EXCLUDED.endpoint, updated_at = now()",
         &[&host, &endpoint],
@@ -1120,7 +1267,8 @@ pub async fn set_agent_endpoint(c: &impl GenericClient, host: &str, endpoint: &s
 }
 
 pub async fn agent_endpoint(c: &impl GenericClient, host: &str) -> Result<Option<String>> {
-    Ok(c.query_opt(
+    Ok(sq::query_opt(
+        c,
         "SELECT endpoint FROM agent_endpoints WHERE host = $1 AND endpoint <> ''",
         &[&host],
     )

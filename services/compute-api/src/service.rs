@@ -8,9 +8,9 @@
 //! a missing one; a locked server refuses changes from everyone but an
 //! administrator.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use proto::scheduler::v1 as spb;
@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::model::*;
-use crate::peers::{Credentials, Peers};
+use crate::peers::{Credentials, ImageInfo, Peers};
 use crate::repo;
 use crate::watch::Hub;
 use crate::{Config, keys};
@@ -165,7 +165,21 @@ struct Inner {
     queue: queue_client::Client,
     hub: Hub,
     peers: Peers,
+    images: Mutex<HashMap<ImageKey, (Instant, ImageInfo)>>,
 }
+
+/// Whose image lookup an entry answers: the image service shows an image to
+/// a project (its own, shared with it, public) or to an admin (any).
+type ImageKey = (Option<String>, bool, Uuid);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VolumeOp {
+    Attach,
+    Detach,
+}
+
+/// Image lookups held at most (entries of many projects and images).
+const IMAGE_CACHE_ENTRIES: usize = 4096;
 
 // ------------------------------------------------------------ authorization
 
@@ -279,6 +293,7 @@ impl Compute {
                 queue,
                 hub,
                 peers,
+                images: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -391,8 +406,7 @@ impl Compute {
             tx.commit().await?;
             return Ok(view(c, existing));
         }
-        let limits = repo::quota_limits(&tx, &project, self.inner.config.quota).await?;
-        let usage = repo::quota_usage(&tx, &project).await?;
+        let (limits, usage) = repo::quota(&tx, &project, self.inner.config.quota).await?;
         over_quota("instances", limits.instances, usage.instances, 1)?;
         over_quota(
             "cores",
@@ -414,7 +428,9 @@ impl Compute {
         let this = self.clone();
         let id = server.id;
         let token = creds.token.clone();
-        tokio::spawn(async move { this.schedule(id, token).await });
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            this.schedule(id, token).await
+        }));
         Ok(view(c, server))
     }
 
@@ -473,6 +489,45 @@ impl Compute {
     /// What Nova's API checks of a create in the other services, as the
     /// caller: the image (visible, active, fits the flavor), every network
     /// and port, every volume (available). Returns the image's properties.
+    /// The image as the caller's project sees it, from the image service or
+    /// from an answer it gave this project at most `image_cache_ms` ago
+    /// (active images only: any other state is asked again each time).
+    /// Nova asks Glance at every boot; a create every few milliseconds of one
+    /// project need not. An image deleted or deactivated meanwhile is refused
+    /// at most that much later, a window Nova has anyway between its check
+    /// and the host's download (which fails then, and so does the build).
+    async fn image(&self, creds: &Credentials, id: Uuid) -> Result<ImageInfo> {
+        let ttl = Duration::from_millis(self.inner.config.image_cache_ms);
+        let key: ImageKey = (creds.caller.project_id.clone(), creds.caller.is_admin, id);
+        if !ttl.is_zero()
+            && let Some((at, img)) = self.images().get(&key)
+            && at.elapsed() < ttl
+        {
+            metrics::counter!("compute_image_cache_hits_total").increment(1);
+            return Ok(img.clone());
+        }
+        let img = self.inner.peers.image(creds, id).await?;
+        if !ttl.is_zero() && img.status == "active" {
+            let mut c = self.images();
+            if c.len() >= IMAGE_CACHE_ENTRIES {
+                c.retain(|_, (at, _)| at.elapsed() < ttl);
+                if c.len() >= IMAGE_CACHE_ENTRIES {
+                    c.clear();
+                }
+            }
+            c.insert(key, (Instant::now(), img.clone()));
+        }
+        Ok(img)
+    }
+
+    fn images(&self) -> std::sync::MutexGuard<'_, HashMap<ImageKey, (Instant, ImageInfo)>> {
+        // Entries are whole values: a panic elsewhere cannot leave one half-written.
+        self.inner
+            .images
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn check_peers(
         &self,
         creds: &Credentials,
@@ -486,7 +541,7 @@ impl Compute {
             .iter()
             .any(|b| b.source == "volume" && b.boot_index == 0);
         if let Some(id) = req.image_id {
-            let img = peers.image(creds, id).await?;
+            let img = self.image(creds, id).await?;
             if img.status != "active" {
                 return Err(Error::precondition(format!(
                     "image {id} is not active (it is {})",
@@ -752,40 +807,8 @@ impl Compute {
         id: Uuid,
         volume: Uuid,
     ) -> Result<VolumeAttachment> {
-        let c = &creds.caller;
-        let s = self.visible_server(c, id).await?;
-        can_change(c)?;
-        not_locked(c, &s)?;
-        let verb = "attach a volume to";
-        Self::placed_in(verb, &s, &VOLUME_STATES)?;
-        self.inner.peers.require_volume()?;
-        let status = self.inner.peers.volume(creds, volume).await?;
-        if status != "available" {
-            return Err(Error::precondition(format!(
-                "volume {volume} is {status}, not available"
-            )));
-        }
-        let mut db = self.inner.pool.get().await?;
-        let tx = db.transaction().await?;
-        let s = repo::lock_server(&tx, id)
-            .await?
-            .filter(|s| s.vm_state != vm::DELETED)
-            .ok_or_else(|| Error::not_found("server", id))?;
-        let host = Self::placed_in(verb, &s, &VOLUME_STATES)?;
-        let a = repo::insert_attachment(&tx, id, volume)
-            .await?
-            .ok_or_else(|| Error::precondition(format!("volume {volume} is already attached")))?;
-        self.cast(
-            &host,
-            Cast::AttachVolume {
-                server_id: id,
-                volume_id: volume,
-            },
-            creds,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(a)
+        self.volume_action(creds, id, volume, VolumeOp::Attach)
+            .await
     }
 
     /// Marks an attached volume `detaching` and casts `detach_volume`.
@@ -795,12 +818,38 @@ impl Compute {
         id: Uuid,
         volume: Uuid,
     ) -> Result<VolumeAttachment> {
+        self.volume_action(creds, id, volume, VolumeOp::Detach)
+            .await
+    }
+
+    /// Attach or detach: the server checked as the caller sees it, then
+    /// again locked in the transaction that records the attachment's new
+    /// state and casts to the host before it commits.
+    async fn volume_action(
+        &self,
+        creds: &Credentials,
+        id: Uuid,
+        volume: Uuid,
+        op: VolumeOp,
+    ) -> Result<VolumeAttachment> {
         let c = &creds.caller;
         let s = self.visible_server(c, id).await?;
         can_change(c)?;
         not_locked(c, &s)?;
-        let verb = "detach a volume from";
+        let verb = match op {
+            VolumeOp::Attach => "attach a volume to",
+            VolumeOp::Detach => "detach a volume from",
+        };
         Self::placed_in(verb, &s, &VOLUME_STATES)?;
+        if op == VolumeOp::Attach {
+            self.inner.peers.require_volume()?;
+            let status = self.inner.peers.volume(creds, volume).await?;
+            if status != "available" {
+                return Err(Error::precondition(format!(
+                    "volume {volume} is {status}, not available"
+                )));
+            }
+        }
         let mut db = self.inner.pool.get().await?;
         let tx = db.transaction().await?;
         let s = repo::lock_server(&tx, id)
@@ -808,35 +857,49 @@ impl Compute {
             .filter(|s| s.vm_state != vm::DELETED)
             .ok_or_else(|| Error::not_found("server", id))?;
         let host = Self::placed_in(verb, &s, &VOLUME_STATES)?;
-        let a = repo::get_attachment(&tx, id, volume)
-            .await?
-            .ok_or_else(|| Error::not_found("volume attachment", volume))?;
-        if a.status != attach::ATTACHED {
-            return Err(Error::precondition(format!(
-                "volume {volume} is {} on server {id}",
-                a.status
-            )));
-        }
-        let a = repo::set_attachment(
-            &tx,
-            id,
-            volume,
-            attach::ATTACHED,
-            attach::DETACHING,
-            None,
-            None,
-        )
-        .await?
-        .ok_or_else(|| Error::not_found("volume attachment", volume))?;
-        self.cast(
-            &host,
-            Cast::DetachVolume {
-                server_id: id,
-                volume_id: volume,
-            },
-            creds,
-        )
-        .await?;
+        let (a, cast) = match op {
+            VolumeOp::Attach => (
+                repo::insert_attachment(&tx, id, volume)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::precondition(format!("volume {volume} is already attached"))
+                    })?,
+                Cast::AttachVolume {
+                    server_id: id,
+                    volume_id: volume,
+                },
+            ),
+            VolumeOp::Detach => {
+                let a = repo::get_attachment(&tx, id, volume)
+                    .await?
+                    .ok_or_else(|| Error::not_found("volume attachment", volume))?;
+                if a.status != attach::ATTACHED {
+                    return Err(Error::precondition(format!(
+                        "volume {volume} is {} on server {id}",
+                        a.status
+                    )));
+                }
+                let a = repo::set_attachment(
+                    &tx,
+                    id,
+                    volume,
+                    attach::ATTACHED,
+                    attach::DETACHING,
+                    None,
+                    None,
+                )
+                .await?
+                .ok_or_else(|| Error::not_found("volume attachment", volume))?;
+                (
+                    a,
+                    Cast::DetachVolume {
+                        server_id: id,
+                        volume_id: volume,
+                    },
+                )
+            }
+        };
+        self.cast(&host, cast, creds).await?;
         tx.commit().await?;
         Ok(a)
     }
@@ -1146,8 +1209,7 @@ impl Compute {
         let mut db = self.inner.pool.get().await?;
         let tx = db.transaction().await?;
         repo::lock_project(&tx, &project).await?;
-        let limits = repo::quota_limits(&tx, &project, self.inner.config.quota).await?;
-        let usage = repo::quota_usage(&tx, &project).await?;
+        let (limits, usage) = repo::quota(&tx, &project, self.inner.config.quota).await?;
         over_quota("key_pairs", limits.key_pairs, usage.key_pairs, 1)?;
         let kp = repo::insert_keypair(
             &tx,
@@ -1205,8 +1267,7 @@ impl Compute {
         let mut db = self.inner.pool.get().await?;
         let tx = db.transaction().await?;
         repo::lock_project(&tx, &project).await?;
-        let limits = repo::quota_limits(&tx, &project, self.inner.config.quota).await?;
-        let usage = repo::quota_usage(&tx, &project).await?;
+        let (limits, usage) = repo::quota(&tx, &project, self.inner.config.quota).await?;
         over_quota(
             "server_groups",
             limits.server_groups,
@@ -1277,8 +1338,7 @@ impl Compute {
             ));
         }
         let db = self.inner.pool.get().await?;
-        let limits = repo::quota_limits(&db, &p, self.inner.config.quota).await?;
-        let usage = repo::quota_usage(&db, &p).await?;
+        let (limits, usage) = repo::quota(&db, &p, self.inner.config.quota).await?;
         Ok((p, limits, usage))
     }
 

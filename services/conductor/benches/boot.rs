@@ -41,6 +41,41 @@ fn cpu_seconds() -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Where the time of the servers named `bench-<c>-*` went: each transition
+/// of their `server_events` (written in the changing transaction, stamped
+/// with its start) and the median time since the one before it.
+async fn steps(cloud: &Cloud, concurrency: usize) -> Vec<(String, String, f64, i64)> {
+    cloud
+        .sql()
+        .await
+        .query(
+            "SELECT prev, cur, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::float8, count(*) \
+             FROM (SELECT lag(vm_state || '/' || COALESCE(task_state, '-') || \
+                          CASE WHEN host IS NULL THEN '' ELSE ' (placed)' END) OVER w AS prev, \
+                          vm_state || '/' || COALESCE(task_state, '-') || \
+                          CASE WHEN host IS NULL THEN '' ELSE ' (placed)' END AS cur, \
+                          extract(epoch FROM at - lag(at) OVER w)::float8 * 1000 AS ms, seq \
+                   FROM server_events e JOIN servers s ON s.id = e.server_id \
+                   WHERE s.name LIKE $1 WINDOW w AS (PARTITION BY server_id ORDER BY seq)) x \
+             WHERE prev IS NOT NULL GROUP BY prev, cur ORDER BY min(seq)",
+            &[&format!("bench-{concurrency}-%")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
 async fn boots(cloud: &Cloud, concurrency: usize, total: usize) -> (f64, Vec<Duration>, f64) {
     let cpu0 = cpu_seconds();
     let started = Instant::now();
@@ -224,9 +259,19 @@ async fn main() {
 
     let mut rows = Vec::new();
     for (c, n) in [(8usize, 400usize), (32, 800)] {
+        let load_before = loadavg();
         let (rate, lat, cpu) = boots(&cloud, c, n).await;
-        rows.push((c, n, rate, pct(&lat, 0.5), pct(&lat, 0.99), cpu / n as f64));
+        rows.push((
+            c,
+            n,
+            rate,
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            cpu / n as f64,
+            format!("{load_before} → {}", loadavg()),
+        ));
     }
+    let steps8 = steps(&cloud, 8).await;
     let per_host: BTreeMap<String, i64> = cloud
         .sql()
         .await
@@ -247,16 +292,23 @@ async fn main() {
         "compute control plane, 20 simulated hosts (libvirt test:///default), all in one process on this machine"
     );
     println!(
-        "| concurrency | creates | creates/s | create→active p50 | p99 | CPU per boot (all processes) |"
+        "| concurrency | creates | creates/s | create→active p50 | p99 | CPU per boot (all parts, one process) | /proc/loadavg before → after |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (c, n, rate, p50, p99, cpu) in rows {
+    println!("|---|---|---|---|---|---|---|");
+    for (c, n, rate, p50, p99, cpu, load) in rows {
         println!(
-            "| {c} | {n} | {rate:.1} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            "| {c} | {n} | {rate:.1} | {:.1} ms | {:.1} ms | {:.1} ms | {load} |",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
             cpu * 1e3
         );
+    }
+    println!();
+    println!("where a boot's time goes at concurrency 8 (server_events, median per transition)");
+    println!("| from | to | p50 | n |");
+    println!("|---|---|---|---|");
+    for (from, to, ms, n) in steps8 {
+        println!("| {from} | {to} | {ms:.1} ms | {n} |");
     }
     println!(
         "servers per host after the runs: min {} max {}",
@@ -264,7 +316,11 @@ async fn main() {
         per_host.values().max().unwrap_or(&0)
     );
     println!();
-    println!("scheduler decision with {} hosts registered", 1000 + 20);
+    println!(
+        "scheduler decision with {} hosts registered (load {})",
+        1000 + 20,
+        loadavg()
+    );
     println!("| part | p50 | p99 |");
     println!("|---|---|---|");
     println!(

@@ -1,7 +1,8 @@
 //! One placement: read the server and the candidate hosts, filter, weigh,
 //! then claim on the best host with a generation-checked update (a host
 //! changed since we read it is re-read and re-checked, never over-committed),
-//! record the host and alternates on the server in the same transaction, and
+//! record the host and alternates on the server in the same statement
+//! (`repo::claim_and_place`: one round trip, all of it or none), and
 //! cast `build` to the host's topic.
 
 use std::collections::HashSet;
@@ -245,54 +246,70 @@ impl Scheduler {
     ) -> Result<bool> {
         for _ in 0..CLAIM_RETRIES {
             let mut db = self.inner.pool.get().await?;
-            let tx = db.transaction().await?;
-            if let Some(g) = server.server_group_id {
+            let placement = match server.server_group_id {
                 // Members of one group are placed one at a time, so that the
                 // (anti-)affinity checked here is the one that commits.
-                repo::lock_group(&tx, g).await?;
-                let members: HashSet<String> = repo::group_hosts(&tx, g, server.id)
-                    .await?
-                    .into_iter()
-                    .collect();
-                let fresh = Request {
-                    group: req.group.as_ref().map(|(p, _)| (*p, members)),
-                    ..req.clone()
-                };
-                let Some(h) = repo::get_host(&tx, host, self.down_after()).await? else {
-                    return Ok(false);
-                };
-                if filters::check(&h, &fresh).is_err() {
-                    return Ok(false);
+                Some(g) => {
+                    let tx = db.transaction().await?;
+                    repo::lock_group(&tx, g).await?;
+                    let members: HashSet<String> = repo::group_hosts(&tx, g, server.id)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    let fresh = Request {
+                        group: req.group.as_ref().map(|(p, _)| (*p, members)),
+                        ..req.clone()
+                    };
+                    let Some(h) = repo::get_host(&tx, host, self.down_after()).await? else {
+                        return Ok(false);
+                    };
+                    if filters::check(&h, &fresh).is_err() {
+                        return Ok(false);
+                    }
+                    generation = h.generation;
+                    let p = repo::claim_and_place(
+                        &tx,
+                        server.id,
+                        host,
+                        generation,
+                        req.resources,
+                        self.down_after(),
+                        alternates,
+                    )
+                    .await?;
+                    if p == repo::Placement::Placed {
+                        tx.commit().await?;
+                    }
+                    p
                 }
-                generation = h.generation;
-            }
-            if repo::claim(
-                &tx,
-                server.id,
-                host,
-                generation,
-                req.resources,
-                self.down_after(),
-            )
-            .await?
-            {
-                // The host and its alternates in the claim's transaction.
-                if repo::place_server(&tx, server.id, host, alternates)
+                // Claim, host and alternates in one statement: one round trip.
+                None => {
+                    repo::claim_and_place(
+                        &db,
+                        server.id,
+                        host,
+                        generation,
+                        req.resources,
+                        self.down_after(),
+                        alternates,
+                    )
                     .await?
-                    .is_none()
-                {
-                    // Deleted (or timed out) while we chose: the claim rolls back.
+                }
+            };
+            match placement {
+                repo::Placement::Placed => {
+                    self.cache().claimed(host, generation, req.resources);
+                    return Ok(true);
+                }
+                repo::Placement::ServerGone => {
+                    // Deleted (or timed out) while we chose: nothing was written.
                     return Err(Error::precondition(format!(
                         "server {} is no longer waiting for a host",
                         server.id
                     )));
                 }
-                tx.commit().await?;
-                self.cache().claimed(host, generation, req.resources);
-                return Ok(true);
+                repo::Placement::HostMoved => {}
             }
-            drop(tx);
-            let db = self.inner.pool.get().await?;
             let fresh = repo::get_host(&db, host, self.down_after()).await?;
             self.cache().refreshed(host, fresh.as_ref());
             let Some(h) = fresh else {

@@ -7,6 +7,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub struct Options {
     pub schedulers: usize,
     pub build_timeout_secs: u64,
     pub host_down_after_secs: u64,
+    /// Run conductor as its real binary, a child process (to SIGKILL it).
+    pub conductor_process: bool,
+    /// Run the (one) scheduler as its real binary, a child process.
+    pub scheduler_process: bool,
 }
 
 impl Default for Options {
@@ -42,8 +47,156 @@ impl Default for Options {
             schedulers: 1,
             build_timeout_secs: 120,
             host_down_after_secs: 3,
+            conductor_process: false,
+            scheduler_process: false,
         }
     }
+}
+
+/// A service's real binary run as a child process, configured through the
+/// environment as an operator would; healthy (its health service answers on
+/// `addr`) before `spawn` returns. Dropping it kills it.
+pub struct Process {
+    pub addr: SocketAddr,
+    what: String,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<tokio::process::Child>,
+}
+
+/// A free loopback address (bound, then let go, for a child to bind).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A binary of the workspace built beside this test binary (`target/<profile>/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{name} is not built in {}: run `cargo build -p {name} --bins` first",
+        dir.display()
+    );
+    bin
+}
+
+impl Process {
+    pub async fn spawn(
+        what: &str,
+        bin: PathBuf,
+        addr: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        let mut p = Self {
+            addr,
+            what: what.into(),
+            bin,
+            env,
+            child: None,
+        };
+        p.start().await;
+        p
+    }
+
+    /// Starts the binary again (after [`Process::kill9`]) on the same address.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.what);
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("serve")
+            .env_remove("CIRRUS_CONFIG")
+            .env("CIRRUS_SERVER__LISTEN", self.addr.to_string())
+            .env("CIRRUS_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("{} ({}) starts: {e}", self.what, self.bin.display())),
+        );
+        let addr = self.addr;
+        wait_for(
+            &format!("{} healthy", self.what),
+            Duration::from_secs(60),
+            || async move { runtime::serve::healthcheck(addr).await },
+        )
+        .await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(tokio::process::Child::id)
+            .expect("running")
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {} ({})", self.pid(), self.what);
+    }
+
+    /// SIGKILL, and waits until the process is gone: no code of it runs after.
+    pub async fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.start_kill().unwrap();
+        let status = child.wait().await.unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "{} ended by SIGKILL: {status}",
+            self.what
+        );
+    }
+}
+
+/// The environment that configures a service binary as `cfg` says
+/// (`CIRRUS_<FIELD>`, nested fields joined by `__`).
+pub fn config_env<T: serde::Serialize>(cfg: &T) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.to_ascii_uppercase()
+                    } else {
+                        format!("{prefix}__{}", k.to_ascii_uppercase())
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) => out.push((format!("CIRRUS_{prefix}"), s.clone())),
+            other => out.push((format!("CIRRUS_{prefix}"), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &serde_json::to_value(cfg).unwrap(), &mut out);
+    // The listen addresses are the Process's.
+    out.retain(|(k, _)| !k.starts_with("CIRRUS_SERVER__"));
+    out
+}
+
+/// Conductor, in this process or as a child process.
+pub struct Conductor {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    served: Option<Served>,
+    pub process: Option<Process>,
 }
 
 pub struct Cloud {
@@ -58,7 +211,9 @@ pub struct Cloud {
     /// A second compute-api calling the second scheduler (with two).
     pub api2: Option<Served>,
     pub schedulers: Vec<Served>,
-    pub conductor: Served,
+    pub conductor: Conductor,
+    /// The scheduler as a child process (with `scheduler_process`).
+    pub scheduler_process: Option<Process>,
     pub agents: HashMap<String, AgentRun>,
     pub state: tempfile::TempDir,
     pub options: Options,
@@ -111,20 +266,38 @@ impl Cloud {
 
         // Schedulers first (they connect lazily), so compute-api knows one.
         let mut schedulers = Vec::new();
-        for _ in 0..options.schedulers.max(1) {
-            let cfg = scheduler::Config {
-                server: server_config(),
-                database: database("compute"),
-                queue_url: queue_url.clone(),
-                host_down_after_secs: options.host_down_after_secs,
-                ..Default::default()
-            };
-            schedulers.push(Served::spawn(|l, s| scheduler::run(cfg, l, s)).await);
+        let mut scheduler_process = None;
+        let scheduler_cfg = scheduler::Config {
+            server: server_config(),
+            database: database("compute"),
+            queue_url: queue_url.clone(),
+            host_down_after_secs: options.host_down_after_secs,
+            ..Default::default()
+        };
+        if options.scheduler_process {
+            scheduler_process = Some(
+                Process::spawn(
+                    "the scheduler binary",
+                    workspace_bin("scheduler"),
+                    free_addr(),
+                    config_env(&scheduler_cfg),
+                )
+                .await,
+            );
+        } else {
+            for _ in 0..options.schedulers.max(1) {
+                let cfg = scheduler_cfg.clone();
+                schedulers.push(Served::spawn(|l, s| scheduler::run(cfg, l, s)).await);
+            }
         }
+        let scheduler_addr = match &scheduler_process {
+            Some(p) => p.addr,
+            None => schedulers[0].addr,
+        };
         let api_cfg = compute_api::Config {
             server: server_config(),
             database: database("compute"),
-            scheduler_url: format!("http://{}", schedulers[0].addr),
+            scheduler_url: format!("http://{scheduler_addr}"),
             queue_url: queue_url.clone(),
             host_down_after_secs: options.host_down_after_secs,
             // Image is here; network and volume are not (requests naming
@@ -158,8 +331,32 @@ impl Cloud {
             host_down_after_secs: options.host_down_after_secs,
             ..Default::default()
         };
-        let conductor = Served::spawn(|l, s| conductor::run(conductor_cfg, l, s)).await;
-        healthy(&conductor, "conductor").await;
+        let conductor = if options.conductor_process {
+            let p = Process::spawn(
+                "the conductor binary",
+                PathBuf::from(env!("CARGO_BIN_EXE_conductor")),
+                free_addr(),
+                config_env(&conductor_cfg),
+            )
+            .await;
+            Conductor {
+                addr: p.addr,
+                channel: Channel::from_shared(format!("http://{}", p.addr))
+                    .unwrap()
+                    .connect_lazy(),
+                served: None,
+                process: Some(p),
+            }
+        } else {
+            let served = Served::spawn(|l, s| conductor::run(conductor_cfg, l, s)).await;
+            healthy(&served, "conductor").await;
+            Conductor {
+                addr: served.addr,
+                channel: served.channel.clone(),
+                served: Some(served),
+                process: None,
+            }
+        };
         for s in &schedulers {
             healthy(s, "a scheduler").await;
         }
@@ -172,6 +369,7 @@ impl Cloud {
             api2,
             schedulers,
             conductor,
+            scheduler_process,
             agents: HashMap::new(),
             state,
             options,
@@ -210,8 +408,13 @@ impl Cloud {
     pub async fn start_agent_with(&mut self, cfg: compute_agent::Config) {
         let host = cfg.host.clone();
         self.agents.insert(host.clone(), AgentRun::spawn(cfg));
+        self.wait_host_up(&host).await;
+    }
+
+    /// Waits until compute-api shows `host` up (its agent heartbeats).
+    pub async fn wait_host_up(&self, host: &str) {
         let hosts = self.hosts();
-        let h = host.clone();
+        let h = host.to_string();
         wait_for(&format!("host {host} up"), WAIT, || {
             let mut hosts = hosts.clone();
             let h = h.clone();
@@ -224,6 +427,21 @@ impl Cloud {
             }
         })
         .await;
+    }
+
+    /// Runs the real compute-agent binary as `cfg` says, as a child process
+    /// (its own `test:///default` hypervisor, which dies with it); returns
+    /// once its host is up.
+    pub async fn spawn_agent_process(&self, cfg: &compute_agent::Config) -> Process {
+        let p = Process::spawn(
+            &format!("the compute-agent binary ({})", cfg.host),
+            workspace_bin("compute-agent"),
+            free_addr(),
+            config_env(cfg),
+        )
+        .await;
+        self.wait_host_up(&cfg.host).await;
+        p
     }
 
     pub async fn start_agent(&mut self, host: &str) {
