@@ -426,6 +426,7 @@ fn flow_port(p: &pb::Port, ofport: u32, vlan: u16, state: &pb::HostState) -> Flo
                 proto,
                 ports: (r.port_range_min as u16, r.port_range_max as u16),
                 remote,
+                remote_group: (!r.remote_group_id.is_empty()).then(|| r.remote_group_id.clone()),
             });
         }
     }

@@ -156,6 +156,7 @@ impl Net {
             pool,
             config: Arc::new(config),
             changes,
+            default_groups: Default::default(),
         };
         if !net.config.queue_url.is_empty() || net.config.queue_via_sidecar.is_some() {
             tasks.push(tokio::spawn(outbox::relay(net.clone())));

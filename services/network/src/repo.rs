@@ -98,6 +98,7 @@ pub async fn free_vni(c: &impl GenericClient, lo: u32, hi: u32) -> Result<Option
 
 pub async fn get_network(c: &impl GenericClient, id: Uuid) -> Result<Option<Network>> {
     let q = format!("SELECT {NETWORK_COLUMNS} FROM networks n WHERE n.id = $1");
+    let q = c.prepare_cached(&q).await?;
     c.query_opt(&q, &[&id])
         .await?
         .as_ref()
@@ -269,6 +270,7 @@ pub async fn subnets_of(c: &impl GenericClient, networks: &[Uuid]) -> Result<Vec
     let q = format!(
         "SELECT {SUBNET_COLUMNS} FROM subnets s WHERE s.network_id = ANY($1) ORDER BY s.created_at, s.id"
     );
+    let q = c.prepare_cached(&q).await?;
     c.query(&q, &[&networks])
         .await?
         .iter()
@@ -423,6 +425,97 @@ pub async fn insert_port(c: &impl GenericClient, p: &NewPort<'_>) -> Result<bool
         .await
         .map_err(|e| constraint(e, "port", &p.id.to_string()))?;
     Ok(!rows.is_empty())
+}
+
+const CREATE_PORT_SQL: &str = "WITH p AS (INSERT INTO ports (id, network_id, project_id, name, mac_address, device_id, \
+             device_owner, admin_state_up, port_security, binding_host, binding_bridge) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING created_at), \
+             a AS (INSERT INTO ip_allocations (subnet_id, ip, port_id) \
+             SELECT t.s, t.ip::inet, $1 FROM unnest($12::uuid[], $13::text[]) AS t(s, ip) RETURNING 1), \
+             g AS (INSERT INTO port_security_groups (port_id, security_group_id) \
+             SELECT $1, unnest($14::uuid[]) RETURNING 1), \
+             u AS (INSERT INTO usage AS u (project_id, resource, shard, used) \
+             SELECT $3, 'ports', $15::smallint, 1 WHERE $15::smallint >= 0 \
+             ON CONFLICT (project_id, resource, shard) DO UPDATE SET used = u.used + EXCLUDED.used \
+             RETURNING 1) \
+             SELECT created_at, (SELECT count(*) FROM a) + (SELECT count(*) FROM g) + (SELECT count(*) FROM u) FROM p";
+
+const PORTS_USED_SQL: &str =
+    "SELECT COALESCE(sum(used), 0)::bigint FROM usage WHERE project_id = $1 AND resource = 'ports'";
+
+/// Prepares (once per connection) the two statements of a fast create.
+pub async fn prepare_create_port(c: &impl GenericClient) -> Result<()> {
+    c.prepare_cached(CREATE_PORT_SQL).await?;
+    c.prepare_cached(PORTS_USED_SQL).await?;
+    Ok(())
+}
+
+/// What [`create_port_whole`] did.
+pub enum Created {
+    /// Written (not yet committed when inside a transaction); its `created_at`.
+    Done(time::OffsetDateTime),
+    /// A unique constraint refused it (a MAC or an address taken): nothing
+    /// was written by the statement; the caller takes the careful path.
+    Taken,
+}
+
+/// A port, its addresses, its groups and (with `charge_shard`) one `ports`
+/// usage charge on that shard, in ONE statement: atomic by itself, one round
+/// trip with the cached prepared statement. No `ON CONFLICT` on the
+/// addresses or the MAC: a taken one fails the whole statement (the primary
+/// key of `ip_allocations` still decides between replicas).
+pub async fn create_port_whole(
+    c: &impl GenericClient,
+    p: &NewPort<'_>,
+    ips: &[(Uuid, Ipv4Addr)],
+    groups: &[Uuid],
+    charge_shard: Option<i16>,
+) -> Result<Created> {
+    let st = c.prepare_cached(CREATE_PORT_SQL).await?;
+    let subnets: Vec<Uuid> = ips.iter().map(|(s, _)| *s).collect();
+    let addrs: Vec<String> = ips.iter().map(|(_, ip)| ip.to_string()).collect();
+    let shard = charge_shard.unwrap_or(-1);
+    let r = c
+        .query_one(
+            &st,
+            &[
+                &p.id,
+                &p.network_id,
+                &p.project_id,
+                &p.name,
+                &p.mac,
+                &p.device_id,
+                &p.device_owner,
+                &p.admin_state_up,
+                &p.port_security,
+                &p.binding_host,
+                &p.binding_bridge,
+                &subnets,
+                &addrs,
+                &groups,
+                &shard,
+            ],
+        )
+        .await;
+    match r {
+        Ok(r) => Ok(Created::Done(r.try_get(0)?)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            Ok(Created::Taken)
+        }
+        Err(e) => Err(constraint(e, "port", &p.id.to_string())),
+    }
+}
+
+/// The fresh sum of `project`'s `ports` usage (after [`create_port_whole`]
+/// charged a shard in the same transaction).
+pub async fn ports_used(c: &impl GenericClient, project: &str) -> Result<i64> {
+    let st = c.prepare_cached(PORTS_USED_SQL).await?;
+    Ok(c.query_one(&st, &[&project]).await?.get(0))
+}
+
+/// A random shard of the usage counters.
+pub fn usage_shard() -> i16 {
+    random_shard()
 }
 
 pub async fn set_port_groups(c: &impl GenericClient, port: Uuid, groups: &[Uuid]) -> Result<()> {
@@ -791,14 +884,14 @@ pub async fn members(
 
 /// `project`'s overrides.
 pub async fn quota_overrides(c: &impl GenericClient, project: &str) -> Result<Vec<(String, i64)>> {
-    Ok(c.query(
-        "SELECT resource, max FROM quotas WHERE project_id = $1",
-        &[&project],
-    )
-    .await?
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect())
+    let q = c
+        .prepare_cached("SELECT resource, max FROM quotas WHERE project_id = $1")
+        .await?;
+    Ok(c.query(&q, &[&project])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 pub async fn set_quota(

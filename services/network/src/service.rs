@@ -153,6 +153,22 @@ pub fn valid_host(h: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A random address of the subnet's pools (`None`: no pool address).
+fn random_pool_address(s: &Subnet) -> Option<Ipv4Addr> {
+    let total: u64 = s.pools.iter().map(|p| p.size()).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut n = addr::random_below(total);
+    for p in &s.pools {
+        if n < p.size() {
+            return Some(p.nth(n));
+        }
+        n -= p.size();
+    }
+    None
+}
+
 // --------------------------------------------------------------- requests
 
 pub struct NewNetwork {
@@ -230,6 +246,8 @@ pub struct Net {
     pub pool: Pool,
     pub config: Arc<Config>,
     pub changes: Changes,
+    /// Each project's `default` group once known (it is never deleted).
+    pub default_groups: Arc<std::sync::Mutex<HashMap<String, Uuid>>>,
 }
 
 type Conn = deadpool_postgres::Object;
@@ -293,6 +311,15 @@ impl Net {
                 None => None,
             },
         };
+        self.network_if_visible(found, who, key)
+    }
+
+    fn network_if_visible(
+        &self,
+        found: Option<Network>,
+        who: &Actor,
+        key: &NameOrId,
+    ) -> Result<Network> {
         match found {
             Some(n) if n.shared || who.reads(&n.project_id) => Ok(n),
             Some(n) if matches!(who, Actor::ComputeAgent { .. }) => Ok(n),
@@ -632,6 +659,14 @@ impl Net {
     /// The project's `default` group, made on first use: all egress, and
     /// ingress from the group's own members.
     pub async fn default_group(&self, project: &str) -> Result<Uuid> {
+        let g = self.find_or_make_default_group(project).await?;
+        if let Ok(mut m) = self.default_groups.lock() {
+            m.insert(project.to_string(), g);
+        }
+        Ok(g)
+    }
+
+    async fn find_or_make_default_group(&self, project: &str) -> Result<Uuid> {
         let mut conn = self.conn().await?;
         if let Some(g) = repo::find_group_by_name(&conn, project, "default").await? {
             return Ok(g.id);
@@ -692,6 +727,121 @@ impl Net {
         Ok(out.into_iter().collect())
     }
 
+    fn cached_default_group(&self, project: &str) -> Option<Uuid> {
+        self.default_groups
+            .lock()
+            .ok()
+            .and_then(|m| m.get(project).copied())
+    }
+
+    /// The common create in one statement (see [`repo::create_port_whole`]):
+    /// generated MAC, addresses (requested, or random from the pools), groups
+    /// and the quota charge. Without a limit that is one round trip; with one,
+    /// the statement and the fresh usage sum are pipelined in a transaction
+    /// (the charge's shard lock is taken before the sum is read, as in
+    /// [`repo::charge`]). `None`: something was taken or the limit is near;
+    /// nothing was written and the caller takes the careful path.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_port_fast(
+        &self,
+        conn: &mut Conn,
+        n: &Network,
+        project: &str,
+        req: &NewPort,
+        wants: &[(Subnet, Option<Ipv4Addr>)],
+        groups: &[Uuid],
+        limit: i64,
+    ) -> Result<Option<Port>> {
+        let mut ips: Vec<(Uuid, Ipv4Addr)> = Vec::with_capacity(wants.len());
+        for (s, want) in wants {
+            let ip = match want {
+                Some(ip) => {
+                    if !(s.cidr.is_host(*ip) && Some(*ip) != s.gateway) {
+                        return Err(Error::invalid(
+                            "fixed_ips",
+                            format!("{ip} is not a free host address of subnet {}", s.cidr),
+                        ));
+                    }
+                    *ip
+                }
+                None => match random_pool_address(s) {
+                    Some(ip) => ip,
+                    None => return Ok(None),
+                },
+            };
+            if ips.contains(&(s.id, ip)) {
+                return Ok(None);
+            }
+            ips.push((s.id, ip));
+        }
+        if limit >= 0 && limit < i64::from(repo::USAGE_SHARDS) {
+            return Ok(None);
+        }
+        let id = Uuid::new_v4();
+        let mac = req.mac.clone().unwrap_or_else(addr::random_mac);
+        let p = repo::NewPort {
+            id,
+            network_id: n.id,
+            project_id: project,
+            name: &req.name,
+            mac: &mac,
+            device_id: &req.device_id,
+            device_owner: &req.device_owner,
+            admin_state_up: req.admin_state_up,
+            port_security: true,
+            binding_host: "",
+            binding_bridge: "",
+        };
+        let shard = Some(repo::usage_shard());
+        let created_at = if limit < 0 {
+            match repo::create_port_whole(&*conn, &p, &ips, groups, shard).await? {
+                repo::Created::Done(at) => at,
+                repo::Created::Taken => return Ok(None),
+            }
+        } else {
+            let tx = conn.transaction().await?;
+            // Both statements are prepared (cached) first, so that their two
+            // executions go out in this order on the connection: the sum is
+            // read after the charge took its shard's lock.
+            repo::prepare_create_port(&tx).await?;
+            let (created, used) = tokio::join!(
+                repo::create_port_whole(&tx, &p, &ips, groups, shard),
+                repo::ports_used(&tx, project),
+            );
+            let at = match created? {
+                repo::Created::Done(at) => at,
+                repo::Created::Taken => return Ok(None),
+            };
+            if used? + i64::from(repo::USAGE_SHARDS - 1) > limit {
+                return Ok(None);
+            }
+            tx.commit().await?;
+            at
+        };
+        let mut fixed_ips = ips;
+        fixed_ips.sort_by_key(|(_, ip)| u32::from(*ip));
+        let mut security_groups = groups.to_vec();
+        security_groups.sort();
+        Ok(Some(Port {
+            id,
+            network_id: n.id,
+            project_id: project.to_string(),
+            name: req.name.clone(),
+            mac,
+            fixed_ips,
+            device_id: req.device_id.clone(),
+            device_owner: req.device_owner.clone(),
+            security_groups,
+            admin_state_up: req.admin_state_up,
+            status: PortStatus::Down,
+            port_security: true,
+            binding_host: String::new(),
+            binding_bridge: String::new(),
+            binding_error: String::new(),
+            created_at,
+        }))
+    }
+
     pub async fn create_port(&self, who: &Actor, req: NewPort) -> Result<Port> {
         let project = match who {
             // A compute agent without a token creates its servers' ports:
@@ -727,12 +877,40 @@ impl Net {
                 "only an administrator may set a network:* device_owner",
             ));
         }
-        let conn = self.conn().await?;
-        let n = self.visible_network(&conn, who, &req.network).await?;
+        // The default group is known after its first use (it cannot be deleted).
+        let mut groups = if req.security_groups.is_empty() {
+            self.cached_default_group(&project).map(|g| vec![g])
+        } else {
+            None
+        };
+        let mut conn = self.conn().await?;
+        // The lookups, pipelined on one connection: the network, its
+        // subnets, the project's quota overrides.
+        let (n, subnets, overrides) = match &req.network {
+            NameOrId::Id(nid) => {
+                let (n, subnets, overrides) = tokio::try_join!(
+                    repo::get_network(&conn, *nid),
+                    repo::subnets_of(&conn, std::slice::from_ref(nid)),
+                    repo::quota_overrides(&conn, &project),
+                )?;
+                (
+                    self.network_if_visible(n, who, &req.network)?,
+                    subnets,
+                    overrides,
+                )
+            }
+            NameOrId::Name(_) => {
+                let n = self.visible_network(&conn, who, &req.network).await?;
+                let (subnets, overrides) = tokio::try_join!(
+                    repo::subnets_of(&conn, std::slice::from_ref(&n.id)),
+                    repo::quota_overrides(&conn, &project),
+                )?;
+                (n, subnets, overrides)
+            }
+        };
         if n.project_id != project && !n.shared && !who.is_admin() {
             return Err(Error::not_found("network", &req.network));
         }
-        let subnets = repo::subnets_of(&conn, &[n.id]).await?;
         // Which subnet each requested address comes from.
         let mut wants: Vec<(Subnet, Option<Ipv4Addr>)> = Vec::new();
         if req.fixed_ips.is_empty()
@@ -773,20 +951,33 @@ impl Net {
             }
             wants.push((s.clone(), f.ip));
         }
-        // Never hold a pooled connection while asking for another.
-        let groups = if req.security_groups.is_empty() {
-            drop(conn);
-            vec![self.default_group(&project).await?]
-        } else {
-            let g = self
-                .resolve_groups(&conn, &project, &req.security_groups)
-                .await?;
-            drop(conn);
-            g
+        if groups.is_none() && !req.security_groups.is_empty() {
+            groups = Some(
+                self.resolve_groups(&conn, &project, &req.security_groups)
+                    .await?,
+            );
+        }
+        let groups = match groups {
+            Some(g) => g,
+            None => {
+                // Never hold a pooled connection while asking for another.
+                drop(conn);
+                let g = vec![self.default_group(&project).await?];
+                conn = self.conn().await?;
+                g
+            }
         };
+        let limit = self.limit(&overrides, "ports");
+        if let Some(p) = self
+            .create_port_fast(&mut conn, &n, &project, &req, &wants, &groups, limit)
+            .await?
+        {
+            return Ok(p);
+        }
 
+        // The careful path (an address or MAC taken, a requested address,
+        // near the quota): one statement at a time, with exact errors.
         let id = Uuid::new_v4();
-        let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let mut mac = req.mac.clone().unwrap_or_else(addr::random_mac);
         let mut inserted = false;
