@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use time::OffsetDateTime;
 use token::{Claims, RevocationRule, Scope, SigningKey, Verifier};
 
 fn claims(now: OffsetDateTime) -> Claims {
@@ -142,7 +142,11 @@ fn main() {
     );
     println!(
         "| verify, 1,000 revocation rules (none matching) | {rules_v:.0}/s | | | ≥ 20,000/s per core: {} |",
-        if rules_v >= 20_000.0 { "met" } else { "not met" }
+        if rules_v >= 20_000.0 {
+            "met"
+        } else {
+            "not met"
+        }
     );
     println!(
         "| floor: ring Ed25519 verify alone, same length ({} bytes) | {floor_v:.0}/s | | Cirrus verify = {:.0} % of it | |",

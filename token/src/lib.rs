@@ -665,7 +665,10 @@ mod tests {
         let mut all_at_once = Verifier::new();
         all_at_once.set_rules(rules.clone());
         assert_eq!(check(&all_at_once), n);
-        all_at_once.prune_rules(now + time::Duration::seconds(3599), time::Duration::hours(1));
+        all_at_once.prune_rules(
+            now + time::Duration::seconds(3599),
+            time::Duration::hours(1),
+        );
         assert!(all_at_once.rules().len() < rules.len());
         check(&all_at_once);
     }
@@ -695,7 +698,11 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         // A body too short to hold a signature.
-        let short = format!("{HEADER}{}.{}", B64.encode([1u8; 10]), token.rsplit_once('.').unwrap().1);
+        let short = format!(
+            "{HEADER}{}.{}",
+            B64.encode([1u8; 10]),
+            token.rsplit_once('.').unwrap().1
+        );
         assert_eq!(
             verifier_for(&key).verify(&short, now),
             Err(TokenError::Malformed)
