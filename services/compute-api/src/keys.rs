@@ -100,9 +100,10 @@ pub fn parse_public(line: &str) -> Result<PublicKey> {
 }
 
 /// ring's PKCS#8 v2 document for an Ed25519 key (RFC 8410 with the public
-/// key): this prefix, the 32-byte seed, then the public key.
+/// key, ring's `ed25519_pkcs8_v2_template.der`): this prefix, the 32-byte
+/// seed, then `[1]` and the public key.
 const PKCS8_SEED_PREFIX: [u8; 16] = [
-    0x30, 0x53, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
 /// A new Ed25519 pair (ring, as the rest of the workspace signs): the public
