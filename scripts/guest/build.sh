@@ -40,7 +40,7 @@ cp "$here/init" "$work/init"
 chmod 755 "$work/init" "$work/bin/busybox"
 : > "$work/modules.list"
 # Each module once, in dependency order (modprobe -a: the names are all modules).
-modprobe -S "$kver" --show-depends -a virtio_pci virtio_net virtio_blk isofs \
+modprobe -S "$kver" --show-depends -a virtio_pci virtio_net virtio_blk isofs button evdev \
   | awk '$1 == "insmod" { print $2 }' | awk '!seen[$0]++' | while read -r ko; do
     cp "$ko" "$work/modules/"
     basename "$ko" >> "$work/modules.list"

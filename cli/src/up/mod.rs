@@ -328,6 +328,10 @@ async fn start(
             state.log(svc).display()
         ));
         if svc == "compute-agent" {
+            // Its consoles (conductor.v1.Agent) are reached through the mesh
+            // as `compute-agent`: listed internal, for compute-api's sidecar.
+            let console = Listing::Internal("compute-agent");
+            register::register(&profile, identity, svc, console, ports).await?;
             children.set_note(svc, &format!("driver {}", site.driver_note));
             notes.push(format!("  compute agent driver: {}", site.driver_note));
         }

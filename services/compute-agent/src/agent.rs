@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::Config;
 use crate::conductor::Conductor;
-use crate::libvirt::{Libvirt, Power};
+use crate::libvirt::{Libvirt, Power, Stopped};
 use crate::saga::{self, BUILD, Ctx, Step, StepError};
 
 /// One message on `compute.<host>` (compute-api's `model::Cast`, as JSON).
@@ -132,6 +132,23 @@ impl Agent {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.inner.libvirt
+    }
+
+    /// The server's directory (disk, journal, serial log and socket).
+    pub fn server_dir(&self, id: Uuid) -> PathBuf {
+        self.dir(id)
+    }
+
+    /// Tells conductor where compute-api reaches this host's console.
+    pub async fn register_console(&self, endpoint: &str) -> Result<(), Status> {
+        self.inner
+            .conductor
+            .set_agent_endpoint(self.host(), endpoint)
+            .await
     }
 
     fn host(&self) -> &str {
@@ -457,23 +474,34 @@ impl Agent {
         };
         let lv = self.inner.libvirt.clone();
         let c = cast.clone();
+        let stop_timeout = Duration::from_secs(self.inner.config.stop_timeout_secs);
+        let mut how = None;
         let done = tokio::task::spawn_blocking(move || match c {
-            Cast::Start { .. } | Cast::Resume { .. } => lv.start(id),
-            Cast::Stop { .. } => lv.stop(id),
-            Cast::Reboot { hard, .. } => lv.reboot(id, hard),
-            Cast::Pause { .. } => lv.pause(id),
-            Cast::Unpause { .. } => lv.unpause(id),
-            Cast::Suspend { .. } => lv.suspend(id),
+            Cast::Start { .. } | Cast::Resume { .. } => lv.start(id).map(|()| None),
+            // ACPI power button, then destroy after the timeout.
+            Cast::Stop { .. } => lv.shutdown(id, stop_timeout).map(Some),
+            Cast::Reboot { hard, .. } => lv.reboot(id, hard).map(|()| None),
+            Cast::Pause { .. } => lv.pause(id).map(|()| None),
+            Cast::Unpause { .. } => lv.unpause(id).map(|()| None),
+            Cast::Suspend { .. } => lv.suspend(id).map(|()| None),
             Cast::Build { .. }
             | Cast::Delete { .. }
             | Cast::AttachVolume { .. }
-            | Cast::DetachVolume { .. } => Ok(()),
+            | Cast::DetachVolume { .. } => Ok(None),
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map(|s| how = s);
         let update = match done {
             Ok(()) => {
-                self.console(id, format!("{} done", plan.task)).await;
+                let note = match how {
+                    Some(Stopped::Clean) => " (the guest shut down on the ACPI power button)",
+                    Some(Stopped::Destroyed) => {
+                        " (the guest ignored the ACPI power button: destroyed after the timeout)"
+                    }
+                    Some(Stopped::AlreadyOff) | None => "",
+                };
+                self.console(id, format!("{} done{note}", plan.task)).await;
                 pb::UpdateServerStateRequest {
                     id: id.to_string(),
                     vm_state: plan.vm_state.into(),

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tonic::Request;
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 
 /// Every call to another service answers within this, or fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proto::conductor::v1 as pb;
 use proto::conductor::v1::conductor_client::ConductorClient;
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 use tonic::{Request, Status};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,5 +114,14 @@ impl Conductor {
             .await?
             .into_inner()
             .outcome)
+    }
+
+    pub async fn set_agent_endpoint(&self, host: &str, endpoint: &str) -> Result<(), Status> {
+        let r = self.req(pb::SetAgentEndpointRequest {
+            host: host.into(),
+            endpoint: endpoint.into(),
+        });
+        self.client.clone().set_agent_endpoint(r).await?;
+        Ok(())
     }
 }

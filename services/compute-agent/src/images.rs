@@ -129,7 +129,7 @@ impl ImageCache {
 
     async fn download(
         &self,
-        client: &mut ImagesClient<tonic::transport::Channel>,
+        client: &mut ImagesClient<runtime::trace::Channel>,
         services: &Services,
         token: Option<&str>,
         image_id: &str,

@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod clients;
 pub mod conductor;
+pub mod console;
 pub mod images;
 pub mod libvirt;
 pub mod saga;
@@ -102,6 +103,17 @@ pub struct Config {
     /// How often the power state of every server here is compared with
     /// libvirt's (Nova's `_sync_power_states`); 0: never.
     pub power_sync_interval_ms: u64,
+    /// Where compute-api reaches this agent's `conductor.v1.Agent`
+    /// (`AttachConsole`), registered with conductor at start
+    /// (`SetAgentEndpoint`): a service name its sidecar resolves, or an
+    /// `http://` URL it dials directly. Unset: `compute-agent` behind a
+    /// sidecar (the mesh name its own sidecar is listed under), else
+    /// `http://<server.listen>`; empty: no console on this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_endpoint: Option<String>,
+    /// How long a stop waits for the guest to power off on the ACPI power
+    /// button before it destroys it (Nova's `shutdown_timeout`).
+    pub stop_timeout_secs: u64,
     pub faults: Faults,
 }
 
@@ -131,12 +143,23 @@ impl Default for Config {
             kernel_cmdline: "console=ttyS0 quiet panic=-1".into(),
             console_poll_ms: 500,
             power_sync_interval_ms: 10_000,
+            console_endpoint: None,
+            stop_timeout_secs: 60,
             faults: Faults::default(),
         }
     }
 }
 
 impl Config {
+    /// What [`Config::console_endpoint`] resolves to.
+    pub fn console_endpoint(&self) -> String {
+        match &self.console_endpoint {
+            Some(e) => e.clone(),
+            None if self.sidecar_outbound.is_some() => "compute-agent".into(),
+            None => format!("http://{}", self.server.listen),
+        }
+    }
+
     pub fn spiffe_id(&self) -> String {
         format!(
             "spiffe://{}/svc/compute-agent/host/{}",
@@ -179,6 +202,9 @@ impl runtime::process::Service for Config {
         if !(10..=60_000).contains(&self.console_poll_ms) {
             return bad("console_poll_ms must be between 10 and 60000".into());
         }
+        if !(1..=3600).contains(&self.stop_timeout_secs) {
+            return bad("stop_timeout_secs must be between 1 and 3600".into());
+        }
         if self.power_sync_interval_ms != 0 && self.power_sync_interval_ms < 10 {
             return bad("power_sync_interval_ms must be 0 (off) or at least 10".into());
         }
@@ -213,7 +239,7 @@ impl runtime::process::Service for Config {
     }
 }
 
-pub const SERVICE_NAMES: [&str; 0] = [];
+pub const SERVICE_NAMES: [&str; 1] = ["conductor.v1.Agent"];
 
 /// How long a delivery is this agent's before the queue gives it to another
 /// consumer of the topic (a restarted agent).
@@ -253,9 +279,11 @@ pub async fn run(
     };
     let channel = match config.sidecar_outbound {
         Some(out) => runtime::serve::via_sidecar(out, "conductor").map_err(anyhow::Error::msg)?,
-        None => tonic::transport::Endpoint::from_shared(config.conductor_url.clone())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy(),
+        None => runtime::trace::traced(
+            tonic::transport::Endpoint::from_shared(config.conductor_url.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+        ),
     };
     let conductor = conductor::Conductor::new(channel, &config.spiffe_id())?;
     let queue = match config.sidecar_outbound {
@@ -279,6 +307,14 @@ pub async fn run(
         .heartbeat()
         .await
         .map_err(|s| anyhow::anyhow!("first heartbeat failed: {}", s.message()))?;
+    // Where compute-api reaches our console (after the first heartbeat:
+    // conductor knows the host then). A failure leaves the host without
+    // a console, not without its guests.
+    let endpoint = agent.config().console_endpoint();
+    match agent.register_console(&endpoint).await {
+        Ok(()) => tracing::info!(endpoint = %endpoint, "console endpoint registered"),
+        Err(s) => tracing::warn!(status = %s, "console endpoint not registered"),
+    }
     tracing::info!(host = %agent.config().host, healed, "compute agent up");
     let beats = tokio::spawn(agent.clone().heartbeat_forever());
     let consoles = tokio::spawn(agent.clone().console_forever());
@@ -326,7 +362,7 @@ pub async fn run(
         }
     });
 
-    let routes = tonic::service::Routes::default();
+    let routes = tonic::service::Routes::new(console::ConsoleService::new(agent.clone()).server());
     let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     consumer.abort();
     beats.abort();

@@ -98,6 +98,20 @@ pub struct DomainSpec {
     pub nics: Vec<Nic>,
     /// Where the guest's serial port writes (appending).
     pub serial_log: Option<String>,
+    /// The serial port's interactive side: a Unix socket QEMU listens on
+    /// (one client at a time; what the guest writes goes to `serial_log`
+    /// whether or not one is connected).
+    pub serial_socket: Option<String>,
+}
+
+/// How a [`Libvirt::shutdown`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The guest powered off on the ACPI power button.
+    Clean,
+    /// It did not within the timeout (or was paused): destroyed.
+    Destroyed,
+    AlreadyOff,
 }
 
 /// Names of our domains: `cirrus-<server id>` (other domains are left alone).
@@ -189,13 +203,19 @@ impl Libvirt {
         for n in &s.nics {
             devices.push_str(&nic_xml(n));
         }
-        if let Some(log) = &s.serial_log
-            && !test
-        {
-            devices.push_str(&format!(
+        match (&s.serial_log, &s.serial_socket) {
+            _ if test => {}
+            (Some(log), Some(sock)) => devices.push_str(&format!(
+                "<serial type='unix'><source mode='bind' path='{}'/>\
+                 <log file='{}' append='on'/><target port='0'/></serial>",
+                xml_escape(sock),
+                xml_escape(log)
+            )),
+            (Some(log), None) => devices.push_str(&format!(
                 "<serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
                 xml_escape(log)
-            ));
+            )),
+            (None, _) => {}
         }
         if !test {
             devices.push_str("<memballoon model='none'/>");
@@ -286,6 +306,47 @@ impl Libvirt {
             d.destroy()?;
         }
         Ok(())
+    }
+
+    /// Nova's clean shutdown: press the guest's ACPI power button and wait
+    /// up to `timeout` for it to power off, then destroy it. Whether the
+    /// guest went by itself is returned (`Clean`) or not (`Destroyed`).
+    /// A paused guest cannot see the button: it is destroyed at once.
+    pub fn shutdown(&self, id: Uuid, timeout: std::time::Duration) -> Result<Stopped> {
+        let d = self.lookup(id)?.ok_or_else(|| gone(id))?;
+        if !d.is_active()? {
+            return Ok(Stopped::AlreadyOff);
+        }
+        let paused = matches!(d.state()?.0, Enum::Known(DomainState::Paused));
+        if !paused && self.domain_type != "test" {
+            let deadline = std::time::Instant::now() + timeout;
+            // The button again every few seconds: a guest still booting may
+            // not have its handler yet.
+            let mut pressed: Option<std::time::Instant> = None;
+            while std::time::Instant::now() < deadline {
+                if !d.is_active()? {
+                    return Ok(Stopped::Clean);
+                }
+                if pressed.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+                    match d.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
+                        Ok(()) => {}
+                        // It went off between the check and the press.
+                        Err(_) if !d.is_active()? => return Ok(Stopped::Clean),
+                        Err(e) => return Err(e.into()),
+                    }
+                    pressed = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            if !d.is_active()? {
+                return Ok(Stopped::Clean);
+            }
+        }
+        match d.destroy() {
+            Ok(()) => Ok(Stopped::Destroyed),
+            Err(_) if !d.is_active()? => Ok(Stopped::Clean),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Nova's suspend: save the guest's memory and stop it (managed save).
@@ -550,6 +611,7 @@ mod tests {
                 mac: "fa:16:3e:00:00:01".into(),
             }],
             serial_log: Some("/s/console.log".into()),
+            serial_socket: None,
         });
         for want in [
             "<domain type='qemu'>",
@@ -562,5 +624,17 @@ mod tests {
         ] {
             assert!(xml.contains(want), "{want} not in {xml}");
         }
+        // With an interactive side: a Unix socket QEMU listens on, and the log.
+        let xml = lv.xml(&DomainSpec {
+            id: Uuid::nil(),
+            vcpus: 1,
+            ram_mb: 256,
+            serial_log: Some("/s/console.log".into()),
+            serial_socket: Some("/s/console.sock".into()),
+            ..Default::default()
+        });
+        let want = "<serial type='unix'><source mode='bind' path='/s/console.sock'/>\
+                    <log file='/s/console.log' append='on'/><target port='0'/></serial>";
+        assert!(xml.contains(want), "{want} not in {xml}");
     }
 }

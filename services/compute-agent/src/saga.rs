@@ -257,6 +257,14 @@ pub fn console_log_path(dir: &Path) -> PathBuf {
     dir.join("console.log")
 }
 
+/// The serial port's interactive side (QEMU listens there).
+pub fn console_socket_path(dir: &Path) -> PathBuf {
+    dir.join("console.sock")
+}
+
+/// A Unix socket's path must fit `sun_path` (108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::libvirt::VirtError> + Send + 'static,
 ) -> Result<T, StepError> {
@@ -369,6 +377,7 @@ impl Step {
                 let lv = c.libvirt.clone();
                 let id = c.id;
                 blocking(move || lv.destroy(id)).await?;
+                remove_file(&console_socket_path(&c.dir)).await?;
                 remove_file(&console_log_path(&c.dir)).await
             }
         }

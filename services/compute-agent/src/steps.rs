@@ -20,7 +20,7 @@ use crate::images;
 use crate::libvirt::{DirectBoot, Disk, DomainSpec, Nic};
 use crate::saga::{
     AttachmentRecord, Ctx, PortRecord, StepError, config_drive_iso, config_drive_path,
-    console_log_path, dev_name, disk_path,
+    console_log_path, console_socket_path, dev_name, disk_path,
 };
 
 fn fail(m: impl Into<String>) -> StepError {
@@ -116,7 +116,7 @@ fn bases_in_use(c: &Ctx<'_>) -> Vec<PathBuf> {
     out
 }
 
-fn network(c: &Ctx<'_>) -> Result<NetworksClient<tonic::transport::Channel>, StepError> {
+fn network(c: &Ctx<'_>) -> Result<NetworksClient<runtime::trace::Channel>, StepError> {
     c.env.services.network.clone().map(NetworksClient::new).ok_or_else(|| {
         fail(format!(
             "networking is not available on host {}: no network service (the agent has no sidecar_outbound)",
@@ -125,7 +125,7 @@ fn network(c: &Ctx<'_>) -> Result<NetworksClient<tonic::transport::Channel>, Ste
     })
 }
 
-fn volume(c: &Ctx<'_>) -> Result<VolumesClient<tonic::transport::Channel>, StepError> {
+fn volume(c: &Ctx<'_>) -> Result<VolumesClient<runtime::trace::Channel>, StepError> {
     c.env.services.volume.clone().map(VolumesClient::new).ok_or_else(|| {
         fail(format!(
             "volumes are not available on host {}: no volume service (the agent has no sidecar_outbound)",
@@ -385,7 +385,7 @@ fn local_file(a: &vpb::Attachment) -> Result<(String, String), StepError> {
 /// completed). An attachment this server already has is reused.
 async fn connect_volume(
     c: &Ctx<'_>,
-    vol: &mut VolumesClient<tonic::transport::Channel>,
+    vol: &mut VolumesClient<runtime::trace::Channel>,
     volume_id: &str,
     dev: String,
     boot: bool,
@@ -441,7 +441,7 @@ async fn connect_volume(
 
 async fn complete(
     c: &Ctx<'_>,
-    vol: &mut VolumesClient<tonic::transport::Channel>,
+    vol: &mut VolumesClient<runtime::trace::Channel>,
     rec: &AttachmentRecord,
 ) -> Result<(), StepError> {
     if rec.completed {
@@ -492,7 +492,7 @@ pub async fn volumes(c: &Ctx<'_>) -> Result<(), StepError> {
 
 async fn delete_attachment(
     c: &Ctx<'_>,
-    vol: &mut VolumesClient<tonic::transport::Channel>,
+    vol: &mut VolumesClient<runtime::trace::Channel>,
     rec: &AttachmentRecord,
 ) -> Result<(), StepError> {
     match vol
@@ -737,6 +737,9 @@ pub fn domain_spec(c: &Ctx<'_>) -> DomainSpec {
             })
             .collect(),
         serial_log: Some(console_log_path(&c.dir).display().to_string()),
+        // Too long a state directory: the log only, and no interactive console.
+        serial_socket: Some(console_socket_path(&c.dir).display().to_string())
+            .filter(|p| p.len() <= crate::saga::MAX_SOCKET_PATH),
     }
 }
 
