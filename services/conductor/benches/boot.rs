@@ -59,13 +59,13 @@ async fn steps(cloud: &Cloud, concurrency: usize) -> Vec<(String, String, f64, i
         .await
         .query(
             "SELECT prev, cur, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::float8, count(*) \
-             FROM (SELECT lag(vm_state || '/' || COALESCE(task_state, '-') || \
-                          CASE WHEN host IS NULL THEN '' ELSE ' (placed)' END) OVER w AS prev, \
-                          vm_state || '/' || COALESCE(task_state, '-') || \
-                          CASE WHEN host IS NULL THEN '' ELSE ' (placed)' END AS cur, \
-                          extract(epoch FROM at - lag(at) OVER w)::float8 * 1000 AS ms, seq \
+             FROM (SELECT lag(e.vm_state || '/' || COALESCE(e.task_state, '-') || \
+                          CASE WHEN e.host IS NULL THEN '' ELSE ' (placed)' END) OVER w AS prev, \
+                          e.vm_state || '/' || COALESCE(e.task_state, '-') || \
+                          CASE WHEN e.host IS NULL THEN '' ELSE ' (placed)' END AS cur, \
+                          extract(epoch FROM e.at - lag(e.at) OVER w)::float8 * 1000 AS ms, e.seq \
                    FROM server_events e JOIN servers s ON s.id = e.server_id \
-                   WHERE s.name LIKE $1 WINDOW w AS (PARTITION BY server_id ORDER BY seq)) x \
+                   WHERE s.name LIKE $1 WINDOW w AS (PARTITION BY e.server_id ORDER BY e.seq)) x \
              WHERE prev IS NOT NULL GROUP BY prev, cur ORDER BY min(seq)",
             &[&format!("bench-{concurrency}-%")],
         )
