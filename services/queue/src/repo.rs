@@ -298,18 +298,21 @@ pub async fn release(c: &impl GenericClient, group_id: i32, seq: i64, token: Uui
 /// this one, whose listener ignores its own notices: it woke its consumers
 /// directly).
 ///
-/// Its own statement, after the publish committed: a transaction that
-/// NOTIFYs holds a database-wide lock from its commit until the end of its
-/// WAL flush, which would serialise every publish behind the previous
-/// fsync and undo group commit. This one writes no WAL and holds it briefly.
+/// Its own transaction, after the publish committed: a transaction that
+/// NOTIFYs takes an xid and holds a database-wide lock from its commit until
+/// the end of its WAL flush, which would serialise every publish behind the
+/// previous fsync and undo group commit. This one does not wait for its
+/// flush (`synchronous_commit = off`, see [`relaxed`]): it stores nothing
+/// (the messages it announces are already durable), so it adds no fsync of
+/// its own and holds the lock only for its commit; a crash may lose the
+/// notice, which the consumers' poll covers.
 pub async fn notify(c: &impl GenericClient, topics: &[i32], replica: Uuid) -> Result<()> {
     let st = c
         .prepare_cached(
             "SELECT pg_notify($1, id::text || ' ' || $3::text) FROM unnest($2::int[]) id",
         )
         .await?;
-    c.execute(&st, &[&WAKE_CHANNEL, &topics, &replica.to_string()])
-        .await?;
+    relaxed(c, &st, &[&WAKE_CHANNEL, &topics, &replica.to_string()]).await?;
     Ok(())
 }
 

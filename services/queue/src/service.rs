@@ -1001,17 +1001,17 @@ impl Session {
                 Ok(ClientMsg::Ack(ids)) => acks.extend(ids),
                 Ok(ClientMsg::Nack(ids, delay)) => {
                     self.drained = false;
-                    let r = self.settle(&ids, Op::Nack(delay)).await;
+                    let r = self.settle(&ids, Op::Nack(delay), out).await;
                     replies.push(r);
                 }
                 Ok(ClientMsg::Extend(ids, lease)) => {
-                    let r = self.settle(&ids, Op::Extend(lease)).await;
+                    let r = self.settle(&ids, Op::Extend(lease), out).await;
                     replies.push(r);
                 }
             }
         }
         if !acks.is_empty() {
-            let r = self.settle(&acks, Op::Ack).await;
+            let r = self.settle(&acks, Op::Ack, out).await;
             replies.push(r);
         }
         for r in replies {
@@ -1039,7 +1039,35 @@ impl Session {
         true
     }
 
-    async fn settle(&mut self, ids: &[Uuid], op: Op) -> Result<Vec<(Uuid, Settle)>> {
+    /// Runs `work` (a database statement that does not touch the session)
+    /// while passing on what the committers hand over meanwhile: a fresh
+    /// message does not wait behind the round trip of an ack.
+    async fn forwarding<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        out: &mpsc::Sender<Result<ServerMsg>>,
+    ) -> T {
+        tokio::pin!(work);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut work => return r,
+                h = self.handed.recv(), if open => match h {
+                    // A gone client shows at the next send of the caller.
+                    Some(h) => open = self.take(h, out).await,
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        ids: &[Uuid],
+        op: Op,
+        out: &mpsc::Sender<Result<ServerMsg>>,
+    ) -> Result<Vec<(Uuid, Settle)>> {
         let mut outcomes = Vec::with_capacity(ids.len());
         let mut leases = Vec::new();
         for id in ids {
@@ -1052,26 +1080,30 @@ impl Session {
         if leases.is_empty() {
             return Ok(outcomes);
         }
-        let client = self.queue.inner.pool.get().await?;
+        let pool = self.queue.inner.pool.clone();
         let gid = self.group_id;
-        let done: HashMap<i64, Option<OffsetDateTime>> = match op {
-            Op::Ack => repo::ack(&client, gid, &leases)
-                .await?
-                .into_iter()
-                .map(|s| (s, None))
-                .collect(),
-            Op::Nack(delay) => repo::nack(&client, gid, &leases, delay)
-                .await?
-                .into_iter()
-                .map(|s| (s, None))
-                .collect(),
-            Op::Extend(lease) => repo::extend(&client, gid, &leases, lease)
-                .await?
-                .into_iter()
-                .map(|(s, t)| (s, Some(t)))
-                .collect(),
+        let statement = async {
+            let client = pool.get().await?;
+            let done: HashMap<i64, Option<OffsetDateTime>> = match op {
+                Op::Ack => repo::ack(&client, gid, &leases)
+                    .await?
+                    .into_iter()
+                    .map(|s| (s, None))
+                    .collect(),
+                Op::Nack(delay) => repo::nack(&client, gid, &leases, delay)
+                    .await?
+                    .into_iter()
+                    .map(|s| (s, None))
+                    .collect(),
+                Op::Extend(lease) => repo::extend(&client, gid, &leases, lease)
+                    .await?
+                    .into_iter()
+                    .map(|(s, t)| (s, Some(t)))
+                    .collect(),
+            };
+            Ok::<_, Error>(done)
         };
-        drop(client);
+        let done = self.forwarding(statement, out).await?;
         if matches!(op, Op::Ack) {
             metrics::counter!("queue_acked_total").increment(done.len() as u64);
         }
