@@ -197,11 +197,12 @@ mod tests {
         let blob = unbase64(public.line.split(' ').nth(1).unwrap()).unwrap();
         let (_, rest) = read_string(&blob).unwrap();
         let (pub_raw, _) = read_string(rest).unwrap();
+        // OpenSSH's private key string: length 64, then seed || public key.
         let at = body
-            .windows(64)
-            .position(|w| w[32..] == *pub_raw && w[..32] != *pub_raw)
-            .expect("seed || public key in the private half");
-        let seed = &body[at..at + 32];
+            .windows(68)
+            .position(|w| w[..4] == [0, 0, 0, 64] && w[36..] == *pub_raw)
+            .expect("string(seed || public key) in the private half");
+        let seed = &body[at + 4..at + 36];
         let kp = ring::signature::Ed25519KeyPair::from_seed_and_public_key(seed, pub_raw).unwrap();
         let sig = kp.sign(b"m");
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pub_raw)
