@@ -25,6 +25,7 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod error;
+pub mod local;
 #[cfg(feature = "db")]
 pub mod listen;
 pub mod process;

@@ -22,7 +22,9 @@ mod services;
 mod site;
 mod state;
 mod supervisor;
+mod users;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,8 +44,9 @@ pub struct UpArgs {
     #[command(flatten)]
     pub state: StateArgs,
     /// First of the ports used: service i takes base+10i (the service on
-    /// loopback), +1 (its sidecar's internal mTLS endpoint), +2 (public TLS
-    /// endpoint), +3 (outbound), +4 and +5 (metrics of service and sidecar).
+    /// loopback, with --dev-tcp only), +1 (its sidecar's internal mTLS
+    /// endpoint), +2 (public TLS endpoint), +3 (outbound, with --dev-tcp
+    /// only), +4 and +5 (metrics of service and sidecar).
     #[arg(long, default_value_t = 5050)]
     pub port_base: u16,
     /// Return once the cloud is up, leaving it running in the background.
@@ -62,6 +65,13 @@ pub struct UpArgs {
     /// the state directory; default br-int). Two clouds on one machine need two.
     #[arg(long)]
     pub bridge: Option<String>,
+    /// Development only: every service listens on loopback TCP and calls
+    /// out through its sidecar's loopback TCP listener, as before issue 13
+    /// — any local process can then call a service claiming any identity.
+    /// Default: Unix sockets in `<state>/run/<service>/` that only the
+    /// service and its sidecar can open.
+    #[arg(long)]
+    pub dev_tcp: bool,
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +127,7 @@ async fn detach(state: &State, args: &UpArgs) -> anyhow::Result<()> {
         .arg(args.port_base.to_string())
         .args(args.host.iter().flat_map(|h| ["--host", h.as_str()]))
         .args(args.bridge.iter().flat_map(|b| ["--bridge", b.as_str()]))
+        .args(args.dev_tcp.then_some("--dev-tcp"))
         .args(args.driver.iter().flat_map(|d| match d {
             site::Driver::Test => ["--driver", "test"],
             site::Driver::Qemu => ["--driver", "qemu"],
@@ -164,15 +175,40 @@ async fn run_foreground(state: &State, args: &UpArgs) -> anyhow::Result<()> {
     let db = postgres::open(state).await?;
     let site = site(state, args).await?;
     let mut children = Supervisor::new(state);
+    let (accounts, users_note) = accounts(state).await?;
+    let owners: pki::Owners = accounts
+        .iter()
+        .filter_map(|(svc, a)| Some((svc.clone(), a.sidecar.clone()?)))
+        .collect();
     let result = async {
-        let summary = start(state, args, &site, &bin_dir, &db.admin_url, &mut children).await?;
+        let how = How {
+            accounts: &accounts,
+            owners: &owners,
+            users_note: &users_note,
+        };
+        let summary = start(
+            state,
+            args,
+            &site,
+            &bin_dir,
+            &db.admin_url,
+            &how,
+            &mut children,
+        )
+        .await?;
         std::fs::write(state.path("ready"), &summary)?;
         print!("{summary}");
         println!("Stop with Ctrl-C or `cirrus down`.");
-        supervise(state, &site.host, &mut children).await
+        supervise(state, &site.host, &owners, &mut children).await
     }
     .await;
     children.stop_all().await;
+    // A process killed after the grace period leaves its socket behind.
+    for spec in SERVICES {
+        for sock in [services::API_SOCKET, services::OUTBOUND_SOCKET] {
+            let _ = std::fs::remove_file(state.run_dir(spec.name).join(sock));
+        }
+    }
     for problem in host::teardown(state).await {
         eprintln!("cirrus down: {problem}");
     }
@@ -235,6 +271,84 @@ async fn site(state: &State, args: &UpArgs) -> anyhow::Result<Site> {
     })
 }
 
+/// Who runs what: per service, its accounts; and why not one user per
+/// service, when not.
+struct How<'a> {
+    accounts: &'a HashMap<String, users::Accounts>,
+    owners: &'a pki::Owners,
+    users_note: &'a Option<String>,
+}
+
+/// Each service's accounts ([`users`]): its own system user where this
+/// machine allows, else none (everything runs as `cirrus up`, said once).
+async fn accounts(
+    state: &State,
+) -> anyhow::Result<(HashMap<String, users::Accounts>, Option<String>)> {
+    let mut map = HashMap::new();
+    if let Some(why) = users::blocker(&state.dir) {
+        return Ok((map, Some(why)));
+    }
+    // Others must pass through the state directory to reach their files.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&state.dir)?.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(
+            &state.dir,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o011),
+        )?;
+    }
+    for spec in SERVICES {
+        map.insert(
+            spec.name.to_string(),
+            users::for_service(spec.name, spec.agent).await?,
+        );
+    }
+    Ok((map, None))
+}
+
+/// The service's directories: `run/<svc>/` for its sockets (0770, owner
+/// the service's user, group its sidecar's), and what it writes itself
+/// (identity's keys, the image and volume stores) given to its user; its
+/// and its sidecar's config files readable by them only.
+fn hand_over(
+    state: &State,
+    svc: &str,
+    accounts: &users::Accounts,
+    files: &[&Path],
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let run = state.path("run");
+    std::fs::create_dir_all(&run)?;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o711))?;
+    let dir = state.run_dir(svc);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))?;
+    let Some(group) = &accounts.sidecar else {
+        return Ok(());
+    };
+    let owner = accounts.service.as_ref().map_or(0, |a| a.uid);
+    std::os::unix::fs::chown(&dir, Some(owner), Some(group.gid))?;
+    for f in files {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o640))?;
+        std::os::unix::fs::chown(f, Some(0), Some(group.gid))?;
+    }
+    if let Some(a) = &accounts.service {
+        let own: &[&str] = match svc {
+            "identity" => &["identity"],
+            "image" => &["image"],
+            "volume" => &["volume"],
+            _ => &[],
+        };
+        for d in own {
+            let d = state.path(d);
+            std::fs::create_dir_all(&d)?;
+            users::chown_tree(&d, a.uid, a.gid)
+                .with_context(|| format!("giving {} to {}", d.display(), a.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts every service of the table and its sidecar, then the defaults;
 /// returns the summary.
 async fn start(
@@ -243,9 +357,10 @@ async fn start(
     site: &Site,
     bin_dir: &Path,
     db_admin_url: &str,
+    how: &How<'_>,
     children: &mut Supervisor,
 ) -> anyhow::Result<String> {
-    pki::ensure(state, &site.host)?;
+    pki::ensure(state, &site.host, how.owners)?;
     // The default policies, written once; an operator may edit them.
     std::fs::create_dir_all(state.path("policy"))?;
     for (svc, text) in sidecar::policy::DEFAULTS
@@ -265,6 +380,24 @@ async fn start(
 
     let mut lines = Vec::new();
     let mut notes = Vec::new();
+    if args.dev_tcp {
+        notes.push(
+            "  NOTE: --dev-tcp: every service listens on loopback TCP (base+10i) and so does its \
+             sidecar's outbound side; any local process can call them as anyone (development only)"
+                .to_string(),
+        );
+    }
+    match how.users_note {
+        Some(why) => notes.push(format!(
+            "  NOTE: every process runs as this user ({why}): no user per service"
+        )),
+        None => notes.push(
+            "  users: each service and its sidecar run as cirrus-<service>; the network and \
+             compute agents as root (OVS, namespaces, libvirt), their sidecars as cirrus-<agent>"
+                .to_string(),
+        ),
+    }
+    let none = users::Accounts::default();
     for spec in SERVICES {
         let svc = spec.name;
         if svc == "network-agent"
@@ -280,6 +413,7 @@ async fn start(
             Some(schema) => runtime::db::provision(db_admin_url, schema).await?,
             None => String::new(),
         };
+        let acc = how.accounts.get(svc).unwrap_or(&none);
         let plan = Plan {
             state,
             spec,
@@ -287,32 +421,41 @@ async fn start(
             identity,
             site,
             database_url,
+            dev_tcp: args.dev_tcp,
+            group: acc.group(),
         };
+        let api_socket = plan.socket().map(|s| s.path);
         let ports = plan.ports;
         let conf = state.path(&format!("{svc}.toml"));
         std::fs::write(&conf, (spec.config)(&plan)?)?;
         let side_conf = state.path(&format!("{svc}-sidecar.toml"));
         std::fs::write(&side_conf, services::sidecar_config(&plan)?)?;
+        hand_over(state, svc, acc, &[&conf, &side_conf])?;
         let bin = service_binary(bin_dir, svc)?;
+        let (svc_user, side_user) = (acc.service.as_ref(), acc.sidecar.as_ref());
+        let up = match &api_socket {
+            Some(p) => Check::Socket(p.clone()),
+            None => Check::Health(local(ports.service)),
+        };
 
         let name = format!("{svc}-sidecar");
         let side = service_binary(bin_dir, "sidecar")?;
         if svc == "identity" {
             // Identity first: its sidecar follows it on loopback.
-            bootstrap(state, &bin, &conf, &profile, ports).await?;
-            children.start(svc, &bin, &conf, &state.log(svc))?;
-            wait_for(svc, local(ports.service), Check::Health, children, state).await?;
-            children.start(&name, &side, &side_conf, &state.log(&name))?;
-            let internal = local(ports.internal);
-            wait_for(&name, internal, Check::Listening, children, state).await?;
+            bootstrap(state, &bin, &conf, &profile, ports, svc_user).await?;
+            children.start(svc, &bin, &conf, &state.log(svc), svc_user)?;
+            wait_for(svc, up, children, state).await?;
+            children.start(&name, &side, &side_conf, &state.log(&name), side_user)?;
+            let internal = Check::Listening(local(ports.internal));
+            wait_for(&name, internal, children, state).await?;
         } else {
             // The sidecar first: a service (an agent above all) calls out
             // through it as it starts.
-            children.start(&name, &side, &side_conf, &state.log(&name))?;
-            let internal = local(ports.internal);
-            wait_for(&name, internal, Check::Listening, children, state).await?;
-            children.start(svc, &bin, &conf, &state.log(svc))?;
-            wait_for(svc, local(ports.service), Check::Health, children, state).await?;
+            children.start(&name, &side, &side_conf, &state.log(&name), side_user)?;
+            let internal = Check::Listening(local(ports.internal));
+            wait_for(&name, internal, children, state).await?;
+            children.start(svc, &bin, &conf, &state.log(svc), svc_user)?;
+            wait_for(svc, up, children, state).await?;
         }
         register::register(&profile, identity, svc, spec.listing, ports).await?;
         let public = match spec.listing {
@@ -321,11 +464,17 @@ async fn start(
             Listing::Internal(_) => "(internal only)".to_string(),
             Listing::None => format!("host {}", site.host),
         };
+        let user = svc_user.map_or("(this user)", |a| a.name.as_str());
+        let at = match &api_socket {
+            Some(p) => format!("socket {}", p.display()),
+            None => format!("tcp {}", local(ports.service)),
+        };
         lines.push(format!(
-            "  {svc:<13} {public:<30} internal https://{}   metrics http://{}/metrics   log {}\n",
+            "  {svc:<13} {public:<30} internal https://{}   metrics http://{}/metrics   log {}\n  {:<13} {at}   user {user}\n",
             local(ports.internal),
             local(ports.metrics),
-            state.log(svc).display()
+            state.log(svc).display(),
+            ""
         ));
         if svc == "compute-agent" {
             // Its consoles (conductor.v1.Agent) are reached through the mesh
@@ -389,6 +538,7 @@ async fn bootstrap(
     conf: &Path,
     admin: &Profile,
     ports: Ports,
+    account: Option<&users::Account>,
 ) -> anyhow::Result<()> {
     let public = format!("https://{}", local(ports.public));
     let internal = format!("https://{}", local(ports.internal));
@@ -402,7 +552,7 @@ async fn bootstrap(
     ];
     let status = tokio::time::timeout(
         Duration::from_secs(120),
-        supervisor::oneshot(bin, conf, &log, &args)?
+        supervisor::oneshot(bin, conf, &log, &args, account)?
             .env("CIRRUS_ADMIN_PASSWORD", &admin.password)
             .status(),
     )
@@ -416,7 +566,12 @@ async fn bootstrap(
 
 /// Waits for a signal, or for a child that keeps failing (which stops
 /// everything); restarts children that exit; renews certificates.
-async fn supervise(state: &State, host: &str, children: &mut Supervisor) -> anyhow::Result<()> {
+async fn supervise(
+    state: &State,
+    host: &str,
+    owners: &pki::Owners,
+    children: &mut Supervisor,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut renew = tokio::time::interval(Duration::from_secs(60));
     let signal = runtime::serve::shutdown_signal();
@@ -425,7 +580,7 @@ async fn supervise(state: &State, host: &str, children: &mut Supervisor) -> anyh
         tokio::select! {
             () = &mut signal => return Ok(()),
             _ = renew.tick() => {
-                if let Err(e) = pki::renew(state, host) {
+                if let Err(e) = pki::renew(state, host, owners) {
                     eprintln!("certificate renewal failed: {e:#}");
                 }
             }
@@ -435,26 +590,38 @@ async fn supervise(state: &State, host: &str, children: &mut Supervisor) -> anyh
 }
 
 enum Check {
-    /// `grpc.health.v1.Health` answers SERVING.
-    Health,
+    /// `grpc.health.v1.Health` answers SERVING on loopback TCP (`--dev-tcp`).
+    Health(SocketAddr),
+    /// `grpc.health.v1.Health` answers SERVING on the service's Unix socket.
+    Socket(PathBuf),
     /// Something accepts TCP connections.
-    Listening,
+    Listening(SocketAddr),
 }
 
-/// Waits (bounded) until `addr` passes `check`; fails at once if a child exits.
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Health(a) | Self::Listening(a) => write!(f, "{a}"),
+            Self::Socket(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Waits (bounded) until `check` passes; fails at once if a child exits.
 async fn wait_for(
     name: &str,
-    addr: SocketAddr,
     check: Check,
     children: &mut Supervisor,
     state: &State,
 ) -> anyhow::Result<()> {
     let limit = Duration::from_secs(60);
     let deadline = Instant::now() + limit;
+    let addr = &check;
     loop {
-        let ok = match check {
-            Check::Health => runtime::serve::healthcheck(addr).await.is_ok(),
-            Check::Listening => tokio::net::TcpStream::connect(addr).await.is_ok(),
+        let ok = match &check {
+            Check::Health(a) => runtime::serve::healthcheck(*a).await.is_ok(),
+            Check::Socket(p) => runtime::process::healthcheck_unix(p).await.is_ok(),
+            Check::Listening(a) => tokio::net::TcpStream::connect(a).await.is_ok(),
         };
         if ok {
             return Ok(());

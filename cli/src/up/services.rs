@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use runtime::config::{DatabaseConfig, ServerConfig};
+use runtime::config::{DatabaseConfig, ServerConfig, SocketConfig};
 
 use super::state::State;
 
@@ -173,6 +173,10 @@ internal_only = true
     ),
 ];
 
+/// The service's socket and its sidecar's outbound socket, in `run/<svc>/`.
+pub const API_SOCKET: &str = "api.sock";
+pub const OUTBOUND_SOCKET: &str = "outbound.sock";
+
 pub fn spec(name: &str) -> Option<&'static Spec> {
     SERVICES.iter().find(|s| s.name == name)
 }
@@ -180,13 +184,15 @@ pub fn spec(name: &str) -> Option<&'static Spec> {
 /// The ports of one service and its sidecar.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
-    /// The service itself, on loopback (only its sidecar calls it).
+    /// The service itself on loopback, with `--dev-tcp` only (else its
+    /// Unix socket, [`Plan::socket`]); still written as `server.listen`.
     pub service: u16,
     /// The sidecar's mTLS endpoint (the catalog's internal one).
     pub internal: u16,
     /// The sidecar's server-TLS endpoint (the catalog's public one).
     pub public: u16,
-    /// The sidecar's plaintext loopback listener for the service's own calls out.
+    /// The sidecar's plaintext loopback listener for the service's own
+    /// calls out, with `--dev-tcp` only (else [`Plan::outbound_socket`]).
     pub outbound: u16,
     pub metrics: u16,
     pub sidecar_metrics: u16,
@@ -241,6 +247,12 @@ pub struct Plan<'a> {
     pub site: &'a Site,
     /// This service's own login on the cloud's database (empty for agents).
     pub database_url: String,
+    /// `--dev-tcp`: the service and its sidecar's outbound side on
+    /// loopback TCP, as before issue 13 (any local process can reach them).
+    pub dev_tcp: bool,
+    /// The group that owns the service's socket directory and sockets
+    /// (`cirrus-<service>`), when `cirrus up` runs it as its own user.
+    pub group: Option<String>,
 }
 
 impl Plan<'_> {
@@ -257,9 +269,31 @@ impl Plan<'_> {
         }
     }
 
-    /// Its sidecar's outbound listener: calls to other services go through it by name.
-    fn outbound(&self) -> SocketAddr {
-        local(self.ports.outbound)
+    /// Its sidecar's outbound listener on loopback TCP (`--dev-tcp` only):
+    /// calls to other services go through it by name.
+    fn outbound(&self) -> Option<SocketAddr> {
+        self.dev_tcp.then(|| local(self.ports.outbound))
+    }
+
+    /// The service's `[socket]`: `<state>/run/<svc>/api.sock`, which only
+    /// its user and its sidecar's group can open; none with `--dev-tcp`.
+    pub fn socket(&self) -> Option<SocketConfig> {
+        (!self.dev_tcp).then(|| SocketConfig {
+            group: self.group.clone(),
+            ..SocketConfig::at(self.state.run_dir(self.spec.name).join(API_SOCKET))
+        })
+    }
+
+    /// The sidecar's `[outbound_socket]` beside it: the service calls out there.
+    pub fn outbound_socket(&self) -> Option<SocketConfig> {
+        (!self.dev_tcp).then(|| SocketConfig {
+            group: self.group.clone(),
+            ..SocketConfig::at(self.state.run_dir(self.spec.name).join(OUTBOUND_SOCKET))
+        })
+    }
+
+    fn outbound_path(&self) -> Option<PathBuf> {
+        self.outbound_socket().map(|s| s.path)
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -274,6 +308,7 @@ fn to_toml<C: serde::Serialize>(c: &C) -> anyhow::Result<String> {
 fn identity_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&identity::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
         key_dir: p.dir("identity/keys"),
         ..Default::default()
@@ -283,6 +318,7 @@ fn identity_config(p: &Plan) -> anyhow::Result<String> {
 fn queue_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&queue::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
         ..Default::default()
     })
@@ -291,6 +327,7 @@ fn queue_config(p: &Plan) -> anyhow::Result<String> {
 fn image_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&image::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
         store_dir: p.dir("image/store"),
         ..Default::default()
@@ -300,13 +337,15 @@ fn image_config(p: &Plan) -> anyhow::Result<String> {
 fn volume_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&volume::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
         store: volume::StoreConfig {
             dir: p.dir("volume/store"),
             ..Default::default()
         },
         image: volume::ImageConfig {
-            outbound: Some(p.outbound()),
+            outbound: p.outbound(),
+            outbound_socket: p.outbound_path(),
             url: None,
             ..Default::default()
         },
@@ -317,8 +356,10 @@ fn volume_config(p: &Plan) -> anyhow::Result<String> {
 fn network_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&network::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
-        queue_via_sidecar: Some(p.outbound()),
+        queue_via_sidecar: p.outbound(),
+        queue_via_sidecar_socket: p.outbound_path(),
         ..Default::default()
     })
 }
@@ -326,8 +367,10 @@ fn network_config(p: &Plan) -> anyhow::Result<String> {
 fn network_agent_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&network_agent::Config {
         server: p.server(),
+        socket: p.socket(),
         host: p.site.host.clone(),
-        network_via_sidecar: Some(p.outbound()),
+        network_via_sidecar: p.outbound(),
+        network_via_sidecar_socket: p.outbound_path(),
         bridge: p.site.bridge.clone(),
         namespace_prefix: p.site.namespace_prefix.clone(),
         state_dir: p.dir("network-agent"),
@@ -338,8 +381,10 @@ fn network_agent_config(p: &Plan) -> anyhow::Result<String> {
 fn compute_api_config(p: &Plan) -> anyhow::Result<String> {
     let mut c = toml::Value::try_from(compute_api::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
-        sidecar_outbound: Some(p.outbound()),
+        sidecar_outbound: p.outbound(),
+        sidecar_outbound_socket: p.outbound_path(),
         ..Default::default()
     })?;
     // Image, network and volume through the mesh (`[peers]`, each "mesh":
@@ -359,8 +404,10 @@ const MESH_PEERS: [&str; 3] = ["image", "network", "volume"];
 fn scheduler_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&scheduler::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
-        sidecar_outbound: Some(p.outbound()),
+        sidecar_outbound: p.outbound(),
+        sidecar_outbound_socket: p.outbound_path(),
         ..Default::default()
     })
 }
@@ -368,8 +415,10 @@ fn scheduler_config(p: &Plan) -> anyhow::Result<String> {
 fn conductor_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&conductor::Config {
         server: p.server(),
+        socket: p.socket(),
         database: p.database(),
-        sidecar_outbound: Some(p.outbound()),
+        sidecar_outbound: p.outbound(),
+        sidecar_outbound_socket: p.outbound_path(),
         ..Default::default()
     })
 }
@@ -377,24 +426,29 @@ fn conductor_config(p: &Plan) -> anyhow::Result<String> {
 fn compute_agent_config(p: &Plan) -> anyhow::Result<String> {
     to_toml(&compute_agent::Config {
         server: p.server(),
+        socket: p.socket(),
         host: p.site.host.clone(),
         libvirt_uri: p.site.libvirt_uri.clone(),
         domain_type: p.site.domain_type.clone(),
         state_dir: p.dir("compute-agent"),
-        sidecar_outbound: Some(p.outbound()),
+        sidecar_outbound: p.outbound(),
+        sidecar_outbound_socket: p.outbound_path(),
         // Heartbeats often enough that the host is listed up soon after start.
         heartbeat_interval_ms: 5_000,
         ..Default::default()
     })
 }
 
-/// The sidecar's config. Identity's own sidecar follows identity straight
-/// on loopback; every other one through identity's sidecar (mTLS). Only
+/// The sidecar's config. Every sidecar follows identity through identity's
+/// sidecar (mTLS) — identity's own one through its own internal listener,
+/// since identity serves on a socket only that sidecar can open (with
+/// `--dev-tcp` it follows identity straight on loopback). The service is
+/// reached on its socket and calls out on the outbound socket. Only
 /// services listed as public get a public listener; agents none.
 pub fn sidecar_config(p: &Plan) -> anyhow::Result<String> {
     let svc = p.spec.name;
     let pki = p.state.pki();
-    let identity_url = if svc == "identity" {
+    let identity_url = if svc == "identity" && p.dev_tcp {
         format!("http://{}", local(p.identity.service))
     } else {
         format!("https://{}", local(p.identity.internal))
@@ -407,8 +461,10 @@ pub fn sidecar_config(p: &Plan) -> anyhow::Result<String> {
             metrics_listen: Some(local(p.ports.sidecar_metrics)),
         },
         public_listen: public.then(|| local(p.ports.public)),
-        outbound_listen: Some(local(p.ports.outbound)),
+        outbound_listen: p.outbound(),
+        outbound_socket: p.outbound_socket(),
         upstream: local(p.ports.service),
+        upstream_socket: p.socket().map(|s| s.path),
         cert: pki.join(format!("{svc}.crt")),
         key: pki.join(format!("{svc}.key")),
         bundle: pki.join("bundle.pem"),
@@ -435,9 +491,18 @@ mod tests {
     }
 
     /// Each file `cirrus up` writes loads with the service's own loader
-    /// (which refuses unknown keys and validates) and carries what the plan says.
+    /// (which refuses unknown keys and validates) and carries what the plan
+    /// says: by default the service on `run/<svc>/api.sock` and its calls out
+    /// through `run/<svc>/outbound.sock`, no TCP port of either; with
+    /// `--dev-tcp` both on loopback TCP.
     #[test]
     fn every_config_loads_in_its_service() {
+        for dev_tcp in [false, true] {
+            every_config_loads(dev_tcp);
+        }
+    }
+
+    fn every_config_loads(dev_tcp: bool) {
         use runtime::process::Service as _;
         let dir = tempfile::tempdir().unwrap();
         let state = State::new(dir.path()).unwrap();
@@ -445,6 +510,8 @@ mod tests {
         let site = site();
         for spec in SERVICES {
             let plan = Plan {
+                dev_tcp,
+                group: Some("cirrus-x".into()),
                 state: &state,
                 spec,
                 ports: Ports::of(7000, spec.slot),
@@ -464,44 +531,61 @@ mod tests {
                 "{text}"
             );
             let f = Some(file.as_path());
-            let outbound = Some(local(plan.ports.outbound));
+            let run = state.run_dir(spec.name);
+            let outbound = dev_tcp.then(|| local(plan.ports.outbound));
+            let out_sock = (!dev_tcp).then(|| run.join(OUTBOUND_SOCKET));
+            let socket = (!dev_tcp).then(|| SocketConfig {
+                group: Some("cirrus-x".into()),
+                ..SocketConfig::at(run.join(API_SOCKET))
+            });
             match spec.name {
-                "identity" => runtime::config::load::<identity::Config>(f)
-                    .unwrap()
-                    .validate()
-                    .unwrap(),
-                "queue" => runtime::config::load::<queue::Config>(f)
-                    .unwrap()
-                    .validate()
-                    .unwrap(),
-                "image" => runtime::config::load::<image::Config>(f)
-                    .unwrap()
-                    .validate()
-                    .unwrap(),
+                "identity" => {
+                    let c = runtime::config::load::<identity::Config>(f).unwrap();
+                    c.validate().unwrap();
+                    assert_eq!(c.socket(), socket.as_ref());
+                }
+                "queue" => {
+                    let c = runtime::config::load::<queue::Config>(f).unwrap();
+                    c.validate().unwrap();
+                    assert_eq!(c.socket(), socket.as_ref());
+                }
+                "image" => {
+                    let c = runtime::config::load::<image::Config>(f).unwrap();
+                    c.validate().unwrap();
+                    assert_eq!(c.socket(), socket.as_ref());
+                }
                 "volume" => {
                     let c = runtime::config::load::<volume::Config>(f).unwrap();
                     c.validate().unwrap();
+                    assert_eq!(c.socket(), socket.as_ref());
                     assert_eq!(c.image.outbound, outbound);
+                    assert_eq!(c.image.outbound_socket, out_sock);
                     assert!(c.store.dir.starts_with(&state.dir));
                     assert_eq!(c.database.schema, "volume");
                 }
                 "network" => {
                     let c = runtime::config::load::<network::Config>(f).unwrap();
                     c.validate().unwrap();
+                    assert_eq!(c.socket(), socket.as_ref());
                     assert_eq!(c.queue_via_sidecar, outbound);
+                    assert_eq!(c.queue_via_sidecar_socket, out_sock);
                 }
                 "network-agent" => {
                     let c = runtime::config::load::<network_agent::Config>(f).unwrap();
                     c.validate().unwrap();
                     assert_eq!((c.host.as_str(), c.bridge.as_str()), ("h1", "br-int"));
+                    assert_eq!(c.socket(), socket.as_ref());
                     assert_eq!(c.network_via_sidecar, outbound);
+                    assert_eq!(c.network_via_sidecar_socket, out_sock);
                     assert!(c.state_dir.starts_with(&state.dir));
                 }
                 "compute-api" => {
                     let c = runtime::config::load::<compute_api::Config>(f).unwrap();
                     c.validate().unwrap();
                     assert_eq!(c.database.schema, "compute");
+                    assert_eq!(c.socket(), socket.as_ref());
                     assert_eq!(c.sidecar_outbound, outbound);
+                    assert_eq!(c.sidecar_outbound_socket, out_sock);
                     let raw: toml::Value = toml::from_str(&text).unwrap();
                     if let Some(peers) = raw.get("peers") {
                         for peer in MESH_PEERS {
@@ -514,19 +598,27 @@ mod tests {
                     c.validate().unwrap();
                     assert_eq!(c.database.schema, "compute");
                     assert!(c.database.url.contains("cirrus_compute@"));
+                    assert_eq!(c.socket(), socket.as_ref());
+                    assert_eq!(c.sidecar_outbound, outbound);
+                    assert_eq!(c.sidecar_outbound_socket, out_sock);
                 }
                 "conductor" => {
                     let c = runtime::config::load::<conductor::Config>(f).unwrap();
                     c.validate().unwrap();
                     assert_eq!(c.database.schema, "compute");
                     assert!(c.database.url.contains("cirrus_compute@"));
+                    assert_eq!(c.socket(), socket.as_ref());
+                    assert_eq!(c.sidecar_outbound, outbound);
+                    assert_eq!(c.sidecar_outbound_socket, out_sock);
                 }
                 "compute-agent" => {
                     let c = runtime::config::load::<compute_agent::Config>(f).unwrap();
                     c.validate().unwrap();
                     assert_eq!(c.host, "h1");
                     assert_eq!(c.libvirt_uri, "test:///default");
+                    assert_eq!(c.socket(), socket.as_ref());
                     assert_eq!(c.sidecar_outbound, outbound);
+                    assert_eq!(c.sidecar_outbound_socket, out_sock);
                 }
                 other => panic!("no loader for {other} in this test"),
             }
@@ -534,6 +626,17 @@ mod tests {
             std::fs::write(&side, sidecar_config(&plan).unwrap()).unwrap();
             let c: sidecar::config::Config = runtime::config::load(Some(side.as_path())).unwrap();
             assert_eq!(c.upstream, local(plan.ports.service));
+            assert_eq!(c.upstream_socket, socket.as_ref().map(|s| s.path.clone()));
+            assert_eq!(c.outbound_listen, outbound);
+            assert_eq!(c.outbound_socket.as_ref().map(|s| s.path.clone()), out_sock);
+            // Every sidecar follows identity over mTLS (identity's own through
+            // itself), except identity's with --dev-tcp, straight to it.
+            assert_eq!(
+                c.identity_url.starts_with("http://"),
+                dev_tcp && spec.name == "identity",
+                "{}",
+                c.identity_url
+            );
             assert_eq!(c.service, spec.name);
             assert_eq!(
                 c.public_listen.is_some(),

@@ -24,6 +24,10 @@ impl State {
     pub fn log(&self, name: &str) -> PathBuf {
         self.dir.join("logs").join(format!("{name}.log"))
     }
+    /// `run/<service>/`: the service's socket and its sidecar's outbound socket.
+    pub fn run_dir(&self, service: &str) -> PathBuf {
+        self.dir.join("run").join(service)
+    }
     pub fn pki(&self) -> PathBuf {
         self.dir.join("pki")
     }

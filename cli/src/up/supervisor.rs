@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
 use super::state::{State, tail, terminate};
+use super::users::Account;
 
 /// This many exits within [`WINDOW`] and the child is given up on.
 pub const MAX_EXITS: usize = 5;
@@ -52,6 +53,8 @@ struct Launch {
     args: Vec<String>,
     config: PathBuf,
     log: PathBuf,
+    /// Who it runs as; `None`: as `cirrus up`.
+    account: Option<Account>,
 }
 
 impl Launch {
@@ -76,6 +79,10 @@ impl Launch {
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true);
+        if let Some(a) = &self.account {
+            // Its own user and group only (std drops root's other groups).
+            cmd.uid(a.uid).gid(a.gid);
+        }
         Ok(cmd)
     }
 }
@@ -100,12 +107,19 @@ pub struct Supervisor {
 
 /// A one-shot command with the same config file, log and environment as a
 /// supervised child (identity's `bootstrap`).
-pub fn oneshot(bin: &Path, config: &Path, log: &Path, args: &[&str]) -> anyhow::Result<Command> {
+pub fn oneshot(
+    bin: &Path,
+    config: &Path,
+    log: &Path,
+    args: &[&str],
+    account: Option<&Account>,
+) -> anyhow::Result<Command> {
     Launch {
         bin: bin.into(),
         args: args.iter().map(|a| a.to_string()).collect(),
         config: config.into(),
         log: log.into(),
+        account: account.cloned(),
     }
     .command()
 }
@@ -118,19 +132,22 @@ impl Supervisor {
         }
     }
 
-    /// Starts `bin --config <config> serve`, logging to `log`.
+    /// Starts `bin --config <config> serve` as `account` (`None`: as
+    /// `cirrus up`), logging to `log`.
     pub fn start(
         &mut self,
         name: &str,
         bin: &Path,
         config: &Path,
         log: &Path,
+        account: Option<&Account>,
     ) -> anyhow::Result<()> {
         let launch = Launch {
             bin: bin.into(),
             args: vec!["serve".into()],
             config: config.into(),
             log: log.into(),
+            account: account.cloned(),
         };
         let child = launch
             .command()?

@@ -7,7 +7,6 @@
 //! one (an older cast, a heal, a delete after expiry) the call carries the
 //! agent's own identity only, and a service that needs a user refuses it.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tonic::Request;
@@ -27,10 +26,14 @@ pub struct Services {
 impl Services {
     /// Through the sidecar at `outbound`; none without one (the test driver
     /// runs without image, network or volume).
-    pub fn new(outbound: Option<SocketAddr>, spiffe_id: &str) -> Result<Self, String> {
+    pub fn new(
+        outbound: Option<impl Into<runtime::local::Outbound>>,
+        spiffe_id: &str,
+    ) -> Result<Self, String> {
+        let outbound: Option<runtime::local::Outbound> = outbound.map(Into::into);
         let via = |name: &str| -> Result<Option<Channel>, String> {
-            match outbound {
-                Some(out) => runtime::serve::via_sidecar(out, name).map(Some),
+            match &outbound {
+                Some(out) => out.channel(name).map(Some),
                 None => Ok(None),
             }
         };

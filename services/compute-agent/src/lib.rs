@@ -60,6 +60,11 @@ pub struct Faults {
 pub struct Config {
     /// Serves only health and reflection (and answers `healthcheck`).
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// This host's name: its topic is `compute.<host>`, its SPIFFE id
     /// `spiffe://<trust_domain>/svc/compute-agent/host/<host>`.
     pub host: String,
@@ -75,6 +80,10 @@ pub struct Config {
     /// queue are reached through it by name and the URLs below are unused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_outbound: Option<SocketAddr>,
+    /// The sidecar's outbound Unix socket (its `[outbound_socket] path`,
+    /// issue 13): when set, calls go through it and `sidecar_outbound` is unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound_socket: Option<std::path::PathBuf>,
     pub conductor_url: String,
     pub queue_url: String,
     pub heartbeat_interval_ms: u64,
@@ -121,12 +130,14 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::COMPUTE_AGENT.0, ports::COMPUTE_AGENT.1),
+            socket: None,
             host: "host1".into(),
             trust_domain: "cirrus.local".into(),
             libvirt_uri: "test:///default".into(),
             domain_type: "test".into(),
             state_dir: PathBuf::from(".state/compute-agent"),
             sidecar_outbound: None,
+            sidecar_outbound_socket: None,
             conductor_url: format!("http://127.0.0.1:{}", ports::CONDUCTOR.0),
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             heartbeat_interval_ms: 10_000,
@@ -155,7 +166,10 @@ impl Config {
     pub fn console_endpoint(&self) -> String {
         match &self.console_endpoint {
             Some(e) => e.clone(),
-            None if self.sidecar_outbound.is_some() => "compute-agent".into(),
+            None if self.sidecar_outbound.is_some() || self.sidecar_outbound_socket.is_some() => {
+                "compute-agent".into()
+            }
+            None if self.socket.is_some() => String::new(),
             None => format!("http://{}", self.server.listen),
         }
     }
@@ -174,6 +188,18 @@ impl runtime::process::Service for Config {
 
     fn server(&self) -> &ServerConfig {
         &self.server
+    }
+
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -222,7 +248,7 @@ impl runtime::process::Service for Config {
                 ));
             }
         }
-        if self.sidecar_outbound.is_none()
+        if (self.sidecar_outbound.is_none() && self.sidecar_outbound_socket.is_none())
             && (self.conductor_url.is_empty() || self.queue_url.is_empty())
         {
             return bad("conductor_url and queue_url are required without sidecar_outbound".into());
@@ -248,7 +274,7 @@ const LEASE: Duration = Duration::from_secs(60);
 /// Heals, then heartbeats and consumes the host's topic until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -265,7 +291,11 @@ pub async fn run(
     // QEMU runs as another user: it must reach the disks under the state dir.
     images::open_dir(&config.state_dir);
     images::open_dir(&config.state_dir.join("servers"));
-    let services = clients::Services::new(config.sidecar_outbound, &config.spiffe_id())
+    let outbound = runtime::local::Outbound::of(
+        config.sidecar_outbound_socket.as_deref(),
+        config.sidecar_outbound,
+    );
+    let services = clients::Services::new(outbound.clone(), &config.spiffe_id())
         .map_err(anyhow::Error::msg)?;
     let env = saga::Env {
         services,
@@ -277,8 +307,8 @@ pub async fn run(
         vif_plug_timeout: Duration::from_secs(config.vif_plug_timeout_secs),
         kernel_cmdline: config.kernel_cmdline.clone(),
     };
-    let channel = match config.sidecar_outbound {
-        Some(out) => runtime::serve::via_sidecar(out, "conductor").map_err(anyhow::Error::msg)?,
+    let channel = match &outbound {
+        Some(out) => out.channel("conductor").map_err(anyhow::Error::msg)?,
         None => runtime::trace::traced(
             tonic::transport::Endpoint::from_shared(config.conductor_url.clone())?
                 .connect_timeout(Duration::from_secs(2))
@@ -286,8 +316,11 @@ pub async fn run(
         ),
     };
     let conductor = conductor::Conductor::new(channel, &config.spiffe_id())?;
-    let queue = match config.sidecar_outbound {
-        Some(out) => queue_client::Client::via_sidecar(out)?,
+    let queue = match queue_client::Client::through_sidecar(
+        config.sidecar_outbound_socket.as_deref(),
+        config.sidecar_outbound,
+    ) {
+        Some(q) => q?,
         None => queue_client::Client::connect_lazy(&config.queue_url)?,
     };
     let topic = queue_client::names::compute_topic(&config.host);
@@ -349,7 +382,8 @@ pub async fn run(
                         return;
                     }
                 };
-                match agent.handle(cast).await {
+                // A child of the span that published the cast (one trace per boot).
+                match tracing::Instrument::instrument(agent.handle(cast), d.span()).await {
                     Ok(()) => {
                         let _ = d.ack().await;
                     }
@@ -363,7 +397,7 @@ pub async fn run(
     });
 
     let routes = tonic::service::Routes::new(console::ConsoleService::new(agent.clone()).server());
-    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     consumer.abort();
     beats.abort();
     consoles.abort();

@@ -48,11 +48,20 @@ pub mod migrations {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     pub database: DatabaseConfig,
     /// This workload's sidecar outbound listener: when set, the scheduler and
     /// the queue are reached through it by name and the URLs below are unused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_outbound: Option<SocketAddr>,
+    /// The sidecar's outbound Unix socket (its `[outbound_socket] path`,
+    /// issue 13): when set, calls go through it and `sidecar_outbound` is unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound_socket: Option<std::path::PathBuf>,
     /// Direct addresses (development and tests).
     pub scheduler_url: String,
     pub queue_url: String,
@@ -74,8 +83,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::COMPUTE_API.0, ports::COMPUTE_API.1),
+            socket: None,
             database: DatabaseConfig::local("compute"),
             sidecar_outbound: None,
+            sidecar_outbound_socket: None,
             scheduler_url: format!("http://127.0.0.1:{}", ports::SCHEDULER.0),
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             quota: model::Limits::default(),
@@ -95,6 +106,18 @@ impl runtime::process::Service for Config {
         &self.server
     }
 
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         if self.host_down_after_secs == 0 || self.host_down_after_secs > 3600 {
@@ -106,9 +129,9 @@ impl runtime::process::Service for Config {
             return Err(ConfigError("image_cache_ms must be at most 60000".into()));
         }
         self.peers
-            .validate(self.sidecar_outbound)
+            .validate(self.outbound().is_some())
             .map_err(ConfigError)?;
-        if self.sidecar_outbound.is_none()
+        if (self.sidecar_outbound.is_none() && self.sidecar_outbound_socket.is_none())
             && (self.scheduler_url.is_empty() || self.queue_url.is_empty())
         {
             return Err(ConfigError(
@@ -127,17 +150,29 @@ impl runtime::process::Service for Config {
     }
 }
 
+impl Config {
+    /// Its sidecar's outbound side: the Unix socket, else the TCP listener.
+    pub fn outbound(&self) -> Option<runtime::local::Outbound> {
+        runtime::local::Outbound::of(
+            self.sidecar_outbound_socket.as_deref(),
+            self.sidecar_outbound,
+        )
+    }
+}
+
 /// A channel to a peer: through the sidecar by service name, or directly.
 pub fn channel(
-    outbound: Option<SocketAddr>,
+    outbound: Option<&runtime::local::Outbound>,
     service: &str,
     url: &str,
-) -> anyhow::Result<tonic::transport::Channel> {
+) -> anyhow::Result<runtime::trace::Channel> {
     match outbound {
-        Some(out) => runtime::serve::via_sidecar(out, service).map_err(anyhow::Error::msg),
-        None => Ok(tonic::transport::Endpoint::from_shared(url.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy()),
+        Some(out) => out.channel(service).map_err(anyhow::Error::msg),
+        None => Ok(runtime::trace::traced(
+            tonic::transport::Endpoint::from_shared(url.to_string())?
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+        )),
     }
 }
 
@@ -154,7 +189,7 @@ pub const SERVICE_NAMES: [&str; 6] = [
 /// Starts the service (migrations, notification listener) and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -165,7 +200,7 @@ pub async fn run(
 /// Serves an already started [`Compute`] until `shutdown`.
 pub async fn serve(
     compute: Compute,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let api = grpc::Api { compute };
@@ -177,9 +212,10 @@ pub async fn serve(
         ))
         .add_service(pb::quotas_server::QuotasServer::new(api.clone()))
         .add_service(pb::hosts_server::HostsServer::new(api));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "compute-api serving");
-    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("compute-api stopped");
     Ok(())
 }

@@ -18,7 +18,6 @@
 //! setting — never accepted unchecked.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use proto::image::v1 as ipb;
@@ -28,7 +27,7 @@ use runtime::caller::Caller;
 use runtime::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 use uuid::Uuid;
 
 /// Where image, network and volume are (`[peers]`).
@@ -60,7 +59,7 @@ impl Default for PeersConfig {
 }
 
 impl PeersConfig {
-    pub fn validate(&self, outbound: Option<SocketAddr>) -> std::result::Result<(), String> {
+    pub fn validate(&self, outbound: bool) -> std::result::Result<(), String> {
         if self.timeout_secs == 0 || self.timeout_secs > 300 {
             return Err("peers.timeout_secs must be between 1 and 300".into());
         }
@@ -71,7 +70,7 @@ impl PeersConfig {
         ] {
             match v.as_deref() {
                 None => {}
-                Some("mesh") if outbound.is_none() => {
+                Some("mesh") if !outbound => {
                     return Err(format!("peers.{name} = \"mesh\" needs sidecar_outbound"));
                 }
                 Some("mesh") => {}
@@ -142,20 +141,22 @@ pub struct Peers {
 
 fn peer(
     v: &Option<String>,
-    outbound: Option<SocketAddr>,
+    outbound: Option<&runtime::local::Outbound>,
     name: &str,
 ) -> anyhow::Result<Option<Peer>> {
     Ok(match (v.as_deref(), outbound) {
         (None, _) => None,
         (Some("mesh"), Some(out)) => Some(Peer {
-            channel: runtime::serve::via_sidecar(out, name).map_err(anyhow::Error::msg)?,
+            channel: out.channel(name).map_err(anyhow::Error::msg)?,
             direct: false,
         }),
         (Some("mesh"), None) => anyhow::bail!("peers.{name} = \"mesh\" needs sidecar_outbound"),
         (Some(url), _) => Some(Peer {
-            channel: tonic::transport::Endpoint::from_shared(url.to_string())?
-                .connect_timeout(Duration::from_secs(2))
-                .connect_lazy(),
+            channel: runtime::trace::traced(
+                tonic::transport::Endpoint::from_shared(url.to_string())?
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_lazy(),
+            ),
             direct: true,
         }),
     })
@@ -168,7 +169,10 @@ fn unconfigured(what: &str, setting: &str) -> Error {
 }
 
 impl Peers {
-    pub fn new(cfg: &PeersConfig, outbound: Option<SocketAddr>) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &PeersConfig,
+        outbound: Option<&runtime::local::Outbound>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             image: peer(&cfg.image, outbound, "image")?,
             network: peer(&cfg.network, outbound, "network")?,
@@ -314,19 +318,19 @@ mod tests {
 
     #[test]
     fn a_peer_is_mesh_or_a_url() {
-        let out = Some("127.0.0.1:1".parse().unwrap());
+        let out: Option<std::net::SocketAddr> = Some("127.0.0.1:1".parse().unwrap());
         let cfg = |image: &str| PeersConfig {
             image: Some(image.into()),
             ..Default::default()
         };
-        assert!(cfg("mesh").validate(out).is_ok());
-        assert!(cfg("http://127.0.0.1:9292").validate(None).is_ok());
+        assert!(cfg("mesh").validate(out.is_some()).is_ok());
+        assert!(cfg("http://127.0.0.1:9292").validate(false).is_ok());
         assert_eq!(
-            cfg("mesh").validate(None),
+            cfg("mesh").validate(false),
             Err("peers.image = \"mesh\" needs sidecar_outbound".into())
         );
         assert_eq!(
-            cfg("image").validate(out),
+            cfg("image").validate(out.is_some()),
             Err("peers.image must be \"mesh\" or an http:// URL, not \"image\"".into())
         );
     }

@@ -19,7 +19,7 @@ use runtime::caller::Caller;
 use runtime::error::{Error, Result};
 use runtime::types::{Name, NameOrId};
 use tonic::Code;
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 use uuid::Uuid;
 
 use crate::model::*;
@@ -271,15 +271,18 @@ impl Compute {
         )?;
         runtime::db::migrate(&pool, &config.database.schema, crate::migrations::runner()).await?;
         let scheduler = SchedulerClient::new(crate::channel(
-            config.sidecar_outbound,
+            config.outbound().as_ref(),
             "scheduler",
             &config.scheduler_url,
         )?);
-        let queue = match config.sidecar_outbound {
-            Some(out) => queue_client::Client::via_sidecar(out)?,
+        let queue = match queue_client::Client::through_sidecar(
+            config.sidecar_outbound_socket.as_deref(),
+            config.sidecar_outbound,
+        ) {
+            Some(q) => q?,
             None => queue_client::Client::connect_lazy(&config.queue_url)?,
         };
-        let peers = Peers::new(&config.peers, config.sidecar_outbound)?;
+        let peers = Peers::new(&config.peers, config.outbound().as_ref())?;
         let hub = Hub::default();
         tokio::spawn(
             hub.clone()
@@ -948,22 +951,21 @@ impl Compute {
             || endpoint.starts_with("https://")
         {
             (
-                tonic::transport::Endpoint::from_shared(endpoint.clone())
-                    .map_err(|e| Error::internal(format!("agent endpoint {endpoint:?}: {e}")))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .connect_lazy(),
+                runtime::trace::traced(
+                    tonic::transport::Endpoint::from_shared(endpoint.clone())
+                        .map_err(|e| Error::internal(format!("agent endpoint {endpoint:?}: {e}")))?
+                        .connect_timeout(Duration::from_secs(2))
+                        .connect_lazy(),
+                ),
                 true,
             )
         } else {
-            let out = self.inner.config.sidecar_outbound.ok_or_else(|| {
+            let out = self.inner.config.outbound().ok_or_else(|| {
                 Error::precondition(format!(
                     "host {host}'s console is behind the mesh ({endpoint}) and compute-api has no sidecar_outbound"
                 ))
             })?;
-            (
-                runtime::serve::via_sidecar(out, &endpoint).map_err(Error::internal)?,
-                false,
-            )
+            (out.channel(&endpoint).map_err(Error::internal)?, false)
         };
         let head = cpb::AgentConsoleInput {
             server_id: id.to_string(),

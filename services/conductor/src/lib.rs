@@ -31,12 +31,21 @@ pub use service::Conductor;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// The compute schema (compute-api's).
     pub database: DatabaseConfig,
     /// This workload's sidecar outbound listener: when set, the queue is
     /// reached through it by name and `queue_url` is unused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_outbound: Option<SocketAddr>,
+    /// The sidecar's outbound Unix socket (its `[outbound_socket] path`,
+    /// issue 13): when set, calls go through it and `sidecar_outbound` is unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound_socket: Option<std::path::PathBuf>,
     pub queue_url: String,
     /// The SPIFFE trust domain of the agents' ids.
     pub trust_domain: String,
@@ -55,8 +64,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::CONDUCTOR.0, ports::CONDUCTOR.1),
+            socket: None,
             database: DatabaseConfig::local("compute"),
             sidecar_outbound: None,
+            sidecar_outbound_socket: None,
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             trust_domain: "cirrus.local".into(),
             max_attempts: 3,
@@ -73,6 +84,18 @@ impl runtime::process::Service for Config {
 
     fn server(&self) -> &ServerConfig {
         &self.server
+    }
+
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -93,7 +116,9 @@ impl runtime::process::Service for Config {
         if self.trust_domain.is_empty() {
             return bad("trust_domain is required");
         }
-        if self.sidecar_outbound.is_none() && self.queue_url.is_empty() {
+        if (self.sidecar_outbound.is_none() && self.sidecar_outbound_socket.is_none())
+            && self.queue_url.is_empty()
+        {
             return bad("queue_url is required without sidecar_outbound");
         }
         Ok(())
@@ -113,7 +138,7 @@ pub const SERVICE_NAMES: [&str; 1] = ["conductor.v1.Conductor"];
 /// Connects, starts the sweeper and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -123,9 +148,10 @@ pub async fn run(
         tonic::service::Routes::new(pb::conductor_server::ConductorServer::new(grpc::Api {
             conductor,
         }));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "conductor serving");
-    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     sweeper.abort();
     result?;
     tracing::info!("conductor stopped");

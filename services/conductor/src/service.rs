@@ -119,8 +119,11 @@ impl Conductor {
             &config.database.schema,
             config.database.pool_size,
         )?;
-        let queue = match config.sidecar_outbound {
-            Some(out) => queue_client::Client::via_sidecar(out)?,
+        let queue = match queue_client::Client::through_sidecar(
+            config.sidecar_outbound_socket.as_deref(),
+            config.sidecar_outbound,
+        ) {
+            Some(q) => q?,
             None => queue_client::Client::connect_lazy(&config.queue_url)?,
         };
         Ok(Self {

@@ -74,6 +74,11 @@ pub struct Config {
     pub password_hash: password::HashParams,
     /// Where the gRPC API and `/metrics` listen.
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// Postgres; the service works in `database.schema` only.
     pub database: DatabaseConfig,
 }
@@ -90,6 +95,7 @@ impl Default for Config {
             lockout_duration_secs: 1800,
             password_hash: password::HashParams::default(),
             server: ServerConfig::loopback(grpc, metrics),
+            socket: None,
             database: DatabaseConfig::local("identity"),
         }
     }
@@ -132,6 +138,18 @@ impl runtime::process::Service for Config {
 
     fn server(&self) -> &ServerConfig {
         &self.server
+    }
+
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -209,7 +227,7 @@ pub const SERVICE_NAMES: [&str; 5] = [
 /// Starts the service (migrations, keys, revocations) and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -220,7 +238,7 @@ pub async fn run(
 /// Serves an already started [`Identity`] until `shutdown`.
 pub async fn serve(
     identity: Identity,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (close, closed) = tokio::sync::watch::channel(false);
@@ -249,14 +267,15 @@ pub async fn serve(
             }
         }
     });
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "identity serving");
     let shutdown = async move {
         shutdown.await;
         // End Watch streams so the graceful drain can finish.
         let _ = close.send(true);
     };
-    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     pruner.abort();
     listener_task.abort();
     result?;

@@ -47,6 +47,11 @@ pub struct Config {
     /// `[server]`: where the gRPC API (loopback: the sidecar fronts it) and
     /// `/metrics` listen.
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// `[database]`: a Postgres URL, the schema (`image`), the pool size.
     pub database: DatabaseConfig,
     /// The filesystem store's directory (created, mode 0700).
@@ -63,6 +68,7 @@ impl Default for Config {
         let (grpc, metrics) = ports::IMAGE;
         Self {
             server: ServerConfig::loopback(grpc, metrics),
+            socket: None,
             database: DatabaseConfig::local("image"),
             store_dir: PathBuf::from(".state/image/store"),
             quota_bytes: 100 * 1024 * 1024 * 1024,
@@ -98,6 +104,18 @@ impl runtime::process::Service for Config {
         &self.server
     }
 
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         Config::validate(self)
     }
@@ -125,7 +143,7 @@ const MAX_FRAME: u32 = 2 * 1024 * 1024;
 /// Starts the service (migrations, store, recovery) and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -136,7 +154,7 @@ pub async fn run(
 /// Serves an already started [`Images`] until `shutdown`.
 pub async fn serve(
     images: Images,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let api = grpc::Api { images };
@@ -144,7 +162,8 @@ pub async fn serve(
     // stream ended cleanly (see `grpc::BodyEnd`).
     let routes =
         tonic::service::Routes::new(grpc::WatchBodies(pb::images_server::ImagesServer::new(api)));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "image serving");
     let options = runtime::serve::ServeOptions {
         // An upload of many GiB outlives any fixed deadline; the service
@@ -154,7 +173,7 @@ pub async fn serve(
         connection_window: Some(CONNECTION_WINDOW),
         max_frame_size: Some(MAX_FRAME),
     };
-    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("image stopped");
     Ok(())
 }

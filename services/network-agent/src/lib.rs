@@ -36,6 +36,11 @@ use tokio::sync::{Notify, watch};
 pub struct Config {
     /// Health (`grpc.health.v1`) on `listen`; the agent serves no API.
     pub server: ServerConfig,
+    /// The Unix socket to serve health on instead of `server.listen`
+    /// (issue 13: only this agent's sidecar can open it); absent: loopback
+    /// TCP, a development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// This host's name, as in its SPIFFE id `.../svc/network-agent/host/<host>`.
     pub host: String,
     /// The network service: its sidecar's outbound address in production.
@@ -43,6 +48,9 @@ pub struct Config {
     /// In production: the agent's sidecar's outbound address; `network` is
     /// then reached through it (`http://network`), and `network_url` is unused.
     pub network_via_sidecar: Option<std::net::SocketAddr>,
+    /// The sidecar's outbound Unix socket (issue 13): wins over `network_via_sidecar`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_via_sidecar_socket: Option<std::path::PathBuf>,
     /// The integration bridge (at most 15 characters).
     pub bridge: String,
     /// `netdev` (userspace) where the kernel datapath is missing, else `system`.
@@ -63,9 +71,11 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::NETWORK_AGENT.0, ports::NETWORK_AGENT.1),
+            socket: None,
             host: "localhost".into(),
             network_url: format!("http://127.0.0.1:{}", ports::NETWORK.0),
             network_via_sidecar: None,
+            network_via_sidecar_socket: None,
             bridge: "br-int".into(),
             datapath_type: "netdev".into(),
             namespace_prefix: "cirrus-".into(),
@@ -123,37 +133,58 @@ impl runtime::process::Service for Config {
         self.check()
     }
 
-    #[allow(clippy::manual_async_fn)] // the trait's signature
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        run_with_health(self, listener.into(), shutdown)
+    }
+
     fn run(
         self,
         listener: TcpListener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
-        async move {
-            let (tx, rx) = watch::channel(false);
-            tokio::spawn(async move {
-                shutdown.await;
-                let _ = tx.send(true);
-            });
-            let mut rx2 = rx.clone();
-            let health = runtime::serve::serve(
-                tonic::service::Routes::default(),
-                &[],
-                listener,
-                async move {
-                    let _ = rx2.wait_for(|s| *s).await;
-                },
-            );
-            let mut rx3 = rx;
-            let (a, h) = tokio::join!(
-                run(self, async move {
-                    let _ = rx3.wait_for(|s| *s).await;
-                }),
-                health
-            );
-            h?;
-            a
-        }
+        run_with_health(self, listener.into(), shutdown)
+    }
+}
+
+/// The agent, and health (and reflection) on `listener` for its sidecar.
+#[allow(clippy::manual_async_fn)] // Send is spelled out
+fn run_with_health(
+    config: Config,
+    listener: runtime::local::Listener,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> impl Future<Output = anyhow::Result<()>> + Send {
+    async move {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        });
+        let mut rx2 = rx.clone();
+        let health = runtime::local::serve(
+            tonic::service::Routes::default(),
+            &[],
+            listener,
+            async move {
+                let _ = rx2.wait_for(|s| *s).await;
+            },
+        );
+        let mut rx3 = rx;
+        let (a, h) = tokio::join!(
+            run(config, async move {
+                let _ = rx3.wait_for(|s| *s).await;
+            }),
+            health
+        );
+        h?;
+        a
     }
 }
 
@@ -163,12 +194,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     config.check()?;
     let config = Arc::new(config);
     tokio::fs::create_dir_all(&config.state_dir).await?;
-    let channel = match config.network_via_sidecar {
-        Some(addr) => runtime::serve::via_sidecar(addr, "network").map_err(anyhow::Error::msg)?,
-        None => tonic::transport::Endpoint::from_shared(config.network_url.clone())?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy(),
+    let channel = match runtime::local::via_sidecar(
+        config.network_via_sidecar_socket.as_deref(),
+        config.network_via_sidecar,
+        "network",
+    ) {
+        Some(c) => c.map_err(anyhow::Error::msg)?,
+        None => runtime::trace::traced(
+            tonic::transport::Endpoint::from_shared(config.network_url.clone())?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        ),
     };
     let mut agent = agent::Agent::new(config.clone(), channel);
     agent.bridge.ensure().await?;

@@ -67,6 +67,11 @@ impl Default for QuotaDefaults {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     pub database: DatabaseConfig,
     /// The VXLAN VNIs networks get their segmentation id from.
     pub vni_min: u32,
@@ -82,12 +87,16 @@ pub struct Config {
     /// In production: this service's sidecar's outbound address; the queue
     /// is then reached through it (`http://queue`), and `queue_url` is unused.
     pub queue_via_sidecar: Option<std::net::SocketAddr>,
+    /// The sidecar's outbound Unix socket (issue 13): wins over `queue_via_sidecar`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_via_sidecar_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::NETWORK.0, ports::NETWORK.1),
+            socket: None,
             database: DatabaseConfig::local("network"),
             vni_min: 1000,
             vni_max: 99_999,
@@ -96,6 +105,7 @@ impl Default for Config {
             quota: QuotaDefaults::default(),
             queue_url: String::new(),
             queue_via_sidecar: None,
+            queue_via_sidecar_socket: None,
         }
     }
 }
@@ -129,6 +139,18 @@ impl runtime::process::Service for Config {
         &self.server
     }
 
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.check()
     }
@@ -158,7 +180,10 @@ impl Net {
             changes,
             default_groups: Default::default(),
         };
-        if !net.config.queue_url.is_empty() || net.config.queue_via_sidecar.is_some() {
+        if !net.config.queue_url.is_empty()
+            || net.config.queue_via_sidecar.is_some()
+            || net.config.queue_via_sidecar_socket.is_some()
+        {
             tasks.push(tokio::spawn(outbox::relay(net.clone())));
         }
         Ok((net, tasks))
@@ -173,7 +198,7 @@ fn listen_url(url: &str, _schema: &str) -> String {
 /// Starts the service and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (net, tasks) = Net::start(config).await?;
@@ -187,20 +212,21 @@ pub async fn run(
 /// Serves an already started [`Net`] until `shutdown`.
 pub async fn serve(
     net: Net,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let api = grpc::Api { net };
     let routes = tonic::service::Routes::new(pb::networks_server::NetworksServer::new(api.clone()))
         .add_service(pb::agents_server::AgentsServer::new(api));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "network serving");
     let options = runtime::serve::ServeOptions {
         // WatchPorts streams live as long as their watcher.
         request_timeout: None,
         ..Default::default()
     };
-    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("network stopped");
     Ok(())
 }

@@ -20,8 +20,11 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// Runs until aborted: publish, delete, repeat; sleep until a change.
 pub async fn relay(net: Net) {
-    let client = match net.config.queue_via_sidecar {
-        Some(addr) => queue_client::Client::via_sidecar(addr),
+    let client = match queue_client::Client::through_sidecar(
+        net.config.queue_via_sidecar_socket.as_deref(),
+        net.config.queue_via_sidecar,
+    ) {
+        Some(c) => c,
         None => queue_client::Client::connect_lazy(&net.config.queue_url),
     };
     let client = match client {

@@ -123,6 +123,19 @@ impl Client {
         Ok(Self { channel })
     }
 
+    /// [`Client::via_sidecar`] over the sidecar's outbound Unix socket when
+    /// `socket` is given (issue 13), else its loopback TCP listener `addr`;
+    /// `None` without either.
+    pub fn through_sidecar(
+        socket: Option<&std::path::Path>,
+        addr: Option<SocketAddr>,
+    ) -> Option<Result<Self, Status>> {
+        runtime::local::via_sidecar(socket, addr, SERVICE).map(|c| {
+            c.map(|channel| Self { channel })
+                .map_err(|e| Status::invalid_argument(format!("bad sidecar address: {e}")))
+        })
+    }
+
     /// A client over an existing channel (tests, or a caller's own settings);
     /// its calls carry the trace context like every runtime channel's.
     pub fn from_channel(channel: tonic::transport::Channel) -> Self {

@@ -51,6 +51,11 @@ pub mod migrations {
 pub struct Config {
     /// `[server]`: where the gRPC API and `/metrics` listen.
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// `[database]`: the Postgres URL, the schema (`queue`) and the pool size.
     pub database: DatabaseConfig,
     /// The largest payload accepted, in bytes.
@@ -83,6 +88,7 @@ impl Default for Config {
         let (port, metrics) = ports::QUEUE;
         Self {
             server: ServerConfig::loopback(port, metrics),
+            socket: None,
             database: DatabaseConfig::local("queue"),
             max_payload_bytes: 1024 * 1024,
             dedupe_window_secs: 600,
@@ -105,6 +111,18 @@ impl runtime::process::Service for Config {
 
     fn server(&self) -> &ServerConfig {
         &self.server
+    }
+
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -157,7 +175,7 @@ pub const SERVICE_NAMES: [&str; 2] = ["queue.v1.Queue", "queue.v1.Topics"];
 /// Starts the service (migrations, committers, listener) and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -168,7 +186,7 @@ pub async fn run(
 /// Serves an already started [`Queue`] until `shutdown`.
 pub async fn serve(
     queue: Queue,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     if queue.config().trust_direct_callers {
@@ -181,14 +199,15 @@ pub async fn serve(
         pb::queue_server::QueueServer::new(api.clone()).max_decoding_message_size(max_message),
     )
     .add_service(pb::topics_server::TopicsServer::new(api));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "queue serving");
     let shutdown = async move {
         shutdown.await;
         // End consumer streams so the graceful drain can finish.
         let _ = close.send(true);
     };
-    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("queue stopped");
     Ok(())
 }

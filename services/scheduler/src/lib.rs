@@ -34,12 +34,21 @@ pub use service::Scheduler;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     /// The compute schema (compute-api's).
     pub database: DatabaseConfig,
     /// This workload's sidecar outbound listener: when set, the queue is
     /// reached through it by name and `queue_url` is unused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_outbound: Option<SocketAddr>,
+    /// The sidecar's outbound Unix socket (its `[outbound_socket] path`,
+    /// issue 13): when set, calls go through it and `sidecar_outbound` is unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_outbound_socket: Option<std::path::PathBuf>,
     pub queue_url: String,
     /// A host whose agent has not heartbeated for this long is not chosen.
     pub host_down_after_secs: u64,
@@ -57,8 +66,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::loopback(ports::SCHEDULER.0, ports::SCHEDULER.1),
+            socket: None,
             database: DatabaseConfig::local("compute"),
             sidecar_outbound: None,
+            sidecar_outbound_socket: None,
             queue_url: format!("http://127.0.0.1:{}", ports::QUEUE.0),
             host_down_after_secs: 60,
             alternates: 2,
@@ -76,6 +87,18 @@ impl runtime::process::Service for Config {
         &self.server
     }
 
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         if self.host_down_after_secs == 0 || self.host_down_after_secs > 3600 {
@@ -89,7 +112,9 @@ impl runtime::process::Service for Config {
         if self.alternates > 10 {
             return Err(ConfigError("alternates must be at most 10".into()));
         }
-        if self.sidecar_outbound.is_none() && self.queue_url.is_empty() {
+        if (self.sidecar_outbound.is_none() && self.sidecar_outbound_socket.is_none())
+            && self.queue_url.is_empty()
+        {
             return Err(ConfigError(
                 "queue_url is required without sidecar_outbound".into(),
             ));
@@ -111,7 +136,7 @@ pub const SERVICE_NAMES: [&str; 1] = ["scheduler.v1.Scheduler"];
 /// Connects and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     runtime::process::Service::validate(&config)?;
@@ -120,9 +145,10 @@ pub async fn run(
         tonic::service::Routes::new(pb::scheduler_server::SchedulerServer::new(grpc::Api {
             scheduler,
         }));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "scheduler serving");
-    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("scheduler stopped");
     Ok(())
 }

@@ -25,7 +25,7 @@ use runtime::caller::Caller;
 use runtime::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 use uuid::Uuid;
 
 use crate::model::Format;
@@ -43,6 +43,9 @@ pub struct ImageConfig {
     /// `http://image` through it, with the caller's token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbound: Option<SocketAddr>,
+    /// The sidecar's outbound Unix socket (issue 13): wins over `outbound`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound_socket: Option<std::path::PathBuf>,
     /// Or a direct `http://host:port` of an image server (no mesh: the
     /// caller's verified headers are passed on). Wins over `outbound`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,6 +60,7 @@ impl Default for ImageConfig {
         Self {
             // The sidecar's internal listener; public and outbound follow.
             outbound: Some(SocketAddr::from(([127, 0, 0, 1], sidecar + 2))),
+            outbound_socket: None,
             url: None,
             timeout_secs: 30,
         }
@@ -95,7 +99,7 @@ impl Images {
     pub fn new(cfg: &ImageConfig) -> Result<Option<Self>, String> {
         let (channel, direct) = match (&cfg.url, cfg.outbound) {
             (Some(url), _) => (
-                tonic::transport::Endpoint::from_shared(url.clone())
+                runtime::trace::traced(tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| format!("image.url {url:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
                     // A download is one long stream of 1 MiB messages: with
@@ -106,11 +110,16 @@ impl Images {
                     .initial_stream_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(CONNECTION_WINDOW)
                     .max_frame_size(MAX_FRAME)
-                    .connect_lazy(),
+                    .connect_lazy()),
                 true,
             ),
-            (None, Some(outbound)) => (runtime::serve::via_sidecar(outbound, "image")?, false),
-            (None, None) => return Ok(None),
+            (None, outbound) => {
+                let socket = cfg.outbound_socket.as_deref();
+                match runtime::local::via_sidecar(socket, outbound, "image") {
+                    Some(c) => (c?, false),
+                    None => return Ok(None),
+                }
+            }
         };
         Ok(Some(Self {
             client: ImagesClient::new(channel).max_decoding_message_size(8 * 1024 * 1024),

@@ -52,6 +52,11 @@ pub struct Config {
     /// `spiffe://<trust_domain>/svc/compute-agent/host/<h>`.
     pub trust_domain: String,
     pub server: ServerConfig,
+    /// The Unix socket to serve on instead of `server.listen` (issue 13:
+    /// only this service's sidecar can open it); absent: loopback TCP, a
+    /// development set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<runtime::config::SocketConfig>,
     pub database: DatabaseConfig,
     pub store: StoreConfig,
     pub quotas: QuotaDefaults,
@@ -109,6 +114,7 @@ impl Default for Config {
         Self {
             trust_domain: "cirrus.local".into(),
             server: ServerConfig::loopback(grpc, metrics),
+            socket: None,
             database: DatabaseConfig::local("volume"),
             store: StoreConfig::default(),
             quotas: QuotaDefaults::default(),
@@ -123,6 +129,18 @@ impl runtime::process::Service for Config {
 
     fn server(&self) -> &ServerConfig {
         &self.server
+    }
+
+    fn socket(&self) -> Option<&runtime::config::SocketConfig> {
+        self.socket.as_ref()
+    }
+
+    fn run_unix(
+        self,
+        listener: tokio::net::UnixListener,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        run(self, listener, shutdown)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -173,7 +191,7 @@ pub const SERVICE_NAMES: [&str; 1] = ["volume.v1.Volumes"];
 /// Starts the service (migrations, store, recovery) and serves until `shutdown`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     <Config as runtime::process::Service>::validate(&config)?;
@@ -186,12 +204,13 @@ pub async fn run(
 /// Serves an already started [`Volumes`] until `shutdown`.
 pub async fn serve(
     volumes: Volumes,
-    listener: TcpListener,
+    listener: impl Into<runtime::local::Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let api = grpc::Api { volumes };
     let routes = tonic::service::Routes::new(pb::volumes_server::VolumesServer::new(api));
-    let addr = listener.local_addr()?;
+    let listener: runtime::local::Listener = listener.into();
+    let addr = listener.describe();
     tracing::info!(%addr, "volume serving");
     let options = runtime::serve::ServeOptions {
         // A create with `wait` from a large image takes minutes; the work
@@ -199,7 +218,7 @@ pub async fn serve(
         request_timeout: None,
         ..runtime::serve::ServeOptions::default()
     };
-    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("volume stopped");
     Ok(())
 }
