@@ -21,9 +21,10 @@ pub async fn register(
         Listing::Public(t) => (t, true),
         Listing::Internal(t) => (t, false),
     };
-    // Straight to identity on loopback: the launcher is the operator.
-    let mut direct = admin.clone();
-    direct.url = format!("http://{}", local(identity.service));
+    // Through identity's public endpoint as the admin: identity itself
+    // serves only its Unix socket, which only its sidecar can open.
+    let _ = identity;
+    let direct = admin.clone();
     let token = login(&direct, None).await?.token;
     let s = Session::new(crate::session::channel(&direct).await?, token);
     let service_id = match s.services().await?.into_iter().find(|x| x.name == svc) {
