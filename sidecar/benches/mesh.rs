@@ -337,8 +337,9 @@ async fn bench() {
         std::fs::write(&p, body).expect("config");
         p
     };
-    // BENCH_SIDECAR_THREADS: the sidecars' `worker_threads` (the nginx
-    // anchor runs one worker process per proxy).
+    // BENCH_SIDECAR_THREADS: the sidecars' `worker_threads` (absent: the
+    // sidecar's default, one, as the nginx anchor's one worker process per
+    // proxy; 0: one per core).
     let threads = std::env::var("BENCH_SIDECAR_THREADS")
         .ok()
         .map(|n| format!("worker_threads = {n}\n"))

@@ -63,7 +63,7 @@ impl Authn {
                 if c.exp <= now {
                     return Err(TokenError::Expired);
                 }
-                if s.verifier.rules().iter().any(|r| r.matches(c)) {
+                if s.verifier.is_revoked(c) {
                     return Err(TokenError::Revoked);
                 }
                 return Ok(c.clone());

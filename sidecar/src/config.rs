@@ -59,8 +59,12 @@ pub struct Config {
     pub drain_secs: u64,
     /// Identity's longest token lifetime, after which revocation rules are dropped.
     pub max_token_ttl_secs: u64,
-    /// Runtime worker threads of the binary; absent: one per core. One
-    /// sidecar runs beside every service, so a machine holds many.
+    /// Runtime worker threads of the binary; absent: one (as nginx's
+    /// `worker_processes 1`: a request's tasks — the client connection, its
+    /// stream, the upstream connection — then wake each other on one thread
+    /// instead of across threads, measured cheaper per request; see the
+    /// README); `0`: one per core. One sidecar runs beside every service,
+    /// so a machine holds many.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
 }
@@ -169,7 +173,11 @@ impl runtime::process::Service for Config {
     }
 
     fn worker_threads(&self) -> Option<usize> {
-        self.worker_threads
+        match self.worker_threads {
+            None => Some(1),
+            Some(0) => None,
+            Some(n) => Some(n),
+        }
     }
 
     /// `listener` is `server.listen` (internal); the public and outbound

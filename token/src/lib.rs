@@ -444,7 +444,7 @@ impl Verifier {
 fn signed_bytes(
     body: &str,
     footer: &[u8],
-) -> Result<(Vec<u8>, std::ops::Range<usize>, [u8; SIG_LEN]), TokenError> {
+) -> Result<Signed, TokenError> {
     let le64 = |n: usize| ((n as u64) & (u64::MAX >> 1)).to_le_bytes();
     let prefix = 8 + 8 + HEADER.len() + 8;
     let decoded_max = body.len().div_ceil(4) * 3;
@@ -469,6 +469,10 @@ fn signed_bytes(
     out.extend_from_slice(&le64(0));
     Ok((out, prefix..prefix + len, sig))
 }
+
+/// What [`signed_bytes`] returns: the signed bytes, the message's place in
+/// them, and the signature.
+type Signed = (Vec<u8>, std::ops::Range<usize>, [u8; SIG_LEN]);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
