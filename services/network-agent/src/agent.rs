@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use proto::network::v1 as pb;
 use tokio::sync::{Notify, watch};
-use tonic::transport::Channel;
+use runtime::trace::Channel;
 
 use crate::Config;
 use crate::dhcp::{Dhcp, Spec};
