@@ -25,15 +25,15 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod error;
-pub mod local;
 #[cfg(feature = "db")]
 pub mod listen;
+pub mod local;
 pub mod process;
 pub mod serve;
 pub mod telemetry;
-pub mod trace;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 pub mod types;
 
 pub use error::{Error, Message};

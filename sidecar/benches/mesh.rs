@@ -84,7 +84,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 /// Open loop at `rate` requests/s for `secs`: latencies of the completed calls.
 async fn fixed_rate(
-    client: HealthClient<Channel>,
+    client: HealthClient<runtime::trace::Channel>,
     token: Arc<str>,
     rate: u64,
     secs: f64,
@@ -119,7 +119,12 @@ async fn fixed_rate(
 }
 
 /// Closed loop with `conc` callers for `secs`: completions per second.
-async fn max_rate(client: HealthClient<Channel>, token: Arc<str>, conc: usize, secs: f64) -> f64 {
+async fn max_rate(
+    client: HealthClient<runtime::trace::Channel>,
+    token: Arc<str>,
+    conc: usize,
+    secs: f64,
+) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
@@ -417,11 +422,13 @@ async fn bench() {
     .await
     .expect("endpoint");
 
-    let direct = HealthClient::new(
+    // Every path's client is the traced channel the services use, so the
+    // client side costs the same on each.
+    let direct = HealthClient::new(runtime::trace::traced(
         Channel::from_shared(format!("http://{echo_addr}"))
             .expect("url")
             .connect_lazy(),
-    );
+    ));
     let via = HealthClient::new(
         runtime::serve::via_sidecar(
             format!("127.0.0.1:{api_outbound}").parse().expect("addr"),
@@ -469,11 +476,11 @@ async fn bench() {
     // (../shared/anchors/nginx-grpc-mtls), in front of the same server.
     let nginx = NginxPair::start(&dir.join("nginx"), echo_addr);
     let via_nginx = nginx.as_ref().map(|n| {
-        HealthClient::new(
+        HealthClient::new(runtime::trace::traced(
             Channel::from_shared(format!("http://127.0.0.1:{}", n.port))
                 .expect("url")
                 .connect_lazy(),
-        )
+        ))
     });
 
     // Warm up every path.

@@ -441,10 +441,7 @@ impl Verifier {
 /// The bytes the signature covers, PAE(header, message, footer, ""), with
 /// the message decoded from `body` in place; where the message lies in them;
 /// and the signature that ended `body`.
-fn signed_bytes(
-    body: &str,
-    footer: &[u8],
-) -> Result<Signed, TokenError> {
+fn signed_bytes(body: &str, footer: &[u8]) -> Result<Signed, TokenError> {
     let le64 = |n: usize| ((n as u64) & (u64::MAX >> 1)).to_le_bytes();
     let prefix = 8 + 8 + HEADER.len() + 8;
     let decoded_max = body.len().div_ceil(4) * 3;

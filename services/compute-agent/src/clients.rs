@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use tonic::Request;
 use runtime::trace::Channel;
+use tonic::Request;
 
 /// Every call to another service answers within this, or fails.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);

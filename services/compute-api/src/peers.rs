@@ -25,9 +25,9 @@ use proto::network::v1 as npb;
 use proto::volume::v1 as vpb;
 use runtime::caller::Caller;
 use runtime::error::{Error, Result};
+use runtime::trace::Channel;
 use serde::{Deserialize, Serialize};
 use tonic::Code;
-use runtime::trace::Channel;
 use uuid::Uuid;
 
 /// Where image, network and volume are (`[peers]`).

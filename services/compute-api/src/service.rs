@@ -17,9 +17,9 @@ use proto::scheduler::v1 as spb;
 use proto::scheduler::v1::scheduler_client::SchedulerClient;
 use runtime::caller::Caller;
 use runtime::error::{Error, Result};
+use runtime::trace::Channel;
 use runtime::types::{Name, NameOrId};
 use tonic::Code;
-use runtime::trace::Channel;
 use uuid::Uuid;
 
 use crate::model::*;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::network::v1 as pb;
-use tokio::sync::{Notify, watch};
 use runtime::trace::Channel;
+use tokio::sync::{Notify, watch};
 
 use crate::Config;
 use crate::dhcp::{Dhcp, Spec};

@@ -23,9 +23,9 @@ use proto::image::v1 as pb;
 use proto::image::v1::images_client::ImagesClient;
 use runtime::caller::Caller;
 use runtime::error::{Error, Result};
+use runtime::trace::Channel;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use runtime::trace::Channel;
 use uuid::Uuid;
 
 use crate::model::Format;
@@ -99,18 +99,20 @@ impl Images {
     pub fn new(cfg: &ImageConfig) -> Result<Option<Self>, String> {
         let (channel, direct) = match (&cfg.url, cfg.outbound) {
             (Some(url), _) => (
-                runtime::trace::traced(tonic::transport::Endpoint::from_shared(url.clone())
-                    .map_err(|e| format!("image.url {url:?}: {e}"))?
-                    .connect_timeout(Duration::from_secs(2))
-                    // A download is one long stream of 1 MiB messages: with
-                    // HTTP/2's default windows and 16 KiB frames the image
-                    // server waits for a WINDOW_UPDATE every few frames.
-                    // Large windows keep it sending; 1 MiB frames carry a
-                    // chunk in one frame.
-                    .initial_stream_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_frame_size(MAX_FRAME)
-                    .connect_lazy()),
+                runtime::trace::traced(
+                    tonic::transport::Endpoint::from_shared(url.clone())
+                        .map_err(|e| format!("image.url {url:?}: {e}"))?
+                        .connect_timeout(Duration::from_secs(2))
+                        // A download is one long stream of 1 MiB messages: with
+                        // HTTP/2's default windows and 16 KiB frames the image
+                        // server waits for a WINDOW_UPDATE every few frames.
+                        // Large windows keep it sending; 1 MiB frames carry a
+                        // chunk in one frame.
+                        .initial_stream_window_size(STREAM_WINDOW)
+                        .initial_connection_window_size(CONNECTION_WINDOW)
+                        .max_frame_size(MAX_FRAME)
+                        .connect_lazy(),
+                ),
                 true,
             ),
             (None, outbound) => {

@@ -360,13 +360,15 @@ impl Mesh {
     }
 
     /// network through the agent's sidecar.
-    pub fn networks(&self) -> proto::network::v1::networks_client::NetworksClient<Channel> {
+    pub fn networks(
+        &self,
+    ) -> proto::network::v1::networks_client::NetworksClient<runtime::trace::Channel> {
         let ch = runtime::serve::via_sidecar(self.outbound, "network").unwrap();
         proto::network::v1::networks_client::NetworksClient::new(ch)
     }
 
     /// image through the agent's sidecar.
-    pub fn images(&self) -> ImagesClient<Channel> {
+    pub fn images(&self) -> ImagesClient<runtime::trace::Channel> {
         let ch = runtime::serve::via_sidecar(self.outbound, "image").unwrap();
         ImagesClient::new(ch).max_decoding_message_size(8 * MIB)
     }
