@@ -77,15 +77,9 @@ async fn a_killed_service_is_restarted_and_the_cloud_answers() {
     assert!(token.starts_with("v4.public."), "{token}");
     cloud.admin_ok(&["user", "show", "admin"]).await;
     let (_, _, image_public, _) = cloud.ports("image");
-    let o = run(
-        "image",
-        &[
-            "healthcheck",
-            &format!("127.0.0.1:{}", cloud.ports("image").0),
-        ],
-        &[],
-    )
-    .await;
+    // image serves only its Unix socket; its config names it.
+    let config = format!("{}/image.toml", cloud.dir());
+    let o = run("image", &["--config", &config, "healthcheck"], &[]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", image_public))
