@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use deadpool_postgres::GenericClient;
 use runtime::error::{Error, Result, constraint};
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::addr::{Cidr4, Pool};
@@ -400,6 +401,25 @@ pub struct NewPort<'a> {
     pub binding_bridge: &'a str,
 }
 
+impl NewPort<'_> {
+    /// The port's columns in the order both insert statements name them.
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.id,
+            &self.network_id,
+            &self.project_id,
+            &self.name,
+            &self.mac,
+            &self.device_id,
+            &self.device_owner,
+            &self.admin_state_up,
+            &self.port_security,
+            &self.binding_host,
+            &self.binding_bridge,
+        ]
+    }
+}
+
 /// Inserts a port; `false` when its MAC is taken on the network.
 pub async fn insert_port(c: &impl GenericClient, p: &NewPort<'_>) -> Result<bool> {
     let rows = c
@@ -408,19 +428,7 @@ pub async fn insert_port(c: &impl GenericClient, p: &NewPort<'_>) -> Result<bool
              admin_state_up, port_security, binding_host, binding_bridge) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (network_id, mac_address) DO NOTHING RETURNING id",
-            &[
-                &p.id,
-                &p.network_id,
-                &p.project_id,
-                &p.name,
-                &p.mac,
-                &p.device_id,
-                &p.device_owner,
-                &p.admin_state_up,
-                &p.port_security,
-                &p.binding_host,
-                &p.binding_bridge,
-            ],
+            &p.params(),
         )
         .await
         .map_err(|e| constraint(e, "port", &p.id.to_string()))?;
@@ -475,28 +483,9 @@ pub async fn create_port_whole(
     let subnets: Vec<Uuid> = ips.iter().map(|(s, _)| *s).collect();
     let addrs: Vec<String> = ips.iter().map(|(_, ip)| ip.to_string()).collect();
     let shard = charge_shard.unwrap_or(-1);
-    let r = c
-        .query_one(
-            &st,
-            &[
-                &p.id,
-                &p.network_id,
-                &p.project_id,
-                &p.name,
-                &p.mac,
-                &p.device_id,
-                &p.device_owner,
-                &p.admin_state_up,
-                &p.port_security,
-                &p.binding_host,
-                &p.binding_bridge,
-                &subnets,
-                &addrs,
-                &groups,
-                &shard,
-            ],
-        )
-        .await;
+    let tail: [&(dyn ToSql + Sync); 4] = [&subnets, &addrs, &groups, &shard];
+    let params: Vec<&(dyn ToSql + Sync)> = p.params().into_iter().chain(tail).collect();
+    let r = c.query_one(&st, &params).await;
     match r {
         Ok(r) => Ok(Created::Done(r.try_get(0)?)),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
