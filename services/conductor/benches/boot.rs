@@ -108,11 +108,7 @@ async fn steps(cloud: &Cloud, concurrency: usize) -> Vec<(String, String, f64, i
         .collect()
 }
 
-async fn boots(
-    cloud: &Cloud,
-    concurrency: usize,
-    total: usize,
-) -> (f64, Vec<Duration>, [f64; 4]) {
+async fn boots(cloud: &Cloud, concurrency: usize, total: usize) -> (f64, Vec<Duration>, [f64; 4]) {
     let cpu0 = cpu_by_process(cloud);
     let started = Instant::now();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
