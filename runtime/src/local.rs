@@ -2,17 +2,13 @@
 //! the sidecar): the service serves on loopback TCP (development) or on the
 //! Unix socket only its sidecar can open, and calls out through the
 //! sidecar's outbound Unix socket or (development) its loopback listener.
-//! A service's `serve` takes `impl Into<Listener>`, so its tests keep
-//! handing it a `TcpListener` while `Service::run_unix` hands it the socket.
+//! [`crate::serve::serve`] takes `impl Into<Listener>`, so tests keep
+//! handing a service a `TcpListener` while `service_main` hands it the socket.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use tokio::net::{TcpListener, UnixListener};
-use tonic::service::Routes;
-
-use crate::serve::{ServeError, ServeOptions};
 
 /// A bound listener of either kind.
 #[derive(Debug)]
@@ -49,41 +45,6 @@ impl Listener {
                 Some(p) => format!("unix:{p}"),
                 None => "unix:(unnamed)".into(),
             },
-        }
-    }
-}
-
-/// [`crate::serve::serve`] on either kind of listener.
-pub async fn serve(
-    routes: Routes,
-    health_names: &[&str],
-    listener: impl Into<Listener>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    serve_with(
-        routes,
-        health_names,
-        listener,
-        shutdown,
-        ServeOptions::default(),
-    )
-    .await
-}
-
-/// [`crate::serve::serve_with`] on either kind of listener.
-pub async fn serve_with(
-    routes: Routes,
-    health_names: &[&str],
-    listener: impl Into<Listener>,
-    shutdown: impl Future<Output = ()> + Send,
-    options: ServeOptions,
-) -> Result<(), ServeError> {
-    match listener.into() {
-        Listener::Tcp(l) => {
-            crate::serve::serve_with(routes, health_names, l, shutdown, options).await
-        }
-        Listener::Unix(l) => {
-            crate::process::serve_unix_with(routes, health_names, l, shutdown, options).await
         }
     }
 }

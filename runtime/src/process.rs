@@ -92,10 +92,12 @@ pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
         Ok(())
     }
 
-    /// Runs the service on the bound listener until `shutdown` resolves.
+    /// Runs the service on the bound listener until `shutdown` resolves:
+    /// the Unix socket of [`Service::socket`] when it has one, else
+    /// `server.listen` on TCP.
     fn run(
         self,
-        listener: tokio::net::TcpListener,
+        listener: crate::local::Listener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
@@ -104,24 +106,6 @@ pub trait Service: Default + Serialize + DeserializeOwned + Send + 'static {
     /// TCP, which [`service_main`] logs as a development set-up.
     fn socket(&self) -> Option<&crate::config::SocketConfig> {
         None
-    }
-
-    /// Runs the service on a bound Unix socket (see [`Service::socket`])
-    /// until `shutdown` resolves: a service that offers a `[socket]` table
-    /// serves here with [`serve_unix`]. The default refuses, so a socket
-    /// configured for a service that cannot serve one fails at start.
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send {
-        drop((listener, shutdown));
-        async {
-            Err(anyhow::anyhow!(
-                "{} cannot serve a Unix socket (it implements no Service::run_unix)",
-                Self::NAME
-            ))
-        }
     }
 
     /// Whether whoever connects to `server.listen` is trusted (a service
@@ -238,7 +222,7 @@ pub fn service_main<S: Service>() -> ExitCode {
                             "serving on a Unix socket only: no TCP port"
                         );
                         let result = config
-                            .run_unix(listener, Box::pin(crate::serve::shutdown_signal()))
+                            .run(listener.into(), Box::pin(crate::serve::shutdown_signal()))
                             .await;
                         let _ = std::fs::remove_file(&socket.path);
                         return result;
@@ -255,7 +239,7 @@ pub fn service_main<S: Service>() -> ExitCode {
                         .await
                         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", server.listen))?;
                     config
-                        .run(listener, Box::pin(crate::serve::shutdown_signal()))
+                        .run(listener.into(), Box::pin(crate::serve::shutdown_signal()))
                         .await
                 }
                 Command::Healthcheck { addr: None } if config.socket().is_some() => {
@@ -348,43 +332,6 @@ pub fn bind_unix(c: &crate::config::SocketConfig) -> std::io::Result<tokio::net:
         std::os::unix::fs::chown(&c.path, None, gid)?;
     }
     Ok(listener)
-}
-
-/// [`crate::serve::serve`] on a Unix socket: the same routes, reflection,
-/// health and limits. (It lives here, beside [`Service::run_unix`], because
-/// this change could touch only this file; `serve.rs` may take it over.)
-pub async fn serve_unix(
-    routes: tonic::service::Routes,
-    health_names: &[&str],
-    listener: tokio::net::UnixListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), crate::serve::ServeError> {
-    serve_unix_with(
-        routes,
-        health_names,
-        listener,
-        shutdown,
-        crate::serve::ServeOptions::default(),
-    )
-    .await
-}
-
-/// [`serve_unix`] with explicit [`crate::serve::ServeOptions`].
-pub async fn serve_unix_with(
-    routes: tonic::service::Routes,
-    health_names: &[&str],
-    listener: tokio::net::UnixListener,
-    shutdown: impl Future<Output = ()> + Send,
-    options: crate::serve::ServeOptions,
-) -> Result<(), crate::serve::ServeError> {
-    crate::serve::router(routes, health_names, options)
-        .await?
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
-    Ok(())
 }
 
 /// [`crate::serve::via_sidecar`] over the sidecar's outbound Unix socket
@@ -492,7 +439,7 @@ mod tests {
         let c = SocketConfig::at(tmp.join("api.sock"));
         let l = bind_unix(&c).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve_unix(
+        let task = tokio::spawn(crate::serve::serve(
             tonic::service::Routes::default(),
             &[],
             l,

@@ -1,18 +1,22 @@
 //! Serving gRPC the same way in every service: the service's routes plus
 //! reflection (v1 and v1alpha, from the shared descriptor set) and
-//! `grpc.health.v1.Health`, on a listener the caller bound, until `shutdown`.
+//! `grpc.health.v1.Health`, on a listener the caller bound (loopback TCP in
+//! development and tests, else the Unix socket only the sidecar can open:
+//! [`crate::local`]), until `shutdown`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::local::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -55,7 +59,7 @@ impl Default for ServeOptions {
 pub async fn serve(
     routes: Routes,
     health_names: &[&str],
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     serve_with(
@@ -72,27 +76,35 @@ pub async fn serve(
 pub async fn serve_with(
     routes: Routes,
     health_names: &[&str],
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()> + Send,
     options: ServeOptions,
 ) -> Result<(), ServeError> {
-    router(routes, health_names, options)
-        .await?
+    let router = router(routes, health_names, options).await?;
+    match listener.into() {
         // TCP_NODELAY: tonic sets it only on listeners it binds itself.
         // Without it, small frames (unary answers, stream messages) wait
         // for the peer's delayed ACK under Nagle's algorithm.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+        Listener::Tcp(l) => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(l).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await?
+        }
+        Listener::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
 
 /// A service's routes with health (every name in `health_names` serving),
-/// reflection and the per-connection bounds of `options`: what [`serve_with`]
-/// and `process::serve_unix_with` serve, on TCP and on a Unix socket.
-pub(crate) async fn router(
+/// reflection and the per-connection bounds of `options`.
+async fn router(
     routes: Routes,
     health_names: &[&str],
     options: ServeOptions,

@@ -179,3 +179,34 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// CPU seconds (user + system) process `pid` has used so far ("self" for
+/// this one), from `/proc/<pid>/stat` (clock ticks of 10 ms); 0 when it is
+/// gone. The benches' CPU-per-operation figures are differences of these.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces and parentheses):
+    // utime and stime are fields 14 and 15, indexes 11 and 12 after the ")".
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// CPU seconds so far of every `postgres` process on the machine (backends,
+/// WAL writer, ...; a backend that exits in between takes its share with
+/// it, and other users' queries are counted too: an upper bound).
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    rd.flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| cpu_seconds(&pid))
+        .sum()
+}

@@ -42,19 +42,7 @@ fn proc_stat(pid: u32) -> (f64, f64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15; after the ")" they are at 11 and 12.
-    let cpu_secs = (ticks(11) + ticks(12)) / 100.0;
+    let cpu_secs = runtime::testing::cpu_seconds(&pid.to_string());
     (rss_kib / 1024.0, cpu_secs)
 }
 

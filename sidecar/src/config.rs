@@ -184,9 +184,12 @@ impl runtime::process::Service for Config {
     /// listeners are bound here.
     async fn run(
         self,
-        listener: tokio::net::TcpListener,
+        listener: runtime::local::Listener,
         shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
+        let runtime::local::Listener::Tcp(listener) = listener else {
+            anyhow::bail!("the sidecar's internal listener is mTLS over TCP, not a Unix socket");
+        };
         let listeners = crate::Listeners::bind_rest(&self, listener).await?;
         crate::run(self, listeners, shutdown).await
     }

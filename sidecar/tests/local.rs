@@ -21,12 +21,12 @@ fn echo_policy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy/echo.toml")
 }
 
-/// A real gRPC service (health and reflection, `runtime::process::serve_unix`,
+/// A real gRPC service (health and reflection, `runtime::serve::serve`,
 /// what `service_main` runs for a service with a `[socket]` table) on `socket`.
 async fn service_on(socket: &SocketConfig) -> tokio::sync::oneshot::Sender<()> {
     let listener = runtime::process::bind_unix(socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(runtime::process::serve_unix(
+    tokio::spawn(runtime::serve::serve(
         tonic::service::Routes::default(),
         &[],
         listener,

@@ -156,6 +156,8 @@ pub struct Cloud {
     pub host: String,
     pub bridge: String,
     env: Vec<(String, String)>,
+    /// The test database this cloud runs on ([`Cloud::up_on`]), dropped after `cirrus down`.
+    _db: Option<runtime::db::TestDatabase>,
 }
 
 impl Cloud {
@@ -171,7 +173,28 @@ impl Cloud {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            _db: None,
         }
+    }
+
+    /// A new cloud up with `--driver driver` on a test database of its own
+    /// (plus `env`); panics with what `cirrus up` said when it fails.
+    pub async fn up_on(driver: &str, env: &[(&str, &str)]) -> Self {
+        let db = runtime::db::TestDatabase::create()
+            .await
+            .expect("a test database");
+        let mut all = vec![("CIRRUS_DATABASE_URL", db.url.as_str())];
+        all.extend_from_slice(env);
+        let mut c = Self::new(&all);
+        let o = c.start_with(&["--driver", driver]).await;
+        assert!(
+            o.status.success(),
+            "cirrus up: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        c._db = Some(db);
+        c
     }
 
     /// A new cloud, up; panics with what `cirrus up` said when it fails.

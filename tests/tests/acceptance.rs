@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use runtime::db::TestDatabase;
 use tests::*;
 
 /// Guests under TCG: an honest bound for boot + DHCP + a few pings.
@@ -82,15 +81,7 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[tokio::test]
 async fn three_guests_on_two_networks_live_and_leave_nothing() {
-    let db = TestDatabase::create().await.unwrap();
-    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
-    let o = cloud.start_with(&["--driver", "qemu"]).await;
-    assert!(
-        o.status.success(),
-        "cirrus up: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
+    let cloud = Cloud::up_on("qemu", &[]).await;
     let dir = cloud.dir().to_string();
 
     // A key pair, two networks, and a port per guest with a known address,

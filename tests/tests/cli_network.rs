@@ -3,15 +3,11 @@
 //! Postgres, the public endpoint through the catalog.
 #![allow(clippy::unwrap_used)]
 
-use runtime::db::TestDatabase;
 use tests::*;
 
 #[tokio::test]
 async fn networks_subnets_ports_and_security_groups_by_name() {
-    let db = TestDatabase::create().await.unwrap();
-    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
-    let o = cloud.start_with(&["--driver", "test"]).await;
-    assert!(o.status.success(), "up: {}{}", stdout(&o), stderr(&o));
+    let cloud = Cloud::up_on("test", &[]).await;
 
     // A network, by name from then on.
     let net = json(&cloud, &["network", "create", "blue"]).await;

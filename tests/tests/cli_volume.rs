@@ -3,15 +3,11 @@
 //! endpoint through the catalog.
 #![allow(clippy::unwrap_used)]
 
-use runtime::db::TestDatabase;
 use tests::*;
 
 #[tokio::test]
 async fn volumes_and_snapshots_by_name() {
-    let db = TestDatabase::create().await.unwrap();
-    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
-    let o = cloud.start_with(&["--driver", "test"]).await;
-    assert!(o.status.success(), "up: {}{}", stdout(&o), stderr(&o));
+    let cloud = Cloud::up_on("test", &[]).await;
 
     // An empty volume, waited for.
     let v = json(

@@ -17,7 +17,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runtime::db::TestDatabase;
 use tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -113,15 +112,7 @@ mod toml_lite {
 /// A test in steps on one cloud (a `cirrus up` with real guests is slow to start).
 #[tokio::test]
 async fn console_acpi_stop_managed_save_and_an_agent_killed_mid_build() {
-    let db = TestDatabase::create().await.unwrap();
-    let cloud = Cloud::new(&[("CIRRUS_DATABASE_URL", db.url.as_str())]);
-    let o = cloud.start_with(&["--driver", "qemu"]).await;
-    assert!(
-        o.status.success(),
-        "cirrus up: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
+    let cloud = Cloud::up_on("qemu", &[]).await;
     let dir = cloud.dir().to_string();
     let tag = unique_tag();
 

@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-use runtime::db::TestDatabase;
 use tests::*;
 
 /// The services one boot goes through.
@@ -121,20 +120,15 @@ async fn one_create_server_is_one_trace_across_eight_services() {
     );
 
     // `cirrus up` passes its environment (all but CIRRUS_*) to every child.
-    let db = TestDatabase::create().await.unwrap();
-    let cloud = Cloud::new(&[
-        ("CIRRUS_DATABASE_URL", db.url.as_str()),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        // Export within a fraction of a second instead of every 5 s.
-        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-    ]);
-    let o = cloud.start_with(&["--driver", "qemu"]).await;
-    assert!(
-        o.status.success(),
-        "cirrus up: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
+    let cloud = Cloud::up_on(
+        "qemu",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            // Export within a fraction of a second instead of every 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    )
+    .await;
 
     cloud.admin_ok(&["network", "create", "net-t"]).await;
     cloud

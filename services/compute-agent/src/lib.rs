@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use runtime::config::{ConfigError, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use agent::Agent;
 
@@ -194,14 +193,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
         let host_ok = !self.host.is_empty()
@@ -258,7 +249,7 @@ impl runtime::process::Service for Config {
 
     async fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
         run(self, listener, shutdown).await
@@ -397,7 +388,7 @@ pub async fn run(
     });
 
     let routes = tonic::service::Routes::new(console::ConsoleService::new(agent.clone()).server());
-    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     consumer.abort();
     beats.abort();
     consoles.abort();

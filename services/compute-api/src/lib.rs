@@ -33,7 +33,6 @@ use std::time::Duration;
 use proto::compute::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use service::Compute;
 
@@ -110,14 +109,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         if self.host_down_after_secs == 0 || self.host_down_after_secs > 3600 {
@@ -143,7 +134,7 @@ impl runtime::process::Service for Config {
 
     async fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
         run(self, listener, shutdown).await
@@ -215,7 +206,7 @@ pub async fn serve(
     let listener: runtime::local::Listener = listener.into();
     let addr = listener.describe();
     tracing::info!(%addr, "compute-api serving");
-    runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("compute-api stopped");
     Ok(())
 }

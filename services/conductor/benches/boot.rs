@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use proto::compute::v1 as pb;
 use proto::scheduler::v1 as spb;
-use runtime::testing::{PROJECT_A, admin, req};
+use runtime::testing::{PROJECT_A, admin, cpu_seconds, postgres_cpu_seconds, req};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -38,38 +38,15 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// utime + stime of process `pid` ("self" for this one), in seconds
-/// (clock ticks at 100 Hz on Linux); 0 when it is gone.
-fn cpu_of(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 /// CPU seconds so far of: this process, the scheduler, the conductor, and
-/// every `postgres` process on the machine (backends, WAL writer, ...;
-/// a backend that exits in between takes its share with it).
+/// every `postgres` process on the machine.
 fn cpu_by_process(cloud: &Cloud) -> [f64; 4] {
-    let pid = |p: Option<&Process>| p.map_or(0.0, |p| cpu_of(&p.pid().to_string()));
-    let mut postgres = 0.0;
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.bytes().all(|b| b.is_ascii_digit())
-                && std::fs::read_to_string(format!("/proc/{name}/comm"))
-                    .is_ok_and(|c| c.trim() == "postgres")
-            {
-                postgres += cpu_of(&name);
-            }
-        }
-    }
+    let pid = |p: Option<&Process>| p.map_or(0.0, |p| cpu_seconds(&p.pid().to_string()));
     [
-        cpu_of("self"),
+        cpu_seconds("self"),
         pid(cloud.scheduler_process.as_ref()),
         pid(cloud.conductor.process.as_ref()),
-        postgres,
+        postgres_cpu_seconds(),
     ]
 }
 

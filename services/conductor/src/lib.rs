@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use proto::conductor::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use service::Conductor;
 
@@ -90,14 +89,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         let bad = |m: &str| Err(ConfigError(m.to_string()));
@@ -126,7 +117,7 @@ impl runtime::process::Service for Config {
 
     async fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
         run(self, listener, shutdown).await
@@ -151,7 +142,7 @@ pub async fn run(
     let listener: runtime::local::Listener = listener.into();
     let addr = listener.describe();
     tracing::info!(%addr, "conductor serving");
-    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     sweeper.abort();
     result?;
     tracing::info!("conductor stopped");

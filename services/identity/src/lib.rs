@@ -39,7 +39,6 @@ use std::time::Duration;
 use proto::identity::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use service::{Bootstrap, DEFAULT_DOMAIN, Identity};
 
@@ -144,14 +143,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError(m.to_string()));
         if self.token_ttl_secs == 0 || self.token_ttl_secs > 30 * 24 * 3600 {
@@ -172,7 +163,7 @@ impl runtime::process::Service for Config {
 
     fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         run(self, listener, shutdown)
@@ -275,7 +266,7 @@ pub async fn serve(
         // End Watch streams so the graceful drain can finish.
         let _ = close.send(true);
     };
-    let result = runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
+    let result = runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await;
     pruner.abort();
     listener_task.abort();
     result?;

@@ -182,18 +182,9 @@ fn plain_copy(src: &Path, dst: &Path) -> std::io::Result<Duration> {
     Ok(d)
 }
 
-/// User + system CPU seconds the process has used, from /proc/<pid>/stat.
+/// User + system CPU seconds the process has used.
 fn cpu_secs(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name "(...)": state is field 3, utime 14, stime 15.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks as f64 / 100.0)
-        })
-        .unwrap_or(0.0)
+    runtime::testing::cpu_seconds(&pid.to_string())
 }
 
 fn memory_kib(pid: u32) -> u64 {

@@ -28,7 +28,6 @@ use std::path::PathBuf;
 use proto::image::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use service::{Images, Recovered};
 
@@ -108,21 +107,13 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         Config::validate(self)
     }
 
     fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         run(self, listener, shutdown)
@@ -173,7 +164,7 @@ pub async fn serve(
         connection_window: Some(CONNECTION_WINDOW),
         max_frame_size: Some(MAX_FRAME),
     };
-    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("image stopped");
     Ok(())
 }

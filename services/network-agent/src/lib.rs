@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use runtime::config::{ConfigError, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 /// The agent's configuration (see `runtime::config` for how it loads).
@@ -137,20 +136,12 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send {
-        run_with_health(self, listener.into(), shutdown)
-    }
-
     fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
-        run_with_health(self, listener.into(), shutdown)
+        run_with_health(self, listener, shutdown)
     }
 }
 
@@ -168,7 +159,7 @@ fn run_with_health(
             let _ = tx.send(true);
         });
         let mut rx2 = rx.clone();
-        let health = runtime::local::serve(
+        let health = runtime::serve::serve(
             tonic::service::Routes::default(),
             &[],
             listener,

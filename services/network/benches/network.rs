@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use proto::network::v1 as pb;
-use runtime::testing::{admin, member_a, req};
+use runtime::testing::{admin, cpu_seconds, member_a, postgres_cpu_seconds, req};
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -40,38 +40,10 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
-/// CPU seconds (user + system) of a process, from /proc (clock ticks of 10 ms).
-fn cpu_of(pid: &str) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command (which may hold spaces): state is field 3.
-    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime, stime are fields 14 and 15 (index 11 and 12 after the command).
-    (t(11) + t(12)) / 100.0
-}
-
 /// CPU seconds of this process (client and server run here) and of every
 /// Postgres process (shared with other sessions' tests: an upper bound).
 fn cpu_now() -> (f64, f64) {
-    let mut pg = 0.0;
-    if let Ok(d) = std::fs::read_dir("/proc") {
-        for e in d.flatten() {
-            let pid = e.file_name().to_string_lossy().to_string();
-            if !pid.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "postgres" {
-                pg += cpu_of(&pid);
-            }
-        }
-    }
-    (cpu_of("self"), pg)
+    (cpu_seconds("self"), postgres_cpu_seconds())
 }
 
 #[tokio::main(flavor = "multi_thread")]

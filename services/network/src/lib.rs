@@ -29,7 +29,6 @@ use std::sync::Arc;
 use proto::network::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use service::Net;
 
@@ -143,21 +142,13 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         self.check()
     }
 
     fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         run(self, listener, shutdown)
@@ -226,7 +217,7 @@ pub async fn serve(
         request_timeout: None,
         ..Default::default()
     };
-    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("network stopped");
     Ok(())
 }

@@ -32,7 +32,6 @@ use std::pin::Pin;
 use proto::queue::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 /// The client library, in its own crate (`queue-client`) so agents link no server.
 pub use queue_client as client;
@@ -117,14 +116,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError(m.to_string()));
         self.database.validate()?;
@@ -160,11 +151,11 @@ impl runtime::process::Service for Config {
 
     async fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
         // One plain line on stdout, for scripts and tests that bind port 0.
-        println!("queue listening on {}", listener.local_addr()?);
+        println!("queue listening on {}", listener.describe());
         run(self, listener, shutdown).await
     }
 }
@@ -207,7 +198,7 @@ pub async fn serve(
         // End consumer streams so the graceful drain can finish.
         let _ = close.send(true);
     };
-    runtime::local::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
+    runtime::serve::serve(routes, &SERVICE_NAMES, listener, shutdown).await?;
     tracing::info!("queue stopped");
     Ok(())
 }

@@ -31,7 +31,6 @@ use std::pin::Pin;
 use proto::volume::v1 as pb;
 use runtime::config::{ConfigError, DatabaseConfig, ServerConfig, ports};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 pub use image::ImageConfig;
 pub use model::Format;
@@ -135,14 +134,6 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
-    fn run_unix(
-        self,
-        listener: tokio::net::UnixListener,
-        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
-        run(self, listener, shutdown)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate()?;
         let bad = |m: &str| Err(ConfigError(m.to_string()));
@@ -178,7 +169,7 @@ impl runtime::process::Service for Config {
 
     fn run(
         self,
-        listener: TcpListener,
+        listener: runtime::local::Listener,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         run(self, listener, shutdown)
@@ -218,7 +209,7 @@ pub async fn serve(
         request_timeout: None,
         ..runtime::serve::ServeOptions::default()
     };
-    runtime::local::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
+    runtime::serve::serve_with(routes, &SERVICE_NAMES, listener, shutdown, options).await?;
     tracing::info!("volume stopped");
     Ok(())
 }
