@@ -792,7 +792,7 @@ async fn cloud_bench(floor_one: Duration) {
 
 fn main() {
     println!(
-        "guests bench, {} UTC, load {} (machine shared with other helpers' builds: figures are noisy)",
+        "guests bench, {} UTC, load {} (figures compare only with the floor of this same run)",
         sh("date", &["-u", "+%F %T"]).trim(),
         loadavg()
     );
