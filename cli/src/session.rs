@@ -5,7 +5,6 @@
 //! certificate), and a token cached beside the profile so that consecutive
 //! commands log in once. Every noun module starts from [`Session::open`].
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -103,23 +102,23 @@ pub fn default_path() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/cirrus/profile.toml"))
 }
 
-/// Writes a file only its owner can read, atomically.
+/// Writes a file only its owner can read, atomically. Each writer has its own
+/// temporary file, so two commands refreshing the same token cache at once both
+/// succeed (the last rename wins) instead of one renaming the other's file away.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A NamedTempFile is created 0600 on Unix.
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing a temporary file in {}", dir.display()))?;
     f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    f.as_file().sync_all()?;
+    f.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -288,5 +287,42 @@ impl Ctx<'_> {
 
     pub async fn session(&self) -> anyhow::Result<Session> {
         Session::open(&self.profile()?, self.profile_path).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    /// `cirrus` commands run at once share one token cache: every write succeeds,
+    /// the file is whole and private, and no temporary file is left beside it.
+    #[test]
+    fn concurrent_private_writes_all_succeed_and_leave_one_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        super::write_private(&path, format!("writer {i}").repeat(100).as_bytes())
+                            .expect("a concurrent write");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = text.split(' ').nth(1).unwrap().chars().next().unwrap();
+        assert_eq!(text, format!("writer {first}").repeat(100), "a torn file");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["admin.token"], "stray files: {names:?}");
     }
 }
