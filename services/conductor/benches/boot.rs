@@ -178,9 +178,7 @@ async fn scheduler_decisions(
         .map(|r| r.get(0))
         .collect();
     let channel = match &cloud.scheduler_process {
-        Some(p) => tonic::transport::Channel::from_shared(format!("http://{}", p.addr))
-            .unwrap()
-            .connect_lazy(),
+        Some(p) => p.channel(),
         None => cloud.schedulers[0].channel.clone(),
     };
     let mut client = proto::scheduler::v1::scheduler_client::SchedulerClient::new(channel);

@@ -89,6 +89,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 impl Process {
+    /// A lazy plaintext channel to the process's listener.
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy()
+    }
+
     pub async fn spawn(
         what: &str,
         bin: PathBuf,
@@ -341,9 +348,7 @@ impl Cloud {
             .await;
             Conductor {
                 addr: p.addr,
-                channel: Channel::from_shared(format!("http://{}", p.addr))
-                    .unwrap()
-                    .connect_lazy(),
+                channel: p.channel(),
                 served: None,
                 process: Some(p),
             }
