@@ -13,3 +13,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# Debian's qemu-system-x86 conflicts with a backported qemu-utils and apt
+# removes it: put qemu-img back in the same run, not the next one.
+if ! command -v qemu-img >/dev/null 2>&1; then
+  echo "setup: installing qemu-utils"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+fi
