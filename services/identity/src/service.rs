@@ -336,14 +336,25 @@ impl Identity {
                 let malformed = || Error::unauthenticated("token names a malformed user");
                 let id = Uuid::parse_str(&parent.sub).map_err(|_| malformed())?;
                 let domain = Uuid::parse_str(&parent.user_domain_id).map_err(|_| malformed())?;
-                // The user's state and the scope are read together: the
-                // queries are pipelined on one connection (one wait, not
-                // three), and the user check still decides first.
-                let (enabled, scoped) = tokio::join!(
-                    repo::user_enabled(&c, id),
-                    self.resolve_scope(&c, id, login.scope)
-                );
-                if enabled? != Some(true) {
+                // The user's state and the scope are read together (one
+                // statement for a project, else two pipelined on one
+                // connection); the user check still decides first.
+                let (enabled, scoped) = match login.scope {
+                    // A project: the user, the project and the roles in
+                    // one statement.
+                    ScopeRequest::Project(r) => {
+                        let (enabled, p) = repo::scope_project(&c, id, &r).await?;
+                        (enabled, project_scope(p))
+                    }
+                    other => {
+                        let (enabled, scoped) = tokio::join!(
+                            repo::user_enabled(&c, id),
+                            self.resolve_scope(&c, id, other)
+                        );
+                        (enabled?, scoped)
+                    }
+                };
+                if enabled != Some(true) {
                     return Err(Error::unauthenticated(format!(
                         "re-scoping a token of user {id}: the user is disabled or gone"
                     )));
@@ -466,44 +477,31 @@ impl Identity {
         user_id: Uuid,
         scope: ScopeRequest,
     ) -> Result<(Option<Scope>, Vec<String>, bool)> {
-        let denied = || Error::forbidden("the user has no role on the requested scope");
-        let (scope, target, is_admin_project, enabled) = match scope {
+        let (scope, roles, is_admin_project, enabled) = match scope {
             ScopeRequest::Unscoped => return Ok((None, Vec::new(), false)),
             ScopeRequest::Project(r) => {
-                let p = repo::scope_project(c, &r).await?.ok_or_else(denied)?;
-                (
-                    Scope::Project {
-                        id: p.project.id.to_string(),
-                        name: p.project.name,
-                        domain_id: p.project.domain_id.to_string(),
-                    },
-                    Target::Project(p.project.id),
-                    p.is_admin_project,
-                    p.project.enabled && p.domain_enabled,
-                )
+                let (_, p) = repo::scope_project(c, user_id, &r).await?;
+                return project_scope(p);
             }
             ScopeRequest::Domain(r) => {
-                let d = repo::get_domain(c, &r).await?.ok_or_else(denied)?;
+                let d = repo::get_domain(c, &r).await?.ok_or_else(scope_denied)?;
+                let roles = repo::effective_roles(c, user_id, Target::Domain(d.id)).await?;
                 (
                     Scope::Domain {
                         id: d.id.to_string(),
                         name: d.name,
                     },
-                    Target::Domain(d.id),
+                    roles,
                     false,
                     d.enabled,
                 )
             }
-            ScopeRequest::System => (Scope::System, Target::System, false, true),
+            ScopeRequest::System => {
+                let roles = repo::effective_roles(c, user_id, Target::System).await?;
+                (Scope::System, roles, false, true)
+            }
         };
-        let roles = repo::effective_roles(c, user_id, target).await?;
-        if roles.is_empty() {
-            return Err(denied());
-        }
-        if !enabled {
-            return Err(Error::unauthenticated("the requested scope is disabled"));
-        }
-        Ok((Some(scope), roles, is_admin_project))
+        checked_scope(scope, roles, is_admin_project, enabled)
     }
 
     /// Full validation for the `ValidateToken` RPC.
@@ -1302,4 +1300,42 @@ fn rule(
 
 fn new_audit_id() -> String {
     Uuid::new_v4().simple().to_string()
+}
+
+/// The one answer for a scope the user may not take (it does not tell
+/// whether the scope exists).
+fn scope_denied() -> Error {
+    Error::forbidden("the user has no role on the requested scope")
+}
+
+/// A project scope read by [`repo::scope_project`], checked.
+fn project_scope(p: Option<repo::ScopeProject>) -> Result<(Option<Scope>, Vec<String>, bool)> {
+    let p = p.ok_or_else(scope_denied)?;
+    checked_scope(
+        Scope::Project {
+            id: p.project.id.to_string(),
+            name: p.project.name,
+            domain_id: p.project.domain_id.to_string(),
+        },
+        p.roles,
+        p.is_admin_project,
+        p.project.enabled && p.domain_enabled,
+    )
+}
+
+/// A scope the user holds no role on answers the same whether or not it
+/// exists; only then is its state looked at.
+fn checked_scope(
+    scope: Scope,
+    roles: Vec<String>,
+    is_admin_project: bool,
+    enabled: bool,
+) -> Result<(Option<Scope>, Vec<String>, bool)> {
+    if roles.is_empty() {
+        return Err(scope_denied());
+    }
+    if !enabled {
+        return Err(Error::unauthenticated("the requested scope is disabled"));
+    }
+    Ok((Some(scope), roles, is_admin_project))
 }

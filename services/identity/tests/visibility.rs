@@ -151,6 +151,78 @@ async fn a_scope_without_a_role_reads_the_same_whatever_its_state() {
     }
 }
 
+/// A re-scope reads the user, the project and the roles in one statement
+/// (not the login's path): it answers as a login does in every case.
+#[tokio::test]
+async fn a_rescope_answers_as_a_login_does_for_every_scope_state() {
+    let s = Server::start().await;
+    let admin = s.admin_token().await;
+    let (project, _) = s
+        .user_with_role(&admin, "hal", "pw-hal", "proj-h", "member")
+        .await;
+    s.resources()
+        .create_project(auth(
+            pb::CreateProjectRequest {
+                name: "proj-other".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let unscoped = s.login("hal", "pw-hal", None).await.unwrap().token;
+    let rescope = |scope: &str| {
+        let mut t = s.tokens();
+        let req = token_request(&unscoped, Some(project_scope(scope)));
+        async move { t.authenticate(req).await }
+    };
+
+    // A role held: the project's token, with the implied role too.
+    let c = rescope("proj-h")
+        .await
+        .unwrap()
+        .into_inner()
+        .claims
+        .unwrap();
+    assert_eq!(c.project_name, "proj-h");
+    let mut roles = c.roles.clone();
+    roles.sort();
+    assert_eq!(roles, ["member", "reader"]);
+
+    // No role, or no such project: the same refusal, as for a login.
+    for project in ["proj-other", "no-such"] {
+        assert_status(
+            rescope(project).await,
+            Code::PermissionDenied,
+            "the user has no role on the requested scope",
+        );
+        assert_status(
+            s.login("hal", "pw-hal", Some(project_scope(project))).await,
+            Code::PermissionDenied,
+            "the user has no role on the requested scope",
+        );
+    }
+
+    // A role on a disabled project: refused as disabled, by both paths.
+    s.resources()
+        .update_project(auth(
+            pb::UpdateProjectRequest {
+                id: project,
+                enabled: Some(false),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    assert_code(rescope("proj-h").await, Code::Unauthenticated);
+    assert_code(
+        s.login("hal", "pw-hal", Some(project_scope("proj-h")))
+            .await,
+        Code::Unauthenticated,
+    );
+}
+
 #[tokio::test]
 async fn why_a_token_was_refused_is_for_mesh_peers_only() {
     let s = Server::start().await;
