@@ -362,7 +362,6 @@ pub async fn delete_project(c: &impl GenericClient, id: Uuid) -> Result<bool> {
     Ok(exec(c, "DELETE FROM projects WHERE id = $1", &[&id]).await? > 0)
 }
 
-/// The project a token asks to be scoped to, with its domain's state, in one round trip.
 /// For a token scoped to a project, in one statement (one round trip, one
 /// executor start in Postgres): whether `user_id` and its domain are enabled
 /// (`None`: no such user), and the project named by `r` with the role names

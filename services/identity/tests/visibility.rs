@@ -151,8 +151,9 @@ async fn a_scope_without_a_role_reads_the_same_whatever_its_state() {
     }
 }
 
-/// A re-scope reads the user, the project and the roles in one statement
-/// (not the login's path): it answers as a login does in every case.
+/// A re-scope reads the user's state in the same statement as the project
+/// and the roles (a login checked the user first): it answers as a login
+/// does in every case.
 #[tokio::test]
 async fn a_rescope_answers_as_a_login_does_for_every_scope_state() {
     let s = Server::start().await;
