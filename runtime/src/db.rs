@@ -80,6 +80,56 @@ pub fn pool(url: &str, schema: &str, max_size: usize) -> Result<Pool, DbError> {
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
+/// One pooled connection that concurrent short reads share.
+///
+/// tokio-postgres pipelines the statements of concurrent callers on one
+/// connection: a burst of reads reaches one backend in one packet, and that
+/// backend answers them back to back from one wake-up, where a connection
+/// per caller wakes a backend per statement. On a small machine a wake-up
+/// costs more than a short read (pgbench here: eight `SELECT 1` pipelined
+/// on one connection cost a quarter of eight on eight connections). Use it
+/// only for short reads outside any transaction: a slow statement delays
+/// the ones queued behind it, and a transaction cannot be opened on a
+/// shared connection. A connection found closed is replaced by the next
+/// caller; callers holding the old one see its error once.
+pub struct SharedReads {
+    pool: Pool,
+    slot: std::sync::Mutex<Option<std::sync::Arc<deadpool_postgres::Client>>>,
+}
+
+impl SharedReads {
+    pub fn new(pool: Pool) -> Self {
+        SharedReads {
+            pool,
+            slot: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The shared connection, taken from the pool (and kept out of it) the
+    /// first time and after it closed.
+    pub async fn get(&self) -> Result<std::sync::Arc<deadpool_postgres::Client>, DbError> {
+        if let Some(c) = self.open() {
+            return Ok(c);
+        }
+        let fresh = std::sync::Arc::new(self.pool.get().await?);
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            // Another caller replaced it meanwhile: share theirs (ours goes
+            // back to the pool when dropped).
+            Some(c) if !c.is_closed() => Ok(c.clone()),
+            _ => {
+                *slot = Some(fresh.clone());
+                Ok(fresh)
+            }
+        }
+    }
+
+    fn open(&self) -> Option<std::sync::Arc<deadpool_postgres::Client>> {
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+}
+
 /// Creates `schema` if needed and applies the service's migrations to it.
 /// Migrations are recorded in `<schema>.refinery_schema_history`.
 pub async fn migrate(pool: &Pool, schema: &str, runner: refinery::Runner) -> Result<(), DbError> {
@@ -252,5 +302,47 @@ mod tests {
         for bad in ["", "Identity", "x;drop", "1abc", "a-b"] {
             assert!(check_ident(bad).is_err(), "{bad}");
         }
+    }
+
+    #[allow(clippy::unwrap_used, clippy::expect_used)]
+    #[tokio::test]
+    async fn shared_reads_share_one_backend_and_survive_its_death() {
+        let db = TestDatabase::create().await.expect("Postgres at 127.0.0.1");
+        let shared = SharedReads::new(pool(&db.url, "public", 4).unwrap());
+        let pid = |c: std::sync::Arc<deadpool_postgres::Client>| async move {
+            let row = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+            row.get::<_, i32>(0)
+        };
+        // Sixteen concurrent reads: one backend answers them all.
+        let mut reads = Vec::new();
+        for _ in 0..16 {
+            let c = shared.get().await.unwrap();
+            reads.push(tokio::spawn(pid(c)));
+        }
+        let mut pids = Vec::new();
+        for r in reads {
+            pids.push(r.await.unwrap());
+        }
+        pids.dedup();
+        assert_eq!(pids.len(), 1, "backends seen: {pids:?}");
+
+        // The backend is killed: the next caller gets a fresh connection.
+        let admin = connect(&db.url).await.unwrap();
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pids[0]])
+            .await
+            .unwrap();
+        // Callers holding the old connection see its error; a later caller
+        // gets a fresh backend (bounded: each try is one statement).
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            let c = shared.get().await.unwrap();
+            match c.query_one("SELECT pg_backend_pid()", &[]).await {
+                Ok(row) if row.get::<_, i32>(0) != pids[0] => return,
+                Ok(_) => seen.push("the killed backend answered".to_string()),
+                Err(e) => seen.push(e.to_string()),
+            }
+        }
+        panic!("no fresh connection after 50 tries: {seen:?}");
     }
 }

@@ -2,31 +2,28 @@
 //! come from identity's `Watch` stream, followed in the background and
 //! re-opened with backoff when it breaks; while identity is away the cached
 //! keys keep working. No keys at all, or an unknown key id, fails closed.
-//! Verified tokens are cached (bounded) so the signature is checked once;
-//! expiry and revocation rules are checked on every call.
+//! Verified tokens are cached (`token::VerifiedCache`, bounded) so the
+//! signature is checked once; expiry and revocation rules are checked on
+//! every call.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use proto::identity::v1 as pb;
 use time::OffsetDateTime;
-use token::{Claims, RevocationRule, TokenError, Verifier};
+use token::{Claims, RevocationRule, TokenError, VerifiedCache, Verifier};
 use tonic::transport::Channel;
-
-/// How many verified tokens are remembered.
-const CACHE_LIMIT: usize = 10_000;
 
 #[derive(Clone, Default)]
 pub struct Authn {
     inner: Arc<RwLock<State>>,
+    verified: Arc<VerifiedCache>,
 }
 
 #[derive(Default)]
 struct State {
     verifier: Verifier,
     has_keys: bool,
-    cache: HashMap<String, Arc<Claims>>,
 }
 
 fn ts(t: Option<prost_types::Timestamp>) -> OffsetDateTime {
@@ -53,36 +50,12 @@ impl Authn {
     /// Verifies `token`: cached signature check, then expiry and revocations.
     /// The claims are shared with the cache (no copy per request).
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
-        let now = OffsetDateTime::now_utc();
-        {
-            let s = self.inner.read().map_err(|_| TokenError::Malformed)?;
-            if !s.has_keys {
-                return Err(TokenError::UnknownKey);
-            }
-            if let Some(c) = s.cache.get(token) {
-                if c.exp <= now {
-                    return Err(TokenError::Expired);
-                }
-                if s.verifier.is_revoked(c) {
-                    return Err(TokenError::Revoked);
-                }
-                return Ok(c.clone());
-            }
+        let s = self.inner.read().map_err(|_| TokenError::Malformed)?;
+        if !s.has_keys {
+            return Err(TokenError::UnknownKey);
         }
-        let claims: Arc<Claims> = self
-            .inner
-            .read()
-            .map_err(|_| TokenError::Malformed)?
-            .verifier
-            .verify(token, now)?
-            .into();
-        if let Ok(mut s) = self.inner.write() {
-            if s.cache.len() >= CACHE_LIMIT {
-                s.cache.clear();
-            }
-            s.cache.insert(token.to_string(), claims.clone());
-        }
-        Ok(claims)
+        self.verified
+            .verify(&s.verifier, token, OffsetDateTime::now_utc())
     }
 
     pub fn has_keys(&self) -> bool {
@@ -100,8 +73,9 @@ impl Authn {
             let keys: Vec<&[u8]> = keys.into_iter().collect();
             s.has_keys = !keys.is_empty();
             s.verifier.set_keys(keys);
-            // A removed key must stop verifying at once.
-            s.cache.clear();
+            // A removed key stops verifying at once: entries checked under
+            // the old key set are not used (dropped here to free them).
+            self.verified.clear();
         }
     }
 

@@ -298,6 +298,9 @@ struct KnownFooter {
 /// scanned (a rule that names none of them is still checked one by one).
 #[derive(Default, Clone)]
 pub struct Verifier {
+    /// Names this key set (unique in the process; 0: none set yet), so that
+    /// a [`VerifiedCache`] never answers for a key set that was replaced.
+    generation: u64,
     keys: HashMap<String, VerifyingKey>,
     footers: HashMap<String, KnownFooter>,
     rules: Vec<RevocationRule>,
@@ -363,6 +366,8 @@ impl Verifier {
 
     /// Replaces the whole key set (after a rotation every verifier gets the full set).
     pub fn set_keys<'a>(&mut self, public_keys: impl IntoIterator<Item = &'a [u8]>) {
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.keys = public_keys
             .into_iter()
             .filter_map(|pk| {
@@ -441,6 +446,73 @@ impl Verifier {
         key.verify(&signed, &Signature::from_bytes(&sig))
             .map_err(|_| TokenError::BadSignature)?;
         serde_json::from_slice(&signed[message]).map_err(|_| TokenError::Malformed)
+    }
+}
+
+/// Tokens whose signature was checked, by their text, so that a token
+/// presented again costs a map lookup instead of an Ed25519 check. Expiry
+/// and revocation rules are still checked on every use, so a revocation
+/// takes effect at once; an entry checked under a key set that has since
+/// been replaced is not used (a removed key stops verifying at once).
+/// Bounded: emptied when full.
+#[derive(Default)]
+pub struct VerifiedCache {
+    entries: std::sync::RwLock<HashMap<String, (u64, std::sync::Arc<Claims>)>>,
+}
+
+impl VerifiedCache {
+    /// Entries kept at most.
+    pub const LIMIT: usize = 10_000;
+
+    /// [`Verifier::verify`], with the signature check cached.
+    pub fn verify(
+        &self,
+        v: &Verifier,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<std::sync::Arc<Claims>, TokenError> {
+        let hit = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .filter(|(generation, _)| *generation == v.generation)
+            .map(|(_, c)| c.clone());
+        let claims = match hit {
+            Some(c) => c,
+            None => {
+                let c = std::sync::Arc::new(v.verify_signature(token)?);
+                let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+                if entries.len() >= Self::LIMIT {
+                    entries.clear();
+                }
+                entries.insert(token.to_string(), (v.generation, c.clone()));
+                c
+            }
+        };
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        if v.is_revoked(&claims) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    /// Forgets every entry (they would not be used after a key change anyway).
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -541,6 +613,47 @@ mod tests {
             claims(now)
         );
         assert_eq!(key_id_of(&theirs).as_deref(), Some(key.key_id()));
+    }
+
+    #[test]
+    fn the_verified_cache_still_checks_expiry_revocation_and_key_changes() {
+        let key = SigningKey::generate().unwrap();
+        let mut v = verifier_for(&key);
+        let cache = VerifiedCache::default();
+        let now = OffsetDateTime::now_utc();
+        let token = key.sign(&claims(now)).unwrap();
+        assert_eq!(*cache.verify(&v, &token, now).unwrap(), claims(now));
+        assert_eq!(cache.len(), 1);
+        // Cached, and still: expired later, revoked by a rule added later.
+        assert_eq!(*cache.verify(&v, &token, now).unwrap(), claims(now));
+        assert_eq!(
+            cache.verify(&v, &token, now + time::Duration::hours(2)),
+            Err(TokenError::Expired)
+        );
+        let mut revoked = v.clone();
+        revoked.add_rule(RevocationRule {
+            user_id: None,
+            project_id: None,
+            domain_id: None,
+            audit_id: Some("a1".into()),
+            issued_before: now + time::Duration::seconds(1),
+        });
+        assert_eq!(
+            cache.verify(&revoked, &token, now),
+            Err(TokenError::Revoked)
+        );
+        // The key is replaced: the cached entry no longer vouches for it.
+        let other = SigningKey::generate().unwrap();
+        v.set_keys([other.public_key()]);
+        assert_eq!(cache.verify(&v, &token, now), Err(TokenError::UnknownKey));
+        // A tampered token is checked, not found.
+        let mut bytes = key.sign(&claims(now)).unwrap().into_bytes();
+        bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).unwrap();
+        assert_eq!(
+            cache.verify(&verifier_for(&key), &tampered, now),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

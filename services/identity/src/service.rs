@@ -82,6 +82,10 @@ pub struct Identity {
 
 struct Inner {
     pool: Pool,
+    /// One connection that re-scopes share, their reads pipelined on it
+    /// (see `runtime::db::SharedReads`): the path a sidecar's caller takes
+    /// for every new project token.
+    reads: runtime::db::SharedReads,
     cfg: Config,
     hasher: Hasher,
     /// Seals and opens the shared signing keys.
@@ -91,6 +95,10 @@ struct Inner {
     signer: RwLock<Arc<SigningKey>>,
     public_keys: RwLock<Vec<PublicKey>>,
     verifier: RwLock<Verifier>,
+    /// Tokens whose signature was checked here (a re-scope presents its
+    /// parent, every RPC its bearer token); expiry and revocation are still
+    /// checked on every use.
+    verified: token::VerifiedCache,
     changes: broadcast::Sender<Change>,
     /// The catalog returned with every token, re-read at most every few
     /// seconds and at once after a catalog change made by any replica.
@@ -148,6 +156,7 @@ impl Identity {
         let signer = SigningKey::generate().map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
         let id = Self {
             inner: Arc::new(Inner {
+                reads: runtime::db::SharedReads::new(pool.clone()),
                 pool,
                 hasher,
                 kek,
@@ -155,6 +164,7 @@ impl Identity {
                 signer: RwLock::new(Arc::new(signer)),
                 public_keys: RwLock::new(Vec::new()),
                 verifier: RwLock::new(Verifier::new()),
+                verified: token::VerifiedCache::default(),
                 changes,
                 catalog: RwLock::new(None),
                 known_rules: Mutex::new(HashMap::new()),
@@ -307,21 +317,27 @@ impl Identity {
 
     /// Offline verification: signature, expiry, revocation rules.
     pub fn verify(&self, token: &str) -> Result<Claims> {
+        let v = self.inner.verifier.read().map_err(lock_err)?;
         self.inner
-            .verifier
-            .read()
-            .map_err(lock_err)?
-            .verify(token, OffsetDateTime::now_utc())
+            .verified
+            .verify(&v, token, OffsetDateTime::now_utc())
+            .map(|c| c.as_ref().clone())
             .map_err(refused)
     }
 
     pub async fn authenticate(&self, login: Login) -> Result<Issued> {
-        let c = self.conn().await?;
+        // A re-scope only reads: it shares one pipelined connection with
+        // the others. A password login writes (failure counts, lockouts)
+        // and takes a connection of its own.
+        let c = match login.credentials {
+            Credentials::Token(_) => self.inner.reads.get().await?,
+            Credentials::Password { .. } => Arc::new(self.conn().await?),
+        };
         let now = now();
         let (user_id, user_name, user_domain, methods, parent, scoped) = match login.credentials {
             Credentials::Password { user, password } => {
-                let u = self.check_password(&c, &user, &password).await?;
-                let scoped = self.resolve_scope(&c, u.id, login.scope).await?;
+                let u = self.check_password(&*c, &user, &password).await?;
+                let scoped = self.resolve_scope(&*c, u.id, login.scope).await?;
                 (
                     u.id,
                     u.name,
@@ -343,13 +359,13 @@ impl Identity {
                     // A project: the user, the project and the roles in
                     // one statement.
                     ScopeRequest::Project(r) => {
-                        let (enabled, p) = repo::scope_project(&c, id, &r).await?;
+                        let (enabled, p) = repo::scope_project(&*c, id, &r).await?;
                         (enabled, project_scope(p))
                     }
                     other => {
                         let (enabled, scoped) = tokio::join!(
-                            repo::user_enabled(&c, id),
-                            self.resolve_scope(&c, id, other)
+                            repo::user_enabled(&*c, id),
+                            self.resolve_scope(&*c, id, other)
                         );
                         (enabled?, scoped)
                     }
@@ -402,7 +418,7 @@ impl Identity {
             .sign(&claims)
             .map_err(|e| Error::internal(format!("signing: {e}")))?;
         // Cached: every replica drops it when any replica changes the catalog.
-        let catalog = self.cached_catalog(&c).await?.as_ref().clone();
+        let catalog = self.cached_catalog(&*c).await?.as_ref().clone();
         metrics::counter!("identity_tokens_issued_total").increment(1);
         Ok(Issued {
             token,
