@@ -225,7 +225,37 @@ impl Drop for NginxPair {
     }
 }
 
+/// The floor of any proxy that sleeps between requests: a byte relay (no
+/// TLS, no HTTP/2, no policy; one thread, `copy_bidirectional` per
+/// connection), run as its own process so that its CPU is measured as the
+/// proxies' is. `BENCH_RELAY=<listen>,<upstream>` makes this binary one.
+fn relay(spec: &str) -> ! {
+    let (listen, upstream) = spec.split_once(',').expect("BENCH_RELAY=listen,upstream");
+    let (listen, upstream) = (listen.to_string(), upstream.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+        loop {
+            let (mut down, _) = l.accept().await.expect("accept");
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let _ = down.set_nodelay(true);
+                if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = up.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    })
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("BENCH_RELAY") {
+        relay(&spec);
+    }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(bench());
 }
@@ -471,7 +501,31 @@ async fn bench() {
         ))
     });
 
+    // The floor: two byte relays in a row, in front of the same server.
+    let (relay_a, relay_b) = (free_port(), free_port());
+    let me = std::env::current_exe().expect("this binary");
+    let relay_proc = |listen: u16, up: String| {
+        Proc(
+            Command::new(&me)
+                .env("BENCH_RELAY", format!("127.0.0.1:{listen},{up}"))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("relay"),
+        )
+    };
+    let relays = [
+        relay_proc(relay_b, echo_addr.to_string()),
+        relay_proc(relay_a, format!("127.0.0.1:{relay_b}")),
+    ];
+    let relay_pids: Vec<u32> = relays.iter().map(|p| p.0.id()).collect();
+    let via_relays = HealthClient::new(runtime::trace::traced(
+        Channel::from_shared(format!("http://127.0.0.1:{relay_a}"))
+            .expect("url")
+            .connect_lazy(),
+    ));
+
     // Warm up every path.
+    let _ = max_rate(via_relays.clone(), token.clone(), 8, 1.0).await;
     let _ = max_rate(direct.clone(), token.clone(), 8, 1.0).await;
     let _ = max_rate(via.clone(), token.clone(), 8, 1.0).await;
     if let Some(n) = &via_nginx {
@@ -493,7 +547,16 @@ async fn bench() {
         _ => None,
     };
 
+    let (relay_fixed, relay_cpu) = measured(&relay_pids, || {
+        fixed_rate(via_relays.clone(), token.clone(), 1000, secs)
+    })
+    .await;
+
     let direct_max = max_rate(direct, token.clone(), 32, secs).await;
+    let (relay_max, relay_max_cpu) = measured(&relay_pids, || {
+        max_rate(via_relays, token.clone(), 32, secs)
+    })
+    .await;
     let (via_max, cirrus_max_cpu) =
         measured(&cirrus_pids, || max_rate(via, token.clone(), 32, secs)).await;
     let nginx_max = match (&via_nginx, &nginx) {
@@ -567,6 +630,31 @@ async fn bench() {
         "| RSS per proxy at 1,000 req/s (MiB) | | | inbound {:.1}, outbound {:.1} | ≤ 20 MiB |",
         rss.0, rss.1
     );
+    println!(
+        "\nFloor: a pair of byte relays (plain TCP, no TLS, no HTTP/2, one thread each) in front of the same server, same run:"
+    );
+    println!("| measure | relay pair |");
+    println!("|---|---|");
+    println!(
+        "| p50 / p99 at 1,000 req/s (ms) | {:.3} (+{:.3}) / {:.3} (+{:.3}) |",
+        pct(&relay_fixed, 0.5),
+        pct(&relay_fixed, 0.5) - pct(&d, 0.5),
+        pct(&relay_fixed, 0.99),
+        pct(&relay_fixed, 0.99) - pct(&d, 0.99)
+    );
+    println!(
+        "| max rate, 32 callers (req/s) | {relay_max:.0} ({:.0}% of direct) |",
+        100.0 * relay_max / direct_max
+    );
+    println!(
+        "| CPU per request per proxy at 1,000 req/s (µs) | {:.0} |",
+        per_req(relay_cpu, fixed_n)
+    );
+    println!(
+        "| CPU per request per proxy at full load (µs) | {:.0} |",
+        per_req(relay_max_cpu, relay_max * secs)
+    );
+    drop(relays);
     drop(nginx);
     drop(inbound);
     drop(outbound);
