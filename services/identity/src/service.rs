@@ -141,6 +141,10 @@ impl Identity {
         let db = &cfg.database;
         let pool = runtime::db::pool(&db.url, &db.schema, db.pool_size)?;
         runtime::db::migrate(&pool, &db.schema, crate::migrations::runner()).await?;
+        // Identity's tables stay small: plan them as what they are.
+        let c = pool.get().await?;
+        runtime::db::analyze_unseen(&c, &db.schema).await?;
+        drop(c);
         let kek = Kek::load_or_create(&cfg.kek_path()).map_err(startup)?;
         async {
             let mut c = pool.get().await?;
