@@ -80,6 +80,8 @@ pub struct Config {
     /// Treat a call without the sidecar's `x-cirrus-peer` header as an
     /// administrator's. Only for development and tests on loopback.
     pub trust_direct_callers: bool,
+    /// Runtime worker threads; absent: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -100,6 +102,7 @@ impl Default for Config {
             max_subscriptions: 4096,
             trust_domain: "cirrus.local".into(),
             trust_direct_callers: false,
+            worker_threads: None,
         }
     }
 }
@@ -116,9 +119,16 @@ impl runtime::process::Service for Config {
         self.socket.as_ref()
     }
 
+    fn worker_threads(&self) -> Option<usize> {
+        self.worker_threads
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError(m.to_string()));
         self.database.validate()?;
+        if self.worker_threads.is_some_and(|n| n == 0 || n > 1024) {
+            return bad("worker_threads must be between 1 and 1024 (absent: one per core)");
+        }
         if self.database.pool_size < 2 {
             return bad("database.pool_size must be at least 2");
         }
@@ -248,6 +258,28 @@ mod tests {
         assert_eq!(
             e,
             "invalid configuration: committers must be at least 1 and below database.pool_size"
+        );
+
+        // Worker threads: absent is one per core; zero is refused.
+        assert_eq!(Config::default().worker_threads, None);
+        assert_eq!(
+            load(
+                "worker_threads = 1
+"
+            )
+            .unwrap()
+            .worker_threads,
+            Some(1)
+        );
+        let e = load(
+            "worker_threads = 0
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("worker_threads must be between 1 and 1024"),
+            "{e}"
         );
     }
 }
