@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not when it is compiled: a target
+    // directory shared by two checkouts may reuse the compiled script.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = Path::new(&manifest_dir);
     let mut files = Vec::new();
     collect_protos(root, &mut files)?;
     files.sort();
