@@ -61,8 +61,22 @@ fn parse(url: &str) -> Result<tokio_postgres::Config, DbError> {
 
 /// A pool whose every session has `search_path` set to `schema`.
 pub fn pool(url: &str, schema: &str, max_size: usize) -> Result<Pool, DbError> {
+    pool_with(url, schema, max_size, &[])
+}
+
+/// [`pool`], with more session settings (`("synchronous_commit", "off")`).
+pub fn pool_with(
+    url: &str,
+    schema: &str,
+    max_size: usize,
+    settings: &[(&str, &str)],
+) -> Result<Pool, DbError> {
     let mut cfg = parse(url)?;
-    cfg.options(format!("-c search_path={}", check_ident(schema)?));
+    let mut options = format!("-c search_path={}", check_ident(schema)?);
+    for (k, v) in settings {
+        options.push_str(&format!(" -c {}={}", check_ident(k)?, check_ident(v)?));
+    }
+    cfg.options(options);
     cfg.connect_timeout(Duration::from_secs(5));
     let mgr = Manager::from_config(
         cfg,

@@ -393,28 +393,19 @@ async fn insert_pipelined(
         .collect())
 }
 
-/// Runs one statement in a transaction that does not wait for its WAL
-/// flush (`synchronous_commit = off`), pipelined in one round trip. For
-/// consumer bookkeeping only (leases, acks, nacks): a crash may forget the
-/// last few, which means a redelivery, which at-least-once allows. Publishes
-/// never go this way.
+/// Runs one statement on a session of the queue's relaxed pool, whose
+/// commits do not wait for their WAL flush (`synchronous_commit = off`, set
+/// for the session, so the statement is its own transaction: one message
+/// on the wire, no `BEGIN`/`SET LOCAL`/`COMMIT` to parse). For consumer
+/// bookkeeping only (leases, acks, nacks, notices): a crash may forget the
+/// last few, which means a redelivery, which at-least-once allows.
+/// Publishes never go this way.
 async fn relaxed(
     c: &impl GenericClient,
     st: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<Row>> {
-    let r = futures_util::try_join!(
-        c.batch_execute("BEGIN; SET LOCAL synchronous_commit TO OFF"),
-        c.query(st, params),
-        c.batch_execute("COMMIT"),
-    );
-    match r {
-        Ok((_, rows, _)) => Ok(rows),
-        Err(e) => {
-            let _ = c.batch_execute("ROLLBACK").await;
-            Err(e.into())
-        }
-    }
+    Ok(c.query(st, params).await?)
 }
 
 /// Records idempotency ids: returns, for each (topic, id) already seen within

@@ -41,6 +41,11 @@ pub struct Queue {
 struct Inner {
     config: Config,
     pool: Pool,
+    /// Sessions with `synchronous_commit = off`, for consumer bookkeeping
+    /// only (claims, acks, nacks, extensions, notices): a crash may forget
+    /// the last few, which means a redelivery, which at-least-once allows.
+    /// Nothing that stores a message goes this way.
+    relaxed: Pool,
     wakers: Wakers,
     topics: Mutex<HashMap<String, (Topic, Instant)>>,
     publish_tx: mpsc::Sender<PublishJob>,
@@ -79,6 +84,13 @@ impl Queue {
         runtime::db::migrate(&pool, &config.database.schema, crate::migrations::runner())
             .await
             .map_err(Error::from)?;
+        let relaxed = runtime::db::pool_with(
+            &config.database.url,
+            &config.database.schema,
+            (config.database.pool_size / 2).max(2),
+            &[("synchronous_commit", "off")],
+        )
+        .map_err(Error::from)?;
         let wakers = Wakers::default();
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (notify_tx, notify_rx) = mpsc::channel(1024);
@@ -86,6 +98,7 @@ impl Queue {
             subscriptions: Arc::new(Semaphore::new(config.max_subscriptions)),
             config: config.clone(),
             pool,
+            relaxed,
             wakers: wakers.clone(),
             topics: Mutex::new(HashMap::new()),
             publish_tx,
@@ -99,7 +112,7 @@ impl Queue {
         let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
         let replica = q.inner.replica;
         tasks.push(tokio::spawn(notifier(
-            q.inner.pool.clone(),
+            q.inner.relaxed.clone(),
             replica,
             notify_rx,
         )));
@@ -935,7 +948,7 @@ impl Session {
     }
 
     async fn claim(&mut self, n: usize) -> Result<Vec<Delivery>> {
-        let mut client = self.queue.inner.pool.get().await?;
+        let client = self.queue.inner.relaxed.get().await?;
         let poll = Duration::from_millis(self.queue.inner.config.poll_interval_ms);
         let (got, dead) = repo::claim(
             &client,
@@ -948,7 +961,9 @@ impl Session {
         )
         .await?;
         if !dead.is_empty() {
-            let tx = client.transaction().await?;
+            // Moving a message to the dead-letter topic stores it: durable.
+            let mut durable = self.queue.inner.pool.get().await?;
+            let tx = durable.transaction().await?;
             repo::dead_letter(&tx, self.group_id, &self.group, &self.topic, &dead).await?;
             tx.commit().await?;
             if let Some(dlq) = self.topic.dead_letter_id {
@@ -1080,7 +1095,7 @@ impl Session {
         if leases.is_empty() {
             return Ok(outcomes);
         }
-        let pool = self.queue.inner.pool.clone();
+        let pool = self.queue.inner.relaxed.clone();
         let gid = self.group_id;
         let statement = async {
             let client = pool.get().await?;
