@@ -346,6 +346,24 @@ mod tests {
 
     #[allow(clippy::unwrap_used, clippy::expect_used)]
     #[tokio::test]
+    async fn a_pool_with_settings_sets_them_on_its_sessions_only() {
+        let db = TestDatabase::create().await.expect("Postgres at 127.0.0.1");
+        let show = |p: Pool| async move {
+            let c = p.get().await.unwrap();
+            let row = c.query_one("SHOW synchronous_commit", &[]).await.unwrap();
+            let path = c.query_one("SHOW search_path", &[]).await.unwrap();
+            (row.get::<_, String>(0), path.get::<_, String>(0))
+        };
+        let relaxed = pool_with(&db.url, "svc", 2, &[("synchronous_commit", "off")]).unwrap();
+        assert_eq!(show(relaxed).await, ("off".to_string(), "svc".to_string()));
+        let durable = pool(&db.url, "svc", 2).unwrap();
+        assert_eq!(show(durable).await, ("on".to_string(), "svc".to_string()));
+        // Settings are identifiers: nothing else reaches the options string.
+        assert!(pool_with(&db.url, "svc", 2, &[("work_mem", "1MB -c x=y")]).is_err());
+    }
+
+    #[allow(clippy::unwrap_used, clippy::expect_used)]
+    #[tokio::test]
     async fn tables_never_analyzed_get_statistics_and_others_are_left_alone() {
         let db = TestDatabase::create().await.expect("Postgres at 127.0.0.1");
         let c = connect(&db.url).await.unwrap();
