@@ -189,8 +189,9 @@ pub async fn analyze_unseen(client: &tokio_postgres::Client, schema: &str) -> Re
         .await?;
     for t in tables {
         let name: String = t.get(0);
-        // Table names come from our own migrations; quoted all the same.
-        let quoted = format!("\"{}\".\"{}\"", schema, name.replace('"', "\"\""));
+        // The schema is checked as every schema name here is; table names
+        // come from our own migrations and are quoted all the same.
+        let quoted = format!("{}.\"{}\"", check_ident(schema)?, name.replace('"', "\"\""));
         client.batch_execute(&format!("ANALYZE {quoted}")).await?;
     }
     Ok(())
