@@ -7,6 +7,9 @@
 //!
 //! `cargo bench -p queue` (about two minutes). Set `QUEUE_BENCH_SECS` to
 //! change the length of each timed phase (default 5).
+//! `QUEUE_BENCH_LATENCY=<msg/s>` runs only this build's publish→deliver
+//! phase at that rate and prints where the CPU went (the queue process,
+//! every Postgres process, the bench's own clients), for profiling.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -860,8 +863,78 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// CPU seconds used so far by every process whose command is `comm`.
+fn cpu_of_comm(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(cpu_secs)
+        .sum()
+}
+
+/// `QUEUE_BENCH_LATENCY=<rate>`: this build's latency phase alone, with the
+/// CPU each part spent per message.
+async fn latency_only(epoch: Instant, rate: f64) {
+    let c = Cirrus::start(epoch, env!("CARGO_BIN_EXE_queue")).await;
+    let queue_pid = c.child.id().unwrap_or(0);
+    let cpu = || {
+        (
+            cpu_secs(queue_pid),
+            cpu_of_comm("postgres"),
+            cpu_secs(std::process::id()),
+        )
+    };
+    let before = cpu();
+    let t0 = Instant::now();
+    let (p50, p99, confirm) = c.latency("bench.latency", rate).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let after = cpu();
+    let n = rate * phase().as_secs_f64();
+    let per = |a: f64, b: f64| (a - b) * 1e6 / n;
+    println!(
+        "publish→deliver at {rate:.0} msg/s: p50 {} p99 {} confirm p50 {}",
+        ms(p50),
+        ms(p99),
+        ms(confirm)
+    );
+    println!(
+        "CPU per message: queue {:.0} µs, Postgres {:.0} µs, bench clients {:.0} µs; \
+         busy {:.0} % of 2 cores over {secs:.1} s",
+        per(after.0, before.0),
+        per(after.1, before.1),
+        per(after.2, before.2),
+        ((after.0 - before.0) + (after.1 - before.1) + (after.2 - before.2)) * 100.0 / (secs * 2.0)
+    );
+    let mut child = c.child;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
 async fn async_main() {
     let epoch = Instant::now();
+    if let Some(rate) = std::env::var("QUEUE_BENCH_LATENCY")
+        .ok()
+        .and_then(|r| r.parse::<f64>().ok())
+    {
+        return latency_only(epoch, rate).await;
+    }
     let started = Instant::now();
     let load_start = loadavg();
     // Column 0 is this build; the others are peers measured beside it.

@@ -64,7 +64,11 @@ pub struct Config {
     /// Defaults for topics created without settings.
     pub default_retention_secs: u64,
     pub default_max_attempts: u32,
-    /// Publish transactions committing in parallel, and the most messages one commits.
+    /// Publish transactions committing in parallel, and the most messages one
+    /// commits. One by default: each commit then takes everything that
+    /// arrived during the previous one, so a busy queue makes fewer, larger
+    /// transactions (measured 2026-12-04 at 6,000 msg/s: Postgres 119-124 µs
+    /// of CPU per message with one, 138-139 with two, ~190 with four).
     pub committers: usize,
     pub commit_batch_messages: usize,
     /// A consumer looks for work at least this often (nack delays, ended
@@ -95,7 +99,7 @@ impl Default for Config {
             dedupe_window_secs: 600,
             default_retention_secs: 86_400,
             default_max_attempts: 5,
-            committers: 4,
+            committers: 1,
             commit_batch_messages: 1000,
             poll_interval_ms: 1000,
             sweep_interval_secs: 30,
@@ -254,7 +258,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("database_url") && !e.contains('\n'), "{e}");
-        let e = load("[database]\npool_size = 4\n").unwrap_err().to_string();
+        let e = load("committers = 4\n[database]\npool_size = 4\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid configuration: committers must be at least 1 and below database.pool_size"

@@ -610,23 +610,16 @@ pub async fn dead_letter(
 
 /// Acks: deletes the deliveries whose lease is current. Returns the seqs done.
 ///
-/// Leases are (seq, token) pairs; matching each column with `= ANY` keeps
-/// the plan on the primary key, and is exact because a token names one lease
-/// of one row.
+/// Leases are (seq, token) pairs, each looked up by the primary key in
+/// `ack_leases` (migration V3 says why: a plan of one `= ANY` statement
+/// read every index entry of the group once the table had churned).
 pub async fn ack(
     c: &impl GenericClient,
     group_id: i32,
     leases: &[(i64, Uuid)],
 ) -> Result<Vec<i64>> {
     let (seqs, tokens) = split(leases);
-    let st = c
-        .prepare_cached(
-            "DELETE FROM deliveries d \
-             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
-               AND d.visible_at > now() \
-             RETURNING d.seq",
-        )
-        .await?;
+    let st = c.prepare_cached("SELECT ack_leases($1, $2, $3)").await?;
     Ok(relaxed(c, &st, &[&group_id, &seqs, &tokens])
         .await?
         .iter()
@@ -647,13 +640,7 @@ pub async fn nack(
 ) -> Result<Vec<i64>> {
     let (seqs, tokens) = split(leases);
     let st = c
-        .prepare_cached(
-            "UPDATE deliveries d SET lease_token = NULL, last_consumer = NULL, \
-               visible_at = now() + make_interval(secs => $4::float8 / 1000) \
-             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
-               AND d.visible_at > now() \
-             RETURNING d.seq",
-        )
+        .prepare_cached("SELECT nack_leases($1, $2, $3, $4)")
         .await?;
     Ok(
         relaxed(c, &st, &[&group_id, &seqs, &tokens, &millis(delay)])
@@ -673,13 +660,7 @@ pub async fn extend(
 ) -> Result<Vec<(i64, OffsetDateTime)>> {
     let (seqs, tokens) = split(leases);
     let st = c
-        .prepare_cached(
-            "UPDATE deliveries d \
-               SET visible_at = clock_timestamp() + make_interval(secs => $4::float8 / 1000) \
-             WHERE d.group_id = $1 AND d.seq = ANY($2) AND d.lease_token = ANY($3) \
-               AND d.visible_at > now() \
-             RETURNING d.seq, d.visible_at",
-        )
+        .prepare_cached("SELECT seq, until FROM extend_leases($1, $2, $3, $4)")
         .await?;
     Ok(
         relaxed(c, &st, &[&group_id, &seqs, &tokens, &millis(lease)])

@@ -194,6 +194,59 @@ async fn acks_of_unknown_or_expired_deliveries_are_refused() {
     s.stop().await;
 }
 
+/// Settlements sent in one burst are looked up lease by lease (migration V3):
+/// each id settles its own delivery, an extension keeps its lease past the
+/// original end, and a nacked one comes back while the extended one does not.
+#[tokio::test]
+async fn a_burst_of_acks_nacks_and_extensions_settles_each_lease() {
+    use pb::subscribe_request::Request;
+    let s = Server::start().await;
+    s.create_topic("burst", 0).await;
+    s.publish("burst", &["a", "b", "c", "d"]).await;
+    let mut c = s.consumer("burst", "workers", 4, 500).await;
+    let d: Vec<pb::Delivery> = vec![
+        c.next().await,
+        c.next().await,
+        c.next().await,
+        c.next().await,
+    ];
+    let id = |i: usize| d[i].delivery_id.clone();
+    // One ack message for two leases, in the reverse of their order.
+    c.send(Request::Ack(pb::Ack {
+        delivery_ids: vec![id(2), id(0)],
+    }))
+    .await;
+    c.send(Request::Extend(pb::Extend {
+        delivery_ids: vec![id(1)],
+        lease_ms: 30_000,
+    }))
+    .await;
+    c.send(Request::Nack(pb::Nack {
+        delivery_ids: vec![id(3)],
+        requeue_delay_ms: 0,
+    }))
+    .await;
+    for i in 0..4 {
+        let o = c.outcome(&id(i)).await;
+        assert_eq!(o.code, 0, "delivery {i}: {o:?}");
+    }
+    // The nacked one comes back, attempt 2.
+    let again = c.next().await;
+    assert_eq!(
+        (again.message_id.as_str(), again.attempt),
+        (d[3].message_id.as_str(), 2)
+    );
+    assert_eq!(c.ack(&again.delivery_id).await.code, 0);
+    // The extended one outlives its first lease of 500 ms and is still ours.
+    assert!(c.next_within(Duration::from_millis(1_500)).await.is_none());
+    assert_eq!(c.ack(&id(1)).await.code, 0);
+    // The acked ones are gone: acking them again is refused.
+    assert_ne!(c.ack(&id(0)).await.code, 0);
+    let st = s.stats("burst").await;
+    assert_eq!((st.depth, st.in_flight), (0, 0));
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn idempotent_publish_is_stored_once() {
     let s = Server::start().await;

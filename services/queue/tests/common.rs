@@ -257,6 +257,11 @@ impl Raw {
     /// Sends a settlement and waits for its outcome.
     pub async fn settle(&mut self, r: pb::subscribe_request::Request, id: &str) -> pb::Settled {
         self.send(r).await;
+        self.outcome(id).await
+    }
+
+    /// Waits for the outcome of a settlement already sent.
+    pub async fn outcome(&mut self, id: &str) -> pb::Settled {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(i) = self.settled.iter().position(|s| s.delivery_id == id) {
