@@ -110,6 +110,7 @@ impl Queue {
         let q = Queue { inner };
         let mut tasks = Vec::new();
         let rx = Arc::new(tokio::sync::Mutex::new(publish_rx));
+        let commits = Arc::new(InFlight::default());
         let replica = q.inner.replica;
         tasks.push(tokio::spawn(notifier(
             q.inner.relaxed.clone(),
@@ -123,6 +124,7 @@ impl Queue {
                 q.inner.registry.clone(),
                 notify_tx.clone(),
                 rx.clone(),
+                commits.clone(),
                 config.clone(),
             )));
         }
@@ -339,37 +341,101 @@ impl Queue {
 
 // ------------------------------------------------------------ group commit
 
+/// The publish transactions in flight, and a signal when one ends.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+/// Counts one commit in flight until dropped (also when its task is cancelled).
+struct Committing<'a>(&'a InFlight);
+
+impl<'a> Committing<'a> {
+    fn start(f: &'a InFlight) -> Self {
+        f.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(f)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// The jobs of the next commit: the first to come and whatever else waits,
+/// up to `max` messages. While another commit is in flight (`commits`), it
+/// keeps gathering until `overlap` messages wait or that commit ends. None
+/// when the queue is closed and empty.
+async fn gather(
+    rx: &mut mpsc::Receiver<PublishJob>,
+    commits: &InFlight,
+    max: usize,
+    overlap: usize,
+) -> Option<Vec<PublishJob>> {
+    let first = rx.recv().await?;
+    let mut count = first.messages.len();
+    let mut jobs = vec![first];
+    let mut open = true;
+    loop {
+        while count < max {
+            match rx.try_recv() {
+                Ok(j) => {
+                    count += j.messages.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        // Registered before the count is read, so an end in between is not missed.
+        let ended = commits.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        let busy = commits.count.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        if !open || count >= overlap || !busy {
+            return Some(jobs);
+        }
+        tokio::select! {
+            () = &mut ended => {}
+            j = rx.recv() => match j {
+                Some(j) => {
+                    count += j.messages.len();
+                    jobs.push(j);
+                }
+                None => open = false,
+            },
+        }
+    }
+}
+
 /// Takes publish jobs as they come and commits as many as are waiting (up to
 /// `commit_batch_messages`) in one transaction: one fsync for many publishes.
+/// While another commit is in flight it starts only with at least
+/// `commit_overlap_messages`, else it gathers until that one ends.
 async fn committer(
     pool: Pool,
     wakers: Wakers,
     registry: Arc<Registry>,
     notifier: mpsc::Sender<Vec<i32>>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<PublishJob>>>,
+    commits: Arc<InFlight>,
     config: Config,
 ) {
     let max = config.commit_batch_messages.max(1);
+    let overlap = config.commit_overlap_messages.clamp(1, max);
     let window = Duration::from_secs(config.dedupe_window_secs);
     loop {
-        let mut jobs = Vec::new();
-        {
+        let (jobs, _committing) = {
             let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
+            let Some(jobs) = gather(&mut rx, &commits, max, overlap).await else {
                 return;
             };
-            let mut count = first.messages.len();
-            jobs.push(first);
-            while count < max {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        count += j.messages.len();
-                        jobs.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
+            (jobs, Committing::start(&commits))
+        };
         metrics::histogram!("queue_commit_batch_jobs").record(jobs.len() as f64);
         match commit(&pool, &registry, &jobs, window).await {
             Ok((results, wake)) => {
@@ -1167,4 +1233,74 @@ enum Op {
     Ack,
     Nack(Duration),
     Extend(Duration),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn job(messages: usize) -> PublishJob {
+        PublishJob {
+            topic: Topic {
+                id: 1,
+                name: "t".into(),
+                settings: TopicSettings {
+                    retention: Duration::from_secs(1),
+                    ttl: None,
+                    max_attempts: 1,
+                },
+                dead_letter_id: None,
+                dead_letter_name: None,
+                created_at: OffsetDateTime::now_utc(),
+            },
+            messages: (0..messages)
+                .map(|_| NewMessage {
+                    payload: Vec::new(),
+                    headers: Default::default(),
+                    key: None,
+                    idempotency_id: None,
+                })
+                .collect(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn small_jobs_gather_behind_a_commit_in_flight_and_a_large_one_does_not_wait() {
+        let commits = InFlight::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        // Nothing in flight: the first job commits at once, alone.
+        tx.send(job(1)).await.unwrap();
+        let got = gather(&mut rx, &commits, 1000, 100).now_or_never();
+        assert_eq!(got.unwrap().unwrap().len(), 1);
+
+        // One in flight: four small jobs wait, then a batch of 100 joins
+        // them and they go.
+        let in_flight = Committing::start(&commits);
+        for _ in 0..4 {
+            tx.send(job(1)).await.unwrap();
+        }
+        let mut next = Box::pin(gather(&mut rx, &commits, 1000, 100));
+        assert!(futures_util::poll!(next.as_mut()).is_pending());
+        tx.send(job(100)).await.unwrap();
+        let jobs = next.await.unwrap();
+        assert_eq!(jobs.iter().map(|j| j.messages.len()).sum::<usize>(), 104);
+
+        // One in flight and one small job: it goes when the other ends.
+        tx.send(job(1)).await.unwrap();
+        let mut next = Box::pin(gather(&mut rx, &commits, 1000, 100));
+        assert!(futures_util::poll!(next.as_mut()).is_pending());
+        drop(in_flight);
+        assert_eq!(next.await.unwrap().len(), 1);
+
+        // A full batch never waits; a closed, empty queue ends the committer.
+        let _in_flight = Committing::start(&commits);
+        tx.send(job(1000)).await.unwrap();
+        let got = gather(&mut rx, &commits, 1000, 100).now_or_never();
+        assert_eq!(got.unwrap().unwrap().len(), 1);
+        drop(tx);
+        assert!(gather(&mut rx, &commits, 1000, 100).await.is_none());
+    }
 }
