@@ -26,6 +26,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use proto::queue::v1 as pb;
 use queue::client::{Client, SubscribeOptions};
+use runtime::testing::{cpu_seconds, postgres_cpu_seconds};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
@@ -863,42 +864,16 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
-}
-
-/// CPU seconds used so far by every process whose command is `comm`.
-fn cpu_of_comm(comm: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .map(cpu_secs)
-        .sum()
-}
-
 /// `QUEUE_BENCH_LATENCY=<rate>`: this build's latency phase alone, with the
 /// CPU each part spent per message.
 async fn latency_only(epoch: Instant, rate: f64) {
     let c = Cirrus::start(epoch, env!("CARGO_BIN_EXE_queue")).await;
-    let queue_pid = c.child.id().unwrap_or(0);
+    let queue_pid = c.child.id().unwrap_or(0).to_string();
     let cpu = || {
         (
-            cpu_secs(queue_pid),
-            cpu_of_comm("postgres"),
-            cpu_secs(std::process::id()),
+            cpu_seconds(&queue_pid),
+            postgres_cpu_seconds(),
+            cpu_seconds("self"),
         )
     };
     let before = cpu();
